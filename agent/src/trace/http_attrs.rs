@@ -1,0 +1,273 @@
+//! HTTP exchange -> span name, attributes and status, per the OpenTelemetry HTTP semantic
+//! conventions. Query values are redacted: they often carry tokens.
+
+use std::net::SocketAddr;
+
+use super::{
+    route::{path_of, route_of},
+    span::{Attr, SpanKind, Status},
+};
+use crate::protocol::http::HttpExchange;
+
+/// Addresses of the connection an exchange travelled on, as far as they are known.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnAddrs {
+    pub local: Option<SocketAddr>,
+    pub peer: Option<SocketAddr>,
+}
+
+const KNOWN_METHODS: [&str; 9] = [
+    "CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE",
+];
+
+pub struct Mapped {
+    pub name: String,
+    pub attributes: Vec<Attr>,
+    pub status: Status,
+}
+
+pub fn map(ex: &HttpExchange, kind: SpanKind, addrs: &ConnAddrs, scheme: &'static str) -> Mapped {
+    let mut attrs = Vec::with_capacity(16);
+    let method = if KNOWN_METHODS.contains(&ex.method.as_str()) {
+        ex.method.clone()
+    } else {
+        attrs.push(Attr::new("http.request.method_original", ex.method.clone()));
+        "_OTHER".to_owned()
+    };
+    attrs.push(Attr::new("http.request.method", method.clone()));
+    attrs.push(Attr::new("http.response.status_code", ex.status as i64));
+    attrs.push(Attr::new(
+        "network.protocol.version",
+        format!("1.{}", ex.version_minor),
+    ));
+    let (host, port) = split_host(ex.host.as_deref(), scheme);
+    let query = redacted_query(&ex.target);
+
+    let name = match kind {
+        SpanKind::Server => {
+            let route = route_of(&ex.target);
+            attrs.push(Attr::new("url.path", path_of(&ex.target).to_owned()));
+            attrs.push(Attr::new("url.scheme", scheme));
+            if let Some(q) = &query {
+                attrs.push(Attr::new("url.query", q.clone()));
+            }
+            attrs.push(Attr::new("http.route", route.clone()));
+            let server_address = host.or_else(|| addrs.local.map(|a| a.ip().to_string()));
+            let server_port = port.or_else(|| addrs.local.map(|a| a.port()));
+            if let Some(h) = server_address {
+                attrs.push(Attr::new("server.address", h));
+            }
+            if let Some(p) = server_port {
+                attrs.push(Attr::new("server.port", p as i64));
+            }
+            if let Some(peer) = addrs.peer {
+                attrs.push(Attr::new("client.address", peer.ip().to_string()));
+                attrs.push(Attr::new("client.port", peer.port() as i64));
+            }
+            if method == "_OTHER" {
+                "HTTP".to_owned()
+            } else {
+                format!("{method} {route}")
+            }
+        }
+        SpanKind::Client => {
+            let server_address = host.or_else(|| addrs.peer.map(|a| a.ip().to_string()));
+            let server_port = port.or_else(|| addrs.peer.map(|a| a.port()));
+            let authority = match (&server_address, server_port) {
+                (Some(h), Some(p)) if !is_default_port(scheme, p) => format!("{h}:{p}"),
+                (Some(h), _) => h.clone(),
+                (None, _) => String::new(),
+            };
+            let mut full = format!("{scheme}://{authority}{}", path_of(&ex.target));
+            if let Some(q) = &query {
+                full.push('?');
+                full.push_str(q);
+            }
+            attrs.push(Attr::new("url.full", full));
+            if let Some(h) = server_address {
+                attrs.push(Attr::new("server.address", h));
+            }
+            if let Some(p) = server_port {
+                attrs.push(Attr::new("server.port", p as i64));
+            }
+            if method == "_OTHER" {
+                "HTTP".to_owned()
+            } else {
+                method.clone()
+            }
+        }
+    };
+    if let Some(peer) = addrs.peer {
+        attrs.push(Attr::new("network.peer.address", peer.ip().to_string()));
+        attrs.push(Attr::new("network.peer.port", peer.port() as i64));
+    }
+    if let Some(ua) = &ex.user_agent {
+        attrs.push(Attr::new("user_agent.original", ua.clone()));
+    }
+    attrs.push(Attr::new(
+        "http.request.body.size",
+        ex.request_body_bytes as i64,
+    ));
+    attrs.push(Attr::new(
+        "http.response.body.size",
+        ex.response_body_bytes as i64,
+    ));
+
+    // Server spans fail on 5xx only (4xx is the client's fault); client spans on >= 400.
+    let failed = match kind {
+        SpanKind::Server => ex.status >= 500,
+        SpanKind::Client => ex.status >= 400,
+    };
+    let status = if failed {
+        attrs.push(Attr::new("error.type", ex.status.to_string()));
+        Status::Error(String::new())
+    } else {
+        Status::Unset
+    };
+    Mapped {
+        name,
+        attributes: attrs,
+        status,
+    }
+}
+
+fn is_default_port(scheme: &str, port: u16) -> bool {
+    (scheme == "http" && port == 80) || (scheme == "https" && port == 443)
+}
+
+/// Splits a Host header into host and port (IPv6 literals keep their brackets off).
+fn split_host(host: Option<&str>, scheme: &str) -> (Option<String>, Option<u16>) {
+    let Some(h) = host.map(str::trim).filter(|h| !h.is_empty()) else {
+        return (None, None);
+    };
+    if let Some(rest) = h.strip_prefix('[') {
+        let (addr, after) = rest.split_once(']').unwrap_or((rest, ""));
+        let port = after.strip_prefix(':').and_then(|p| p.parse().ok());
+        return (Some(addr.to_owned()), port.or(default_port(scheme)));
+    }
+    match h.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !port.is_empty() => {
+            (Some(name.to_owned()), port.parse().ok())
+        }
+        _ => (Some(h.to_owned()), default_port(scheme)),
+    }
+}
+
+fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    }
+}
+
+/// The query with every value replaced by `REDACTED` (keys stay: they are low risk and useful).
+pub fn redacted_query(target: &str) -> Option<String> {
+    let query = target.split_once('?')?.1;
+    let query = query.split('#').next().unwrap_or("");
+    if query.is_empty() {
+        return None;
+    }
+    let parts: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) => format!("{k}=REDACTED"),
+            None => kv.to_owned(),
+        })
+        .collect();
+    Some(parts.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::span::AttrValue;
+
+    fn exchange(method: &str, target: &str, status: u16) -> HttpExchange {
+        HttpExchange {
+            method: method.into(),
+            target: target.into(),
+            version_minor: 1,
+            host: Some("api.local:8080".into()),
+            user_agent: Some("curl/8".into()),
+            status,
+            request_body_bytes: 3,
+            response_body_bytes: 10,
+        }
+    }
+
+    fn get<'a>(m: &'a Mapped, key: &str) -> Option<&'a AttrValue> {
+        m.attributes.iter().find(|a| a.key == key).map(|a| &a.value)
+    }
+
+    #[test]
+    fn server_span_follows_the_conventions() {
+        let addrs = ConnAddrs {
+            local: Some("127.0.0.1:8080".parse().unwrap()),
+            peer: Some("127.0.0.1:40000".parse().unwrap()),
+        };
+        let m = map(
+            &exchange("GET", "/users/42?token=s3cret", 503),
+            SpanKind::Server,
+            &addrs,
+            "http",
+        );
+        assert_eq!(m.name, "GET /users/{id}");
+        assert_eq!(get(&m, "url.path"), Some(&"/users/42".into()));
+        assert_eq!(get(&m, "url.query"), Some(&"token=REDACTED".into()));
+        assert_eq!(get(&m, "http.route"), Some(&"/users/{id}".into()));
+        assert_eq!(get(&m, "server.address"), Some(&"api.local".into()));
+        assert_eq!(get(&m, "server.port"), Some(&AttrValue::Int(8080)));
+        assert_eq!(get(&m, "client.port"), Some(&AttrValue::Int(40000)));
+        assert_eq!(get(&m, "network.peer.address"), Some(&"127.0.0.1".into()));
+        assert_eq!(get(&m, "error.type"), Some(&"503".into()));
+        assert!(matches!(m.status, Status::Error(_)));
+        assert!(!format!("{:?}", m.attributes).contains("s3cret"));
+        let ok = map(&exchange("GET", "/", 404), SpanKind::Server, &addrs, "http");
+        assert_eq!(ok.status, Status::Unset, "4xx is not a server error");
+    }
+
+    #[test]
+    fn client_span_has_url_full_and_fails_on_4xx() {
+        let addrs = ConnAddrs {
+            local: None,
+            peer: Some("10.1.2.3:8080".parse().unwrap()),
+        };
+        let m = map(
+            &exchange("POST", "/v1/x?a=1&b", 404),
+            SpanKind::Client,
+            &addrs,
+            "http",
+        );
+        assert_eq!(m.name, "POST");
+        assert_eq!(
+            get(&m, "url.full"),
+            Some(&"http://api.local:8080/v1/x?a=REDACTED&b".into())
+        );
+        assert!(matches!(m.status, Status::Error(_)));
+        let other = map(
+            &exchange("BREW", "/", 200),
+            SpanKind::Client,
+            &addrs,
+            "http",
+        );
+        assert_eq!(get(&other, "http.request.method"), Some(&"_OTHER".into()));
+        assert_eq!(
+            get(&other, "http.request.method_original"),
+            Some(&"BREW".into())
+        );
+    }
+
+    #[test]
+    fn host_header_forms() {
+        assert_eq!(
+            split_host(Some("[::1]:9000"), "http"),
+            (Some("::1".into()), Some(9000))
+        );
+        assert_eq!(
+            split_host(Some("example.com"), "https"),
+            (Some("example.com".into()), Some(443))
+        );
+        assert_eq!(split_host(Some(""), "http"), (None, None));
+    }
+}

@@ -1,0 +1,11 @@
+//! Spans as sonde exports them: identifiers, W3C trace context, sampling, the route heuristic,
+//! and the mapping from a protocol exchange to semantic-convention attributes.
+
+pub mod assemble;
+pub mod context;
+pub mod http_attrs;
+pub mod ids;
+pub mod resource;
+pub mod route;
+pub mod sampler;
+pub mod span;

@@ -1,0 +1,201 @@
+//! Wire types shared by the eBPF programs (`no_std`) and the agent.
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, uses explicit padding and `u32` flags instead of `bool`,
+//! so both sides agree on the layout byte for byte.
+#![no_std]
+
+/// Largest prefix of one syscall's payload the kernel copies. Power of two: the eBPF side masks
+/// lengths with `MAX_CAPTURE - 1` so the verifier can prove bounds. The runtime limit
+/// (`capture.max_bytes`) is at most this.
+pub const MAX_CAPTURE: usize = 8192;
+/// Bytes copied per syscall unless configured otherwise: enough for typical HTTP headers and SQL.
+pub const DEFAULT_CAPTURE: u32 = 4096;
+/// Size of the per-CPU scratch payload area: the iovec loop writes at offsets below
+/// `MAX_CAPTURE` with lengths masked below `2 * MAX_CAPTURE`, so the verifier can bound every copy.
+pub const SCRATCH_PAYLOAD: usize = 3 * MAX_CAPTURE;
+/// iovecs read per readv/writev/recvmsg/sendmsg call; the byte count still covers all of them.
+pub const MAX_IOVECS: u32 = 8;
+/// Entries in the traced-process filter map.
+pub const MAX_TRACED_PIDS: u32 = 16384;
+/// Entries in the socket map (pid, fd) -> role. LRU, so a leak can never grow it further.
+pub const MAX_SOCKETS: u32 = 65536;
+/// Syscalls in flight between enter and exit (one per thread at most).
+pub const MAX_INFLIGHT: u32 = 16384;
+
+/// Kind of a record in the event ring buffer. Stable numbers: user space matches on them.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// Payload bytes read from or written to a socket: a [`DataEvent`].
+    Data = 1,
+    /// A connection was accepted or connected: a [`ConnEvent`].
+    ConnOpen = 2,
+    /// A tracked socket fd was closed: a [`ConnEvent`].
+    ConnClose = 3,
+    /// A traced process forked a child that is now traced too: a [`ProcEvent`].
+    ProcFork = 4,
+    /// Any process called exec: a [`ProcEvent`] (discovery re-checks selectors).
+    ProcExec = 5,
+    /// A traced process (thread group) exited: a [`ProcEvent`].
+    ProcExit = 6,
+    /// Any process started listening on a socket: a [`ProcEvent`] (discovery re-checks `open_ports`).
+    Listen = 7,
+}
+
+impl EventKind {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Data,
+            2 => Self::ConnOpen,
+            3 => Self::ConnClose,
+            4 => Self::ProcFork,
+            5 => Self::ProcExec,
+            6 => Self::ProcExit,
+            7 => Self::Listen,
+            _ => return None,
+        })
+    }
+}
+
+/// Direction of a data event, seen from the traced process.
+pub const DIR_INGRESS: u32 = 0;
+pub const DIR_EGRESS: u32 = 1;
+
+/// Role of a socket, from how it was born.
+pub const ROLE_UNKNOWN: u32 = 0;
+/// Returned by accept: the process serves on it.
+pub const ROLE_SERVER: u32 = 1;
+/// Connected by the process: it is the client.
+pub const ROLE_CLIENT: u32 = 2;
+
+/// Data event flag: bytes moved by sendfile/splice; the count is real, nothing was copied.
+pub const DATA_FLAG_UNCOPIED: u32 = 1;
+
+/// Header common to every ring buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EventHeader {
+    /// An [`EventKind`] number.
+    pub kind: u32,
+    /// Thread group id (the process id).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the syscall returned.
+    pub ts_ns: u64,
+}
+
+/// Payload moved by one syscall on a tracked socket. Followed in the ring buffer by
+/// `captured_len` bytes of the payload prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DataEvent {
+    pub header: EventHeader,
+    pub fd: u32,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    pub direction: u32,
+    /// The syscall's return value: how many bytes really moved.
+    pub byte_count: u64,
+    /// How many bytes follow (<= byte_count, <= the configured capture size).
+    pub captured_len: u32,
+    /// `DATA_FLAG_*` bits.
+    pub flags: u32,
+}
+
+/// A socket address as the kernel wrote it (sockaddr_in or sockaddr_in6), raw.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RawSockaddr {
+    /// AF_INET (2), AF_INET6 (10), or 0 when unknown.
+    pub family: u16,
+    /// Network byte order.
+    pub port_be: u16,
+    /// IPv4 in the first 4 bytes, or the IPv6 address.
+    pub addr: [u8; 16],
+}
+
+impl RawSockaddr {
+    pub const EMPTY: Self = Self {
+        family: 0,
+        port_be: 0,
+        addr: [0; 16],
+    };
+}
+
+/// A connection opened (accept/connect) or closed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnEvent {
+    pub header: EventHeader,
+    pub fd: u32,
+    /// `ROLE_*`.
+    pub role: u32,
+    /// For accept: the listening fd the connection came from; otherwise u32::MAX.
+    pub listen_fd: u32,
+    pub _pad: u32,
+    /// The peer's address when the syscall exposed it (accept with a buffer, connect).
+    pub peer: RawSockaddr,
+}
+
+/// Process lifecycle: fork (pid = parent, other_pid = child), exec, exit, listen (other_pid = fd).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcEvent {
+    pub header: EventHeader,
+    pub other_pid: u32,
+    pub _pad: u32,
+}
+
+/// Value in the socket map: what the kernel needs to know about a tracked fd.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SocketInfo {
+    /// `ROLE_*`.
+    pub role: u32,
+    pub _pad: u32,
+}
+
+/// Key of the socket map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SocketKey {
+    pub pid: u32,
+    pub fd: u32,
+}
+
+/// Counters kept per CPU in the `COUNTERS` array, indexed by these numbers.
+pub mod counter {
+    /// Records that did not fit in the ring buffer.
+    pub const RINGBUF_DROPS: u32 = 0;
+    /// Data events emitted.
+    pub const DATA_EVENTS: u32 = 1;
+    /// Payload bytes copied to user space.
+    pub const BYTES_CAPTURED: u32 = 2;
+    /// Syscall exits whose enter record was missing (e.g. in-flight map full).
+    pub const MISSED_ENTERS: u32 = 3;
+    /// Number of counters.
+    pub const COUNT: u32 = 4;
+}
+
+/// Runtime settings user space writes into the `SETTINGS` array (index 0) before attaching.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Bytes to copy per syscall (<= MAX_CAPTURE).
+    pub capture_bytes: u32,
+    /// Offset of `child_pid` in the sched_process_fork tracepoint record (kernel-version dependent).
+    pub fork_child_pid_offset: u32,
+    /// The agent's own pid: never traced.
+    pub self_pid: u32,
+    /// Wake user space once this many bytes are waiting in the ring buffer; below, it polls.
+    pub wakeup_bytes: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, with explicit padding and no pointers.
+    unsafe impl aya::Pod for super::SocketInfo {}
+    unsafe impl aya::Pod for super::SocketKey {}
+    unsafe impl aya::Pod for super::Settings {}
+}

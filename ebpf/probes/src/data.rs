@@ -1,0 +1,322 @@
+//! Data path: enter/exit of the syscalls that move socket payloads, plus accept/connect/close
+//! which tell us which fds are sockets and in which role.
+//!
+//! Syscall tracepoint records are a stable ABI: arguments are 8-byte slots from offset 16 on
+//! enter, and the return value is at offset 16 on exit.
+
+use aya_ebpf::{
+    helpers::{bpf_probe_read_user, generated::bpf_probe_read_user as probe_read_user_raw},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use sonde_common::{
+    ConnEvent, DATA_FLAG_UNCOPIED, DIR_EGRESS, DIR_INGRESS, EventKind, MAX_CAPTURE, MAX_IOVECS,
+    ROLE_CLIENT, ROLE_SERVER, RawSockaddr, SocketInfo, SocketKey, counter,
+};
+
+use crate::maps::{
+    Call, DataScratch, EVENTS, INFLIGHT, Inflight, SCRATCH, SOCKETS, count, header, settings,
+    submit, traced_current, wakeup_flags,
+};
+
+const EINPROGRESS: i64 = 115;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, index: usize) -> u64 {
+    // SAFETY: syscall enter records hold six 8-byte argument slots from offset 16.
+    unsafe { ctx.read_at::<u64>(16 + 8 * index) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn ret(ctx: &TracePointContext) -> i64 {
+    // SAFETY: syscall exit records hold the return value at offset 16.
+    unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1)
+}
+
+#[inline(always)]
+fn is_socket(tgid: u32, fd: u32) -> bool {
+    // SAFETY: read-only lookup.
+    unsafe { SOCKETS.get(&SocketKey { pid: tgid, fd }) }.is_some()
+}
+
+/// Enter of a syscall that moves data on `fd_slot`: remember its arguments if fd is a socket.
+#[inline(always)]
+fn enter_data(ctx: &TracePointContext, call: Call, fd_slot: usize, ptr_slot: usize, len_slot: usize) -> u32 {
+    let Some((tgid, _, pid_tgid)) = traced_current() else { return 0 };
+    let fd = arg(ctx, fd_slot) as u32;
+    if !is_socket(tgid, fd) {
+        return 0;
+    }
+    let rec = Inflight { call, fd, ptr: arg(ctx, ptr_slot), len: arg(ctx, len_slot) };
+    let _ = INFLIGHT.insert(&pid_tgid, &rec, 0);
+    0
+}
+
+/// Exit of any call whose enter saved an [`Inflight`]: emit what it did.
+#[inline(always)]
+fn exit_call(ctx: &TracePointContext) -> u32 {
+    let Some((tgid, tid, pid_tgid)) = traced_current() else { return 0 };
+    // SAFETY: the record is copied out before it is removed.
+    let Some(rec) = (unsafe { INFLIGHT.get(&pid_tgid) }).copied() else { return 0 };
+    let _ = INFLIGHT.remove(&pid_tgid);
+    let ret = ret(ctx);
+    match rec.call {
+        Call::Accept => on_accepted(tgid, tid, &rec, ret),
+        Call::Connect => on_connected(tgid, tid, &rec, ret),
+        _ if ret > 0 => emit_data(tgid, tid, &rec, ret as u64),
+        _ => {}
+    }
+    0
+}
+
+fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: per-CPU scratch, exclusively ours while this program runs.
+    let scratch: &mut DataScratch = unsafe { &mut *scratch };
+    let cap = settings().map(|s| s.capture_bytes as u64).unwrap_or(0).min(MAX_CAPTURE as u64);
+    let want = byte_count.min(cap);
+
+    let (direction, mut flags) = match rec.call {
+        Call::ReadBuf | Call::ReadVec | Call::ReadMsg | Call::ReadUncopied => (DIR_INGRESS, 0),
+        _ => (DIR_EGRESS, 0),
+    };
+    let captured = match rec.call {
+        Call::ReadBuf | Call::WriteBuf => copy_buf(scratch, 0, rec.ptr, want),
+        Call::ReadVec | Call::WriteVec => copy_iovecs(scratch, rec.ptr, rec.len, want),
+        Call::ReadMsg | Call::WriteMsg => {
+            // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
+            // SAFETY: user pointers read with the fault-tolerant helper.
+            let iov = unsafe { bpf_probe_read_user((rec.ptr + 16) as *const u64) }.unwrap_or(0);
+            let iovlen = unsafe { bpf_probe_read_user((rec.ptr + 24) as *const u64) }.unwrap_or(0);
+            copy_iovecs(scratch, iov, iovlen, want)
+        }
+        _ => {
+            flags |= DATA_FLAG_UNCOPIED;
+            0
+        }
+    };
+
+    scratch.event.header = header(EventKind::Data, tgid, tid);
+    scratch.event.fd = rec.fd;
+    scratch.event.direction = direction;
+    scratch.event.byte_count = byte_count;
+    scratch.event.captured_len = captured as u32;
+    scratch.event.flags = flags;
+
+    let size = (size_of::<sonde_common::DataEvent>() as u64) + (captured & (2 * MAX_CAPTURE as u64 - 1));
+    // SAFETY: `size` is bounded below the scratch value's size, which the verifier checks.
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_ringbuf_output(
+            core::ptr::addr_of!(EVENTS).cast_mut().cast(),
+            core::ptr::from_mut(scratch).cast(),
+            size,
+            wakeup_flags(),
+        )
+    };
+    if rc < 0 {
+        count(counter::RINGBUF_DROPS, 1);
+    } else {
+        count(counter::DATA_EVENTS, 1);
+        count(counter::BYTES_CAPTURED, captured);
+    }
+}
+
+/// Copies up to `want` bytes from a user buffer into the scratch payload at `offset`.
+/// Returns the bytes copied (0 on a fault).
+#[inline(always)]
+fn copy_buf(scratch: &mut DataScratch, offset: u64, src: u64, want: u64) -> u64 {
+    // Masks give the verifier its bounds: offset < MAX_CAPTURE, len < 2 * MAX_CAPTURE,
+    // and the payload area is 3 * MAX_CAPTURE long.
+    let offset = offset & (MAX_CAPTURE as u64 - 1);
+    let len = want & (2 * MAX_CAPTURE as u64 - 1);
+    if len == 0 {
+        return 0;
+    }
+    // SAFETY: destination bounded as above; the helper tolerates faults on the user pointer.
+    let rc = unsafe {
+        probe_read_user_raw(
+            scratch.payload.as_mut_ptr().add(offset as usize).cast(),
+            len as u32,
+            src as *const core::ffi::c_void,
+        )
+    };
+    if rc < 0 { 0 } else { len }
+}
+
+/// Copies the first `want` bytes spread over an iovec array (at most `MAX_IOVECS` entries).
+#[inline(always)]
+fn copy_iovecs(scratch: &mut DataScratch, iov: u64, iovcnt: u64, want: u64) -> u64 {
+    let mut copied: u64 = 0;
+    let n = iovcnt.min(MAX_IOVECS as u64);
+    for i in 0..MAX_IOVECS as u64 {
+        if i >= n || copied >= want {
+            break;
+        }
+        // struct iovec { void *iov_base; size_t iov_len; }
+        let entry = iov + i * 16;
+        // SAFETY: user pointers read with the fault-tolerant helper.
+        let base = unsafe { bpf_probe_read_user(entry as *const u64) }.unwrap_or(0);
+        let len = unsafe { bpf_probe_read_user((entry + 8) as *const u64) }.unwrap_or(0);
+        let take = len.min(want - copied);
+        let got = copy_buf(scratch, copied, base, take);
+        if got != take {
+            break;
+        }
+        copied += got;
+    }
+    copied
+}
+
+fn read_sockaddr(ptr: u64) -> RawSockaddr {
+    let mut out = RawSockaddr::EMPTY;
+    if ptr == 0 {
+        return out;
+    }
+    // SAFETY: user pointer read with the fault-tolerant helper.
+    let Ok(raw) = (unsafe { bpf_probe_read_user(ptr as *const [u8; 24]) }) else { return out };
+    let family = u16::from_ne_bytes([raw[0], raw[1]]);
+    out.port_be = u16::from_ne_bytes([raw[2], raw[3]]);
+    match family {
+        AF_INET => out.addr[..4].copy_from_slice(&raw[4..8]),
+        AF_INET6 => out.addr.copy_from_slice(&raw[8..24]),
+        _ => return RawSockaddr { family, ..RawSockaddr::EMPTY },
+    }
+    out.family = family;
+    out
+}
+
+fn track_socket(tgid: u32, tid: u32, fd: u32, role: u32, listen_fd: u32, peer: RawSockaddr) {
+    let _ = SOCKETS.insert(&SocketKey { pid: tgid, fd }, &SocketInfo { role, _pad: 0 }, 0);
+    submit(&ConnEvent { header: header(EventKind::ConnOpen, tgid, tid), fd, role, listen_fd, _pad: 0, peer });
+}
+
+fn on_accepted(tgid: u32, tid: u32, rec: &Inflight, ret: i64) {
+    if ret < 0 {
+        return;
+    }
+    let peer = read_sockaddr(rec.ptr);
+    // Unix-domain peers are not traced; an unknown family (no address buffer) may still be TCP.
+    if peer.family != 0 && peer.family != AF_INET && peer.family != AF_INET6 {
+        return;
+    }
+    track_socket(tgid, tid, ret as u32, ROLE_SERVER, rec.fd, peer);
+}
+
+fn on_connected(tgid: u32, tid: u32, rec: &Inflight, ret: i64) {
+    if ret != 0 && ret != -EINPROGRESS {
+        return;
+    }
+    let peer = read_sockaddr(rec.ptr);
+    if peer.family != AF_INET && peer.family != AF_INET6 {
+        return;
+    }
+    track_socket(tgid, tid, rec.fd, ROLE_CLIENT, u32::MAX, peer);
+}
+
+/// Enter of accept/connect: any traced thread, any fd (the socket is not tracked yet).
+#[inline(always)]
+fn enter_conn(ctx: &TracePointContext, call: Call) -> u32 {
+    let Some((_, _, pid_tgid)) = traced_current() else { return 0 };
+    let rec = Inflight { call, fd: arg(ctx, 0) as u32, ptr: arg(ctx, 1), len: 0 };
+    let _ = INFLIGHT.insert(&pid_tgid, &rec, 0);
+    0
+}
+
+/// splice(fd_in, off_in, fd_out, off_out, len, flags): only the byte count matters.
+#[tracepoint]
+pub fn sys_enter_splice(ctx: TracePointContext) -> u32 {
+    let Some((tgid, _, pid_tgid)) = traced_current() else { return 0 };
+    let (fd_in, fd_out) = (arg(&ctx, 0) as u32, arg(&ctx, 2) as u32);
+    let (call, fd) = if is_socket(tgid, fd_out) {
+        (Call::WriteUncopied, fd_out)
+    } else if is_socket(tgid, fd_in) {
+        (Call::ReadUncopied, fd_in)
+    } else {
+        return 0;
+    };
+    let _ = INFLIGHT.insert(&pid_tgid, &Inflight { call, fd, ptr: 0, len: 0 }, 0);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    let Some((tgid, tid, _)) = traced_current() else { return 0 };
+    let fd = arg(&ctx, 0) as u32;
+    let key = SocketKey { pid: tgid, fd };
+    if SOCKETS.remove(&key).is_ok() {
+        submit(&ConnEvent {
+            header: header(EventKind::ConnClose, tgid, tid),
+            fd,
+            role: 0,
+            listen_fd: u32::MAX,
+            _pad: 0,
+            peer: RawSockaddr::EMPTY,
+        });
+    }
+    0
+}
+
+macro_rules! data_enter {
+    ($name:ident, $call:expr, $fd:expr, $ptr:expr, $len:expr) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            enter_data(&ctx, $call, $fd, $ptr, $len)
+        }
+    };
+}
+
+macro_rules! call_exit {
+    ($($name:ident),* $(,)?) => {$(
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            exit_call(&ctx)
+        }
+    )*};
+}
+
+// read(fd, buf, count), write(fd, buf, count), recvfrom/sendto(fd, buf, len, ...)
+data_enter!(sys_enter_read, Call::ReadBuf, 0, 1, 2);
+data_enter!(sys_enter_write, Call::WriteBuf, 0, 1, 2);
+data_enter!(sys_enter_recvfrom, Call::ReadBuf, 0, 1, 2);
+data_enter!(sys_enter_sendto, Call::WriteBuf, 0, 1, 2);
+// readv/writev(fd, iov, iovcnt)
+data_enter!(sys_enter_readv, Call::ReadVec, 0, 1, 2);
+data_enter!(sys_enter_writev, Call::WriteVec, 0, 1, 2);
+// recvmsg/sendmsg(fd, msg, flags)
+data_enter!(sys_enter_recvmsg, Call::ReadMsg, 0, 1, 2);
+data_enter!(sys_enter_sendmsg, Call::WriteMsg, 0, 1, 2);
+// sendfile64(out_fd, in_fd, offset, count)
+data_enter!(sys_enter_sendfile64, Call::WriteUncopied, 0, 2, 3);
+
+#[tracepoint]
+pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
+    enter_conn(&ctx, Call::Accept)
+}
+
+#[tracepoint]
+pub fn sys_enter_accept4(ctx: TracePointContext) -> u32 {
+    enter_conn(&ctx, Call::Accept)
+}
+
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    enter_conn(&ctx, Call::Connect)
+}
+
+call_exit!(
+    sys_exit_read,
+    sys_exit_write,
+    sys_exit_recvfrom,
+    sys_exit_sendto,
+    sys_exit_readv,
+    sys_exit_writev,
+    sys_exit_recvmsg,
+    sys_exit_sendmsg,
+    sys_exit_sendfile64,
+    sys_exit_splice,
+    sys_exit_accept,
+    sys_exit_accept4,
+    sys_exit_connect,
+);

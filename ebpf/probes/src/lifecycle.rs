@@ -1,0 +1,60 @@
+//! Process lifecycle: children of traced processes are traced from their first syscall; exec and
+//! listen are reported so discovery can re-check its selectors at once instead of polling.
+
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use sonde_common::{EventKind, ProcEvent};
+
+use crate::maps::{TRACED_PIDS, header, settings, submit, traced_current};
+
+#[inline(always)]
+fn current_ids() -> (u32, u32) {
+    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    ((pid_tgid >> 32) as u32, pid_tgid as u32)
+}
+
+/// Runs in the parent. The child is added to the filter before it can make a syscall.
+/// Thread creation fires this too; the stray tid entry is removed when that thread exits.
+#[tracepoint]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    let Some((tgid, tid, _)) = traced_current() else { return 0 };
+    let Some(s) = settings() else { return 0 };
+    // The field offset differs across kernel versions; the agent reads it from tracefs.
+    // SAFETY: offset taken from this kernel's format file.
+    let Ok(child) = (unsafe { ctx.read_at::<u32>(s.fork_child_pid_offset as usize) }) else { return 0 };
+    if child == s.self_pid {
+        return 0;
+    }
+    let _ = TRACED_PIDS.insert(&child, &1, 0);
+    submit(&ProcEvent { header: header(EventKind::ProcFork, tgid, tid), other_pid: child, _pad: 0 });
+    0
+}
+
+/// Any process: discovery decides whether the new image matches a selector.
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = current_ids();
+    submit(&ProcEvent { header: header(EventKind::ProcExec, tgid, tid), other_pid: 0, _pad: 0 });
+    0
+}
+
+/// Drops filter entries of exiting tasks (processes, and stray thread ids left by fork).
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = current_ids();
+    if TRACED_PIDS.remove(&tid).is_ok() && tid == tgid {
+        submit(&ProcEvent { header: header(EventKind::ProcExit, tgid, tid), other_pid: 0, _pad: 0 });
+    }
+    0
+}
+
+/// Any process that starts listening: discovery re-checks `open_ports` selectors for it.
+#[tracepoint]
+pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
+    // SAFETY: syscall exit records hold the return value at offset 16.
+    let ok = unsafe { ctx.read_at::<i64>(16) }.map(|r| r == 0).unwrap_or(false);
+    if ok {
+        let (tgid, tid) = current_ids();
+        submit(&ProcEvent { header: header(EventKind::Listen, tgid, tid), other_pid: 0, _pad: 0 });
+    }
+    0
+}

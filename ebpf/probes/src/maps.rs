@@ -1,0 +1,140 @@
+//! Maps shared by all hooks, and the small helpers every hook uses.
+
+use aya_ebpf::{
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::bpf_get_current_pid_tgid,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use sonde_common::{
+    EventHeader, MAX_INFLIGHT, MAX_SOCKETS, MAX_TRACED_PIDS, SCRATCH_PAYLOAD, Settings, SocketInfo,
+    SocketKey, counter,
+};
+
+/// tgid -> flags. Filled by discovery and by the fork hook. The PID filter.
+#[map]
+pub static TRACED_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TRACED_PIDS, 0);
+
+/// (tgid, fd) -> socket info, for TCP sockets born from accept/connect or seeded from /proc.
+#[map]
+pub static SOCKETS: LruHashMap<SocketKey, SocketInfo> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// pid_tgid -> arguments saved at syscall enter, consumed at exit.
+#[map]
+pub static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+
+/// Every record for user space. Size set by the agent at load time.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+
+/// Per-CPU counters, indexed by `sonde_common::counter::*`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Runtime settings at index 0, written by the agent before attaching.
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Per-CPU scratch where a data event is assembled before it is copied to the ring buffer
+/// (the BPF stack is only 512 bytes).
+#[map]
+pub static SCRATCH: PerCpuArray<DataScratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct DataScratch {
+    pub event: sonde_common::DataEvent,
+    pub payload: [u8; SCRATCH_PAYLOAD],
+}
+
+/// Which syscall an [`Inflight`] record belongs to.
+#[repr(u32)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    /// Plain buffer: read, recvfrom.
+    ReadBuf = 1,
+    /// Plain buffer: write, sendto.
+    WriteBuf = 2,
+    /// iovec array: readv.
+    ReadVec = 3,
+    /// iovec array: writev.
+    WriteVec = 4,
+    /// msghdr: recvmsg.
+    ReadMsg = 5,
+    /// msghdr: sendmsg.
+    WriteMsg = 6,
+    /// sendfile/splice towards a socket: count only.
+    WriteUncopied = 7,
+    /// splice from a socket: count only.
+    ReadUncopied = 8,
+    Accept = 9,
+    Connect = 10,
+}
+
+/// Syscall arguments kept between enter and exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Inflight {
+    pub call: Call,
+    pub fd: u32,
+    /// Buffer, iovec array, msghdr or sockaddr pointer.
+    pub ptr: u64,
+    /// iovec count where relevant.
+    pub len: u64,
+}
+
+/// The current thread's (tgid, tid, pid_tgid) if its process is traced.
+#[inline(always)]
+pub fn traced_current() -> Option<(u32, u32, u64)> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: read-only lookup; the value is not dereferenced.
+    if unsafe { TRACED_PIDS.get(&tgid) }.is_none() {
+        return None;
+    }
+    Some((tgid, pid_tgid as u32, pid_tgid))
+}
+
+#[inline(always)]
+pub fn settings() -> Option<&'static Settings> {
+    SETTINGS.get(0)
+}
+
+#[inline(always)]
+pub fn count(index: u32, by: u64) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *slot += by };
+    }
+}
+
+#[inline(always)]
+pub fn header(kind: sonde_common::EventKind, tgid: u32, tid: u32) -> EventHeader {
+    EventHeader {
+        kind: kind as u32,
+        pid: tgid,
+        tid,
+        _pad: 0,
+        // SAFETY: helper with no arguments.
+        ts_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
+    }
+}
+
+/// Ring buffer flags for one record: wake the reader only once enough is waiting; below
+/// that the reader's own poll interval picks the record up (no wakeup per event).
+#[inline(always)]
+pub fn wakeup_flags() -> u64 {
+    let threshold = settings().map(|s| s.wakeup_bytes).unwrap_or(0) as u64;
+    if EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64) >= threshold {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
+/// Copies a fixed-size record to the ring buffer, counting a drop when it is full.
+#[inline(always)]
+pub fn submit<T>(record: &T) {
+    if EVENTS.output::<T>(record, wakeup_flags()).is_err() {
+        count(counter::RINGBUF_DROPS, 1);
+    }
+}
