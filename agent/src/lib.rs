@@ -5,3 +5,9 @@
 
 pub mod protocol;
 pub mod trace;
+pub mod conn;
+pub mod capture;
+pub mod discovery;
+pub mod config;
+pub mod export;
+pub mod stats;

@@ -101,6 +101,9 @@ pub struct DataEvent {
     pub captured_len: u32,
     /// `DATA_FLAG_*` bits.
     pub flags: u32,
+    /// `ROLE_*` of the socket, as the socket map knows it.
+    pub role: u32,
+    pub _pad: u32,
 }
 
 /// A socket address as the kernel wrote it (sockaddr_in or sockaddr_in6), raw.

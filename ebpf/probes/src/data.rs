@@ -15,7 +15,7 @@ use sonde_common::{
 };
 
 use crate::maps::{
-    Call, DataScratch, EVENTS, INFLIGHT, Inflight, SCRATCH, SOCKETS, count, header, settings,
+    Call, DataScratch, EVENTS, INFLIGHT, Inflight, PARENTS, SCRATCH, SOCKETS, count, header, settings,
     submit, traced_current, wakeup_flags,
 };
 
@@ -35,10 +35,19 @@ fn ret(ctx: &TracePointContext) -> i64 {
     unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1)
 }
 
+/// The role of a tracked socket, or None when `fd` is not one. A child of a traced process
+/// inherits the sockets its parent tracked: the entry is copied on first use.
 #[inline(always)]
-fn is_socket(tgid: u32, fd: u32) -> bool {
-    // SAFETY: read-only lookup.
-    unsafe { SOCKETS.get(&SocketKey { pid: tgid, fd }) }.is_some()
+fn socket_role(tgid: u32, fd: u32) -> Option<u32> {
+    let key = SocketKey { pid: tgid, fd };
+    // SAFETY: read-only lookups; values are copied out.
+    if let Some(info) = unsafe { SOCKETS.get(&key) } {
+        return Some(info.role);
+    }
+    let parent = *unsafe { PARENTS.get(&tgid) }?;
+    let info = *unsafe { SOCKETS.get(&SocketKey { pid: parent, fd }) }?;
+    let _ = SOCKETS.insert(&key, &info, 0);
+    Some(info.role)
 }
 
 /// Enter of a syscall that moves data on `fd_slot`: remember its arguments if fd is a socket.
@@ -46,10 +55,8 @@ fn is_socket(tgid: u32, fd: u32) -> bool {
 fn enter_data(ctx: &TracePointContext, call: Call, fd_slot: usize, ptr_slot: usize, len_slot: usize) -> u32 {
     let Some((tgid, _, pid_tgid)) = traced_current() else { return 0 };
     let fd = arg(ctx, fd_slot) as u32;
-    if !is_socket(tgid, fd) {
-        return 0;
-    }
-    let rec = Inflight { call, fd, ptr: arg(ctx, ptr_slot), len: arg(ctx, len_slot) };
+    let Some(role) = socket_role(tgid, fd) else { return 0 };
+    let rec = Inflight { call, fd, ptr: arg(ctx, ptr_slot), len: arg(ctx, len_slot), role, _pad: 0 };
     let _ = INFLIGHT.insert(&pid_tgid, &rec, 0);
     0
 }
@@ -104,6 +111,7 @@ fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64) {
     scratch.event.byte_count = byte_count;
     scratch.event.captured_len = captured as u32;
     scratch.event.flags = flags;
+    scratch.event.role = rec.role;
 
     let size = (size_of::<sonde_common::DataEvent>() as u64) + (captured & (2 * MAX_CAPTURE as u64 - 1));
     // SAFETY: `size` is bounded below the scratch value's size, which the verifier checks.
@@ -219,7 +227,7 @@ fn on_connected(tgid: u32, tid: u32, rec: &Inflight, ret: i64) {
 #[inline(always)]
 fn enter_conn(ctx: &TracePointContext, call: Call) -> u32 {
     let Some((_, _, pid_tgid)) = traced_current() else { return 0 };
-    let rec = Inflight { call, fd: arg(ctx, 0) as u32, ptr: arg(ctx, 1), len: 0 };
+    let rec = Inflight { call, fd: arg(ctx, 0) as u32, ptr: arg(ctx, 1), len: 0, role: 0, _pad: 0 };
     let _ = INFLIGHT.insert(&pid_tgid, &rec, 0);
     0
 }
@@ -229,14 +237,14 @@ fn enter_conn(ctx: &TracePointContext, call: Call) -> u32 {
 pub fn sys_enter_splice(ctx: TracePointContext) -> u32 {
     let Some((tgid, _, pid_tgid)) = traced_current() else { return 0 };
     let (fd_in, fd_out) = (arg(&ctx, 0) as u32, arg(&ctx, 2) as u32);
-    let (call, fd) = if is_socket(tgid, fd_out) {
-        (Call::WriteUncopied, fd_out)
-    } else if is_socket(tgid, fd_in) {
-        (Call::ReadUncopied, fd_in)
+    let (call, fd, role) = if let Some(role) = socket_role(tgid, fd_out) {
+        (Call::WriteUncopied, fd_out, role)
+    } else if let Some(role) = socket_role(tgid, fd_in) {
+        (Call::ReadUncopied, fd_in, role)
     } else {
         return 0;
     };
-    let _ = INFLIGHT.insert(&pid_tgid, &Inflight { call, fd, ptr: 0, len: 0 }, 0);
+    let _ = INFLIGHT.insert(&pid_tgid, &Inflight { call, fd, ptr: 0, len: 0, role, _pad: 0 }, 0);
     0
 }
 

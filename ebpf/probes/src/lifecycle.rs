@@ -4,7 +4,7 @@
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use sonde_common::{EventKind, ProcEvent};
 
-use crate::maps::{TRACED_PIDS, header, settings, submit, traced_current};
+use crate::maps::{PARENTS, TRACED_PIDS, header, settings, submit, traced_current};
 
 #[inline(always)]
 fn current_ids() -> (u32, u32) {
@@ -25,6 +25,7 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let _ = TRACED_PIDS.insert(&child, &1, 0);
+    let _ = PARENTS.insert(&child, &tgid, 0);
     submit(&ProcEvent { header: header(EventKind::ProcFork, tgid, tid), other_pid: child, _pad: 0 });
     0
 }
@@ -41,6 +42,7 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current_ids();
+    let _ = PARENTS.remove(&tid);
     if TRACED_PIDS.remove(&tid).is_ok() && tid == tgid {
         submit(&ProcEvent { header: header(EventKind::ProcExit, tgid, tid), other_pid: 0, _pad: 0 });
     }

@@ -19,6 +19,11 @@ pub static TRACED_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TRACED
 #[map]
 pub static SOCKETS: LruHashMap<SocketKey, SocketInfo> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
 
+/// child tgid -> parent tgid, for children forked by traced processes: a child inherits its
+/// parent's sockets (fork-after-accept servers), found here on the child's first use of the fd.
+#[map]
+pub static PARENTS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_TRACED_PIDS, 0);
+
 /// pid_tgid -> arguments saved at syscall enter, consumed at exit.
 #[map]
 pub static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
@@ -80,6 +85,9 @@ pub struct Inflight {
     pub ptr: u64,
     /// iovec count where relevant.
     pub len: u64,
+    /// `ROLE_*` of the socket.
+    pub role: u32,
+    pub _pad: u32,
 }
 
 /// The current thread's (tgid, tid, pid_tgid) if its process is traced.

@@ -78,15 +78,6 @@ impl Default for HalfStream {
 }
 
 impl HalfStream {
-    pub fn is_desynced(&self) -> bool {
-        self.state == State::Desync
-    }
-
-    /// Between messages (nothing of the next one seen yet).
-    pub fn is_idle(&self) -> bool {
-        self.state == State::Head && self.head.is_empty()
-    }
-
     pub fn in_until_close_body(&self) -> bool {
         self.state == State::UntilClose
     }

@@ -1,0 +1,192 @@
+//! Loads sonde's eBPF programs, attaches them to their tracepoints, and owns the maps user space
+//! writes (the PID filter, the socket map, settings) and reads (counters, the ring buffer).
+//!
+//! Dropping [`Capture`] detaches every program; if the agent dies, the kernel does the same when
+//! its file descriptors close, so no probe outlives the agent.
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use sonde_common::{
+    MAX_CAPTURE, ROLE_CLIENT, ROLE_SERVER, Settings, SocketInfo, SocketKey,
+    counter::{self, COUNT},
+};
+
+use super::tracefs;
+use crate::conn::Role;
+
+static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sonde-probes"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("this sonde binary was built without its eBPF programs (AYA_BUILD_SKIP was set); rebuild with `cargo build --release`")]
+    NoPrograms,
+    #[error("{0}")]
+    Tracefs(String),
+    #[error(
+        "loading the eBPF programs failed: {0}. sonde needs root or CAP_BPF + CAP_PERFMON (and CAP_SYS_ADMIN on kernels before 5.8); run `sonde check` for details"
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF map {name} is missing or has the wrong type: {detail}")]
+    Map { name: &'static str, detail: String },
+    #[error("attaching {program} to tracepoint {category}/{name} failed: {detail}")]
+    Attach { program: String, category: &'static str, name: String, detail: String },
+    #[error("updating eBPF map {name}: {detail}")]
+    Update { name: &'static str, detail: String },
+}
+
+/// Tunables of the kernel side.
+#[derive(Clone, Copy, Debug)]
+pub struct CaptureOptions {
+    /// Bytes copied per syscall (capped at MAX_CAPTURE).
+    pub capture_bytes: u32,
+    /// Ring buffer size in bytes (power of two, multiple of the page size).
+    pub ring_buffer_bytes: u32,
+    /// Wake the reader once this many bytes are waiting.
+    pub wakeup_bytes: u32,
+}
+
+/// Sum over CPUs of the kernel's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    pub ringbuf_drops: u64,
+    pub data_events: u64,
+    pub bytes_captured: u64,
+    pub missed_enters: u64,
+}
+
+pub struct Capture {
+    // Keeps the programs (and so their attachments) alive.
+    _ebpf: Ebpf,
+    traced: HashMap<MapData, u32, u32>,
+    sockets: HashMap<MapData, SocketKey, SocketInfo>,
+    counters: PerCpuArray<MapData, u64>,
+    ring: Option<RingBuf<MapData>>,
+    pub attached: usize,
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> CaptureError {
+    move |e| CaptureError::Map { name, detail: e.to_string() }
+}
+
+impl Capture {
+    pub fn load(opts: CaptureOptions) -> Result<Self, CaptureError> {
+        if PROBES.is_empty() {
+            return Err(CaptureError::NoPrograms);
+        }
+        tracefs::ensure_mounted().map_err(CaptureError::Tracefs)?;
+        raise_memlock();
+        let fork_offset = tracefs::field_offset("sched", "sched_process_fork", "child_pid").map_err(CaptureError::Tracefs)?;
+
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+            .load(PROBES)
+            .map_err(CaptureError::Load)?;
+
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(CaptureError::Map { name, detail: "not in the object file".into() })
+        };
+        let mut settings: Array<MapData, Settings> = Array::try_from(take(&mut ebpf, "SETTINGS")?).map_err(map_err("SETTINGS"))?;
+        settings
+            .set(
+                0,
+                Settings {
+                    capture_bytes: opts.capture_bytes.min(MAX_CAPTURE as u32),
+                    fork_child_pid_offset: fork_offset,
+                    self_pid: std::process::id(),
+                    wakeup_bytes: opts.wakeup_bytes,
+                },
+                0,
+            )
+            .map_err(|e| CaptureError::Update { name: "SETTINGS", detail: e.to_string() })?;
+        let traced = HashMap::try_from(take(&mut ebpf, "TRACED_PIDS")?).map_err(map_err("TRACED_PIDS"))?;
+        let sockets = HashMap::try_from(take(&mut ebpf, "SOCKETS")?).map_err(map_err("SOCKETS"))?;
+        let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?).map_err(map_err("COUNTERS"))?;
+        let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(map_err("EVENTS"))?;
+
+        let mut attached = 0;
+        for (name, program) in ebpf.programs_mut() {
+            let category = if name.starts_with("sys_") { "syscalls" } else { "sched" };
+            let attach_err = |detail: String| CaptureError::Attach {
+                program: name.to_owned(),
+                category,
+                name: name.to_owned(),
+                detail,
+            };
+            let tp: &mut TracePoint = program.try_into().map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
+            tp.load().map_err(|e| attach_err(e.to_string()))?;
+            tp.attach(category, name).map_err(|e| attach_err(e.to_string()))?;
+            attached += 1;
+        }
+        Ok(Self { _ebpf: ebpf, traced, sockets, counters, ring: Some(ring), attached })
+    }
+
+    /// The ring buffer, handed to the reader once.
+    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.ring.take()
+    }
+
+    pub fn trace_pid(&mut self, pid: u32) -> Result<(), CaptureError> {
+        self.traced.insert(pid, 1, 0).map_err(|e| CaptureError::Update { name: "TRACED_PIDS", detail: e.to_string() })
+    }
+
+    pub fn untrace_pid(&mut self, pid: u32) {
+        let _ = self.traced.remove(&pid);
+    }
+
+    pub fn is_traced(&self, pid: u32) -> bool {
+        self.traced.get(&pid, 0).is_ok()
+    }
+
+    pub fn traced_count(&self) -> usize {
+        self.traced.keys().filter(Result::is_ok).count()
+    }
+
+    /// Marks an fd as a socket to capture (sockets that existed before sonde saw them).
+    pub fn track_socket(&mut self, pid: u32, fd: u32, role: Role) -> Result<(), CaptureError> {
+        let role = match role {
+            Role::Server => ROLE_SERVER,
+            Role::Client => ROLE_CLIENT,
+            Role::Unknown => 0,
+        };
+        self.sockets
+            .insert(SocketKey { pid, fd }, SocketInfo { role, _pad: 0 }, 0)
+            .map_err(|e| CaptureError::Update { name: "SOCKETS", detail: e.to_string() })
+    }
+
+    pub fn forget_socket(&mut self, pid: u32, fd: u32) {
+        let _ = self.sockets.remove(&SocketKey { pid, fd });
+    }
+
+    /// Socket map entries belonging to `pid` (used to clean up after a process exits).
+    pub fn sockets_of(&self, pid: u32) -> Vec<u32> {
+        self.sockets.keys().filter_map(Result::ok).filter(|k| k.pid == pid).map(|k| k.fd).collect()
+    }
+
+    pub fn socket_count(&self) -> usize {
+        self.sockets.keys().filter(Result::is_ok).count()
+    }
+
+    pub fn counters(&self) -> KernelCounters {
+        let sum = |index: u32| -> u64 {
+            self.counters.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
+        };
+        debug_assert_eq!(COUNT, 4);
+        KernelCounters {
+            ringbuf_drops: sum(counter::RINGBUF_DROPS),
+            data_events: sum(counter::DATA_EVENTS),
+            bytes_captured: sum(counter::BYTES_CAPTURED),
+            missed_enters: sum(counter::MISSED_ENTERS),
+        }
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg. Try to raise
+/// it and ignore failure (not permitted without CAP_SYS_RESOURCE, and not needed on new kernels).
+fn raise_memlock() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}

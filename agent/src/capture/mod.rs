@@ -1,0 +1,9 @@
+//! Kernel capture: loading and attaching the eBPF programs, the kernel maps discovery fills,
+//! and decoding ring buffer records.
+
+pub mod events;
+pub mod loader;
+pub mod tracefs;
+
+pub use events::Event;
+pub use loader::Capture;

@@ -1,0 +1,252 @@
+//! The connection table: routes each syscall's bytes to the right protocol session.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::{
+    protocol::{
+        Protocol, Segment, Session, SessionEvent, Side,
+        detect::{Detection, detect},
+    },
+    trace::{context::SpanContext, http_attrs::ConnAddrs},
+};
+
+/// Bytes kept while a connection's protocol is undecided (e.g. a client writing 1 byte at a time).
+const DETECT_BUFFER_BYTES: usize = 64;
+/// Segments tried before a connection is declared opaque (not a protocol we parse).
+const DETECT_ATTEMPTS: u32 = 8;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub pid: u32,
+    pub fd: u32,
+}
+
+/// The traced process's role on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// It accepted the connection: ingress bytes are requests.
+    Server,
+    /// It connected: egress bytes are requests.
+    Client,
+    /// Seen before its birth (e.g. lost open event); decided by what the first bytes look like.
+    Unknown,
+}
+
+enum Parser {
+    Undecided { buffered: Vec<u8>, side: Option<Side>, first_ts: u64, first_tid: u32, attempts: u32 },
+    Active(Box<dyn Session>),
+    /// Not a protocol we know; bytes are counted, not parsed.
+    Opaque,
+}
+
+pub struct Conn {
+    pub role: Role,
+    pub addrs: ConnAddrs,
+    parser: Parser,
+    /// Span contexts of requests seen and not yet answered, by session sequence number,
+    /// with the thread that made the request.
+    pub contexts: VecDeque<(u64, u32, SpanContext)>,
+}
+
+impl Conn {
+    pub fn new(role: Role, addrs: ConnAddrs) -> Self {
+        Self {
+            role,
+            addrs,
+            parser: Parser::Undecided { buffered: Vec::new(), side: None, first_ts: 0, first_tid: 0, attempts: 0 },
+            contexts: VecDeque::new(),
+        }
+    }
+
+    pub fn protocol(&self) -> Option<Protocol> {
+        match &self.parser {
+            Parser::Active(s) => Some(s.protocol()),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct ConnTable {
+    conns: HashMap<ConnKey, Conn>,
+}
+
+/// Direction of bytes as the traced process saw them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl ConnTable {
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    pub fn get(&self, key: &ConnKey) -> Option<&Conn> {
+        self.conns.get(key)
+    }
+
+    pub fn get_mut(&mut self, key: &ConnKey) -> Option<&mut Conn> {
+        self.conns.get_mut(key)
+    }
+
+    /// A new connection on `key`; a previous one on the same fd is closed first.
+    pub fn open(&mut self, key: ConnKey, role: Role, addrs: ConnAddrs, ts_ns: u64, out: &mut Vec<SessionEvent>) {
+        self.close(key, ts_ns, out);
+        self.conns.insert(key, Conn::new(role, addrs));
+    }
+
+    /// The connection closed: its session reports what it completes or leaves unmatched.
+    pub fn close(&mut self, key: ConnKey, ts_ns: u64, out: &mut Vec<SessionEvent>) -> Option<Conn> {
+        let mut conn = self.conns.remove(&key)?;
+        if let Parser::Active(s) = &mut conn.parser {
+            s.close(ts_ns, out);
+        }
+        Some(conn)
+    }
+
+    /// Drops every connection of a process that exited.
+    pub fn remove_process(&mut self, pid: u32) {
+        self.conns.retain(|k, _| k.pid != pid);
+    }
+
+    /// Routes one syscall's bytes. Unknown connections are created with [`Role::Unknown`].
+    pub fn on_data(
+        &mut self,
+        key: ConnKey,
+        dir: Direction,
+        bytes: &[u8],
+        byte_count: u64,
+        ts_ns: u64,
+        tid: u32,
+        out: &mut Vec<SessionEvent>,
+    ) {
+        let conn = self.conns.entry(key).or_insert_with(|| Conn::new(Role::Unknown, ConnAddrs::default()));
+        if conn.role == Role::Unknown {
+            // The side that starts with a request tells the role.
+            let as_request = crate::protocol::http::looks_like_start(Side::Request, bytes);
+            if as_request {
+                conn.role = if dir == Direction::Ingress { Role::Server } else { Role::Client };
+            } else {
+                return;
+            }
+        }
+        let side = match (conn.role, dir) {
+            (Role::Server, Direction::Ingress) | (Role::Client, Direction::Egress) => Side::Request,
+            _ => Side::Response,
+        };
+        let seg = Segment { side, bytes, byte_count, ts_ns, tid };
+        match &mut conn.parser {
+            Parser::Active(s) => s.feed(&seg, out),
+            Parser::Opaque => {}
+            Parser::Undecided { .. } => detect_then_feed(conn, seg, out),
+        }
+    }
+}
+
+fn detect_then_feed(conn: &mut Conn, seg: Segment<'_>, out: &mut Vec<SessionEvent>) {
+    let Parser::Undecided { buffered, side, first_ts, first_tid, attempts } = &mut conn.parser else { return };
+    // Only bytes from one side can be glued together; a switch of side restarts detection.
+    if *side != Some(seg.side) || seg.uncopied() > 0 {
+        buffered.clear();
+    }
+    if buffered.is_empty() {
+        *side = Some(seg.side);
+        *first_ts = seg.ts_ns;
+        *first_tid = seg.tid;
+    }
+    let candidate_owned;
+    let candidate: &[u8] = if buffered.is_empty() {
+        seg.bytes
+    } else {
+        buffered.extend_from_slice(seg.bytes);
+        candidate_owned = std::mem::take(buffered);
+        &candidate_owned
+    };
+    match detect(seg.side, candidate) {
+        Detection::Matched(mut session) => {
+            let glued = Segment { bytes: candidate, byte_count: candidate.len() as u64 + seg.uncopied(), ts_ns: *first_ts, tid: *first_tid, ..seg };
+            session.feed(&glued, out);
+            conn.parser = Parser::Active(session);
+        }
+        Detection::NeedMore if candidate.len() < DETECT_BUFFER_BYTES && seg.uncopied() == 0 => {
+            let keep = candidate.to_vec();
+            if let Parser::Undecided { buffered, .. } = &mut conn.parser {
+                *buffered = keep;
+            }
+        }
+        _ => {
+            *attempts += 1;
+            if *attempts >= DETECT_ATTEMPTS {
+                conn.parser = Parser::Opaque;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn completed(out: &[SessionEvent]) -> usize {
+        out.iter().filter(|e| matches!(e, SessionEvent::Completed(_))).count()
+    }
+
+    #[test]
+    fn server_connection_pairs_ingress_requests_with_egress_responses() {
+        let mut t = ConnTable::default();
+        let key = ConnKey { pid: 1, fd: 5 };
+        let mut out = Vec::new();
+        t.open(key, Role::Server, ConnAddrs::default(), 0, &mut out);
+        t.on_data(key, Direction::Ingress, b"GET / HTTP/1.1\r\n\r\n", 18, 1, 1, &mut out);
+        t.on_data(key, Direction::Egress, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 38, 2, 1, &mut out);
+        assert_eq!(completed(&out), 1);
+        assert_eq!(t.get(&key).unwrap().protocol(), Some(Protocol::Http));
+    }
+
+    #[test]
+    fn one_byte_writes_are_detected() {
+        let mut t = ConnTable::default();
+        let key = ConnKey { pid: 1, fd: 5 };
+        let mut out = Vec::new();
+        t.open(key, Role::Client, ConnAddrs::default(), 0, &mut out);
+        for b in b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n" {
+            t.on_data(key, Direction::Egress, &[*b], 1, 1, 1, &mut out);
+        }
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        t.on_data(key, Direction::Ingress, resp, resp.len() as u64, 2, 1, &mut out);
+        assert_eq!(completed(&out), 1, "{out:?}");
+    }
+
+    #[test]
+    fn unknown_role_is_learned_from_the_first_request() {
+        let mut t = ConnTable::default();
+        let key = ConnKey { pid: 1, fd: 9 };
+        let mut out = Vec::new();
+        // Mid-stream: a response body tail first, then a request.
+        t.on_data(key, Direction::Egress, b"tail of a body", 14, 1, 1, &mut out);
+        t.on_data(key, Direction::Ingress, b"GET / HTTP/1.1\r\n\r\n", 18, 2, 1, &mut out);
+        t.on_data(key, Direction::Egress, b"HTTP/1.1 204 No Content\r\n\r\n", 27, 3, 1, &mut out);
+        assert_eq!(t.get(&key).unwrap().role, Role::Server);
+        assert_eq!(completed(&out), 1);
+    }
+
+    #[test]
+    fn non_http_connections_turn_opaque() {
+        let mut t = ConnTable::default();
+        let key = ConnKey { pid: 1, fd: 5 };
+        let mut out = Vec::new();
+        t.open(key, Role::Client, ConnAddrs::default(), 0, &mut out);
+        for _ in 0..DETECT_ATTEMPTS {
+            t.on_data(key, Direction::Egress, b"\x16\x03\x01\x02\x00", 5, 1, 1, &mut out);
+        }
+        t.on_data(key, Direction::Egress, b"GET / HTTP/1.1\r\n\r\n", 18, 1, 1, &mut out);
+        assert_eq!(t.get(&key).unwrap().protocol(), None);
+        assert!(out.is_empty());
+    }
+}

@@ -1,0 +1,196 @@
+//! Discovery: turns selectors into traced processes, gives each its resource, and finds the
+//! sockets they already had open so those connections are traced too.
+
+pub mod procfs;
+pub mod selector;
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+
+use selector::{ProcessFacts, Selector};
+
+use crate::{
+    conn::Role,
+    trace::resource::{ProcessIdentity, Resource},
+};
+
+/// A socket a newly traced process already had open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeededSocket {
+    pub fd: u32,
+    pub role: Role,
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+}
+
+/// What the caller must do in the kernel and the pipeline.
+#[derive(Debug)]
+pub enum Action {
+    /// Trace `pid` (add it to the PID filter) and track these existing sockets.
+    Trace { pid: u32, resource: Arc<Resource>, sockets: Vec<SeededSocket> },
+    /// A child the kernel already traces (fork hook): record its resource and inherited sockets.
+    Adopt { pid: u32, resource: Arc<Resource>, sockets: Vec<SeededSocket> },
+}
+
+pub struct Discovery {
+    selectors: Vec<Selector>,
+    extra_resource: Vec<(String, String)>,
+    default_service: Option<String>,
+    host_name: String,
+    self_pid: u32,
+    traced: HashMap<u32, Arc<Resource>>,
+}
+
+impl Discovery {
+    /// `default_service` is OTEL_SERVICE_NAME from sonde's own environment (below a selector's name).
+    pub fn new(selectors: Vec<Selector>, extra_resource: Vec<(String, String)>, default_service: Option<String>) -> Self {
+        Self {
+            selectors,
+            extra_resource,
+            default_service,
+            host_name: procfs::host_name(),
+            self_pid: std::process::id(),
+            traced: HashMap::new(),
+        }
+    }
+
+    pub fn traced_count(&self) -> usize {
+        self.traced.len()
+    }
+
+    pub fn resource(&self, pid: u32) -> Option<&Arc<Resource>> {
+        self.traced.get(&pid)
+    }
+
+    /// Every process on the host, and children of traced ones.
+    pub fn scan_all(&mut self) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let pids = procfs::list_pids();
+        for &pid in &pids {
+            if let Some(a) = self.check_pid(pid) {
+                actions.push(a);
+            }
+        }
+        // Descendants of traced processes (forked before sonde started, e.g. PostgreSQL backends).
+        let parents: HashMap<u32, u32> =
+            pids.iter().filter_map(|&p| procfs::parent_and_tgid(p).map(|(ppid, _)| (p, ppid))).collect();
+        for &pid in &pids {
+            if self.traced.contains_key(&pid) || pid == self.self_pid {
+                continue;
+            }
+            let mut cur = pid;
+            for _ in 0..64 {
+                let Some(&ppid) = parents.get(&cur) else { break };
+                if let Some(res) = self.traced.get(&ppid).cloned() {
+                    actions.push(self.trace_inherited(pid, &res));
+                    break;
+                }
+                cur = ppid;
+            }
+        }
+        actions
+    }
+
+    /// Re-checks one process against the selectors (after exec or listen).
+    pub fn check_pid(&mut self, pid: u32) -> Option<Action> {
+        if pid == self.self_pid || self.traced.contains_key(&pid) {
+            return None;
+        }
+        let exe = procfs::exe_path(pid)?;
+        let needs_ports = self.selectors.iter().any(Selector::needs_ports);
+        let table = if needs_ports { procfs::tcp_table(pid) } else { HashMap::new() };
+        let fds = if needs_ports { procfs::socket_fds(pid) } else { Vec::new() };
+        let listen_ports: Vec<u16> = fds
+            .iter()
+            .filter_map(|(_, inode)| table.get(inode))
+            .filter(|e| e.state == procfs::TCP_LISTEN)
+            .map(|e| e.local.port())
+            .collect();
+        let facts = ProcessFacts { pid, exe_path: &exe, listen_ports: &listen_ports };
+        let selector = self.selectors.iter().find(|s| s.matches(&facts))?;
+        let service = selector
+            .service_name
+            .clone()
+            .or_else(|| procfs::environ_var(pid, "OTEL_SERVICE_NAME"))
+            .or_else(|| self.default_service.clone())
+            .unwrap_or_else(|| exe.rsplit('/').next().unwrap_or(&exe).to_owned());
+        let resource = Arc::new(self.resource_for(pid, &service, &exe));
+        self.traced.insert(pid, resource.clone());
+        Some(Action::Trace { pid, resource, sockets: seed_sockets(pid) })
+    }
+
+    /// The kernel traced a child of a traced process from its first syscall: give it the
+    /// parent's service (threads are ignored: they share their process's resource).
+    pub fn on_fork(&mut self, parent: u32, child: u32) -> Option<Action> {
+        let (_, tgid) = procfs::parent_and_tgid(child)?;
+        if tgid != child || self.traced.contains_key(&child) {
+            return None;
+        }
+        let parent_res = self.traced.get(&parent)?.clone();
+        let exe = procfs::exe_path(child).unwrap_or_default();
+        let resource = Arc::new(self.resource_for(child, &parent_res.service_name, &exe));
+        self.traced.insert(child, resource.clone());
+        Some(Action::Adopt { pid: child, resource, sockets: seed_sockets(child) })
+    }
+
+    pub fn on_exit(&mut self, pid: u32) {
+        self.traced.remove(&pid);
+    }
+
+    /// Processes that vanished without an exit event (e.g. events lost).
+    pub fn prune_dead(&mut self) -> Vec<u32> {
+        let dead: Vec<u32> =
+            self.traced.keys().copied().filter(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()).collect();
+        for p in &dead {
+            self.traced.remove(p);
+        }
+        dead
+    }
+
+    fn trace_inherited(&mut self, pid: u32, parent: &Arc<Resource>) -> Action {
+        let exe = procfs::exe_path(pid).unwrap_or_default();
+        let resource = Arc::new(self.resource_for(pid, &parent.service_name, &exe));
+        self.traced.insert(pid, resource.clone());
+        Action::Trace { pid, resource, sockets: seed_sockets(pid) }
+    }
+
+    fn resource_for(&self, pid: u32, service: &str, exe: &str) -> Resource {
+        let identity = ProcessIdentity {
+            pid,
+            service_name: service.to_owned(),
+            exe_path: exe.to_owned(),
+            host_name: self.host_name.clone(),
+            start_ticks: procfs::start_ticks(pid),
+        };
+        Resource::for_process(&identity, &self.extra_resource)
+    }
+}
+
+/// Established TCP sockets the process holds; the role comes from whether the local port is
+/// one the process listens on.
+pub fn seed_sockets(pid: u32) -> Vec<SeededSocket> {
+    let table = procfs::tcp_table(pid);
+    let fds = procfs::socket_fds(pid);
+    let listening: Vec<u16> = fds
+        .iter()
+        .filter_map(|(_, i)| table.get(i))
+        .filter(|e| e.state == procfs::TCP_LISTEN)
+        .map(|e| e.local.port())
+        .collect();
+    fds.iter()
+        .filter_map(|(fd, inode)| {
+            let e = table.get(inode)?;
+            (e.state == procfs::TCP_ESTABLISHED).then(|| SeededSocket {
+                fd: *fd,
+                role: if listening.contains(&e.local.port()) { Role::Server } else { Role::Client },
+                local: e.local,
+                peer: e.remote,
+            })
+        })
+        .collect()
+}
+
+/// Local and remote address of one socket fd, from /proc.
+pub fn socket_addrs(pid: u32, fd: u32) -> Option<(SocketAddr, SocketAddr)> {
+    let inode = procfs::socket_inode(pid, fd)?;
+    procfs::tcp_table(pid).get(&inode).map(|e| (e.local, e.remote))
+}

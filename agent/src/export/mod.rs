@@ -1,0 +1,5 @@
+//! Where finished spans go: stdout (text or JSON lines) and OTLP.
+
+pub mod otlp;
+pub mod otlp_encode;
+pub mod print;

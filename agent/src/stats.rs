@@ -1,0 +1,55 @@
+//! The agent's own counters: what it read, parsed, paired, exported and dropped. Drops are
+//! counted at every stage so loss is never silent.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub events_read: AtomicU64,
+    pub events_undecodable: AtomicU64,
+    pub http_parse_errors: AtomicU64,
+    pub unmatched_requests: AtomicU64,
+    pub unmatched_responses: AtomicU64,
+    pub spans_created: AtomicU64,
+    pub spans_unsampled: AtomicU64,
+    pub spans_exported: AtomicU64,
+    pub spans_dropped_queue_full: AtomicU64,
+    pub spans_dropped_export_failed: AtomicU64,
+    pub export_errors: AtomicU64,
+    /// Copied from the kernel's per-CPU counters.
+    pub kernel_ringbuf_drops: AtomicU64,
+    pub kernel_bytes_captured: AtomicU64,
+    pub traced_processes: AtomicU64,
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Relaxed)
+    }
+
+    /// One line for the log: every counter, named.
+    pub fn summary(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        format!(
+            "events_read={} events_lost={} events_undecodable={} bytes_captured={} http_parse_errors={} unmatched_requests={} unmatched_responses={} spans_created={} spans_unsampled={} spans_exported={} spans_dropped_queue_full={} spans_dropped_export_failed={} export_errors={} traced_processes={}",
+            g(&self.events_read),
+            g(&self.kernel_ringbuf_drops),
+            g(&self.events_undecodable),
+            g(&self.kernel_bytes_captured),
+            g(&self.http_parse_errors),
+            g(&self.unmatched_requests),
+            g(&self.unmatched_responses),
+            g(&self.spans_created),
+            g(&self.spans_unsampled),
+            g(&self.spans_exported),
+            g(&self.spans_dropped_queue_full),
+            g(&self.spans_dropped_export_failed),
+            g(&self.export_errors),
+            g(&self.traced_processes),
+        )
+    }
+}
