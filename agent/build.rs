@@ -9,8 +9,15 @@ fn main() -> anyhow::Result<()> {
         let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("sonde-probes");
         std::fs::write(out, b"")?;
     }
+    // aya-build runs `cargo build --package sonde-probes` in the current directory; the probes are
+    // their own workspace (BPF target, panic=abort), so build from there.
+    std::env::set_current_dir(root)?;
     aya_build::build_ebpf(
-        [aya_build::Package { name: "sonde-probes", root_dir: root, ..Default::default() }],
+        [aya_build::Package {
+            name: "sonde-probes",
+            root_dir: root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::default(),
     )
 }

@@ -3,11 +3,15 @@
 //! Data flows one way: capture -> conn (per-connection streams, detection) -> protocol
 //! (parsing and pairing) -> trace (span assembly) -> export.
 
-pub mod protocol;
-pub mod trace;
-pub mod conn;
+pub mod agent;
 pub mod capture;
-pub mod discovery;
+pub mod check;
+pub mod clock;
 pub mod config;
+pub mod conn;
+pub mod discovery;
 pub mod export;
+pub mod pipeline;
+pub mod protocol;
 pub mod stats;
+pub mod trace;

@@ -1,1 +1,120 @@
-fn main() {}
+//! The `sonde` command: argument parsing and wiring only.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use sonde::config::{self, CliSelection, PrintMode};
+
+#[derive(Parser)]
+#[command(
+    name = "sonde",
+    version,
+    about = "Traces HTTP traffic of selected processes with eBPF and exports OpenTelemetry spans"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Trace the selected processes until SIGINT/SIGTERM.
+    Run {
+        /// YAML config file (see README.md for the keys).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Trace processes listening on one of these TCP ports, e.g. 8080,9000-9100.
+        #[arg(long)]
+        open_ports: Option<String>,
+        /// Trace processes whose executable path matches this glob.
+        #[arg(long)]
+        exe_path: Option<String>,
+        /// Trace this process (repeatable).
+        #[arg(long = "pid")]
+        pids: Vec<u32>,
+        /// Print finished spans on stdout. Default: text without an OTLP endpoint, else none.
+        #[arg(long, value_enum)]
+        print: Option<PrintMode>,
+    },
+    /// Report what this host offers sonde; exits non-zero when sonde cannot run here.
+    Check,
+}
+
+/// Exit code for bad configuration (distinct from runtime failures).
+const EXIT_CONFIG: i32 = 2;
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::new().filter_or("SONDE_LOG", "info"))
+        .target(env_logger::Target::Stderr)
+        .init();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Check => sonde::check::report(&sonde::check::run_checks()),
+        Command::Run {
+            config,
+            open_ports,
+            exe_path,
+            pids,
+            print,
+        } => run(
+            config,
+            CliSelection {
+                open_ports,
+                exe_path,
+                pids,
+                print,
+            },
+        ),
+    };
+    std::process::exit(code);
+}
+
+fn run(config_path: Option<PathBuf>, cli: CliSelection) -> i32 {
+    let file = match config_path.as_deref().map(config::load_file).transpose() {
+        Ok(f) => f.unwrap_or_default(),
+        Err(e) => {
+            log::error!("bad configuration: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let cfg = match config::build(file, cli, &|k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("bad configuration: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!("cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(sonde::agent::run(cfg, shutdown_signal())) {
+        Ok(()) => 0,
+        Err(e) => {
+            log::error!("{e:#}");
+            1
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        log::error!("cannot install signal handlers; stop sonde with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => log::info!("SIGTERM received"),
+        _ = int.recv() => log::info!("SIGINT received"),
+    }
+}

@@ -33,7 +33,13 @@ pub enum Role {
 }
 
 enum Parser {
-    Undecided { buffered: Vec<u8>, side: Option<Side>, first_ts: u64, first_tid: u32, attempts: u32 },
+    Undecided {
+        buffered: Vec<u8>,
+        side: Option<Side>,
+        first_ts: u64,
+        first_tid: u32,
+        attempts: u32,
+    },
     Active(Box<dyn Session>),
     /// Not a protocol we know; bytes are counted, not parsed.
     Opaque,
@@ -53,7 +59,13 @@ impl Conn {
         Self {
             role,
             addrs,
-            parser: Parser::Undecided { buffered: Vec::new(), side: None, first_ts: 0, first_tid: 0, attempts: 0 },
+            parser: Parser::Undecided {
+                buffered: Vec::new(),
+                side: None,
+                first_ts: 0,
+                first_tid: 0,
+                attempts: 0,
+            },
             contexts: VecDeque::new(),
         }
     }
@@ -96,7 +108,14 @@ impl ConnTable {
     }
 
     /// A new connection on `key`; a previous one on the same fd is closed first.
-    pub fn open(&mut self, key: ConnKey, role: Role, addrs: ConnAddrs, ts_ns: u64, out: &mut Vec<SessionEvent>) {
+    pub fn open(
+        &mut self,
+        key: ConnKey,
+        role: Role,
+        addrs: ConnAddrs,
+        ts_ns: u64,
+        out: &mut Vec<SessionEvent>,
+    ) {
         self.close(key, ts_ns, out);
         self.conns.insert(key, Conn::new(role, addrs));
     }
@@ -126,12 +145,19 @@ impl ConnTable {
         tid: u32,
         out: &mut Vec<SessionEvent>,
     ) {
-        let conn = self.conns.entry(key).or_insert_with(|| Conn::new(Role::Unknown, ConnAddrs::default()));
+        let conn = self
+            .conns
+            .entry(key)
+            .or_insert_with(|| Conn::new(Role::Unknown, ConnAddrs::default()));
         if conn.role == Role::Unknown {
             // The side that starts with a request tells the role.
             let as_request = crate::protocol::http::looks_like_start(Side::Request, bytes);
             if as_request {
-                conn.role = if dir == Direction::Ingress { Role::Server } else { Role::Client };
+                conn.role = if dir == Direction::Ingress {
+                    Role::Server
+                } else {
+                    Role::Client
+                };
             } else {
                 return;
             }
@@ -140,7 +166,13 @@ impl ConnTable {
             (Role::Server, Direction::Ingress) | (Role::Client, Direction::Egress) => Side::Request,
             _ => Side::Response,
         };
-        let seg = Segment { side, bytes, byte_count, ts_ns, tid };
+        let seg = Segment {
+            side,
+            bytes,
+            byte_count,
+            ts_ns,
+            tid,
+        };
         match &mut conn.parser {
             Parser::Active(s) => s.feed(&seg, out),
             Parser::Opaque => {}
@@ -150,7 +182,16 @@ impl ConnTable {
 }
 
 fn detect_then_feed(conn: &mut Conn, seg: Segment<'_>, out: &mut Vec<SessionEvent>) {
-    let Parser::Undecided { buffered, side, first_ts, first_tid, attempts } = &mut conn.parser else { return };
+    let Parser::Undecided {
+        buffered,
+        side,
+        first_ts,
+        first_tid,
+        attempts,
+    } = &mut conn.parser
+    else {
+        return;
+    };
     // Only bytes from one side can be glued together; a switch of side restarts detection.
     if *side != Some(seg.side) || seg.uncopied() > 0 {
         buffered.clear();
@@ -170,7 +211,13 @@ fn detect_then_feed(conn: &mut Conn, seg: Segment<'_>, out: &mut Vec<SessionEven
     };
     match detect(seg.side, candidate) {
         Detection::Matched(mut session) => {
-            let glued = Segment { bytes: candidate, byte_count: candidate.len() as u64 + seg.uncopied(), ts_ns: *first_ts, tid: *first_tid, ..seg };
+            let glued = Segment {
+                bytes: candidate,
+                byte_count: candidate.len() as u64 + seg.uncopied(),
+                ts_ns: *first_ts,
+                tid: *first_tid,
+                ..seg
+            };
             session.feed(&glued, out);
             conn.parser = Parser::Active(session);
         }
@@ -194,7 +241,9 @@ mod tests {
     use super::*;
 
     fn completed(out: &[SessionEvent]) -> usize {
-        out.iter().filter(|e| matches!(e, SessionEvent::Completed(_))).count()
+        out.iter()
+            .filter(|e| matches!(e, SessionEvent::Completed(_)))
+            .count()
     }
 
     #[test]
@@ -203,8 +252,24 @@ mod tests {
         let key = ConnKey { pid: 1, fd: 5 };
         let mut out = Vec::new();
         t.open(key, Role::Server, ConnAddrs::default(), 0, &mut out);
-        t.on_data(key, Direction::Ingress, b"GET / HTTP/1.1\r\n\r\n", 18, 1, 1, &mut out);
-        t.on_data(key, Direction::Egress, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 38, 2, 1, &mut out);
+        t.on_data(
+            key,
+            Direction::Ingress,
+            b"GET / HTTP/1.1\r\n\r\n",
+            18,
+            1,
+            1,
+            &mut out,
+        );
+        t.on_data(
+            key,
+            Direction::Egress,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            38,
+            2,
+            1,
+            &mut out,
+        );
         assert_eq!(completed(&out), 1);
         assert_eq!(t.get(&key).unwrap().protocol(), Some(Protocol::Http));
     }
@@ -219,7 +284,15 @@ mod tests {
             t.on_data(key, Direction::Egress, &[*b], 1, 1, 1, &mut out);
         }
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-        t.on_data(key, Direction::Ingress, resp, resp.len() as u64, 2, 1, &mut out);
+        t.on_data(
+            key,
+            Direction::Ingress,
+            resp,
+            resp.len() as u64,
+            2,
+            1,
+            &mut out,
+        );
         assert_eq!(completed(&out), 1, "{out:?}");
     }
 
@@ -229,9 +302,33 @@ mod tests {
         let key = ConnKey { pid: 1, fd: 9 };
         let mut out = Vec::new();
         // Mid-stream: a response body tail first, then a request.
-        t.on_data(key, Direction::Egress, b"tail of a body", 14, 1, 1, &mut out);
-        t.on_data(key, Direction::Ingress, b"GET / HTTP/1.1\r\n\r\n", 18, 2, 1, &mut out);
-        t.on_data(key, Direction::Egress, b"HTTP/1.1 204 No Content\r\n\r\n", 27, 3, 1, &mut out);
+        t.on_data(
+            key,
+            Direction::Egress,
+            b"tail of a body",
+            14,
+            1,
+            1,
+            &mut out,
+        );
+        t.on_data(
+            key,
+            Direction::Ingress,
+            b"GET / HTTP/1.1\r\n\r\n",
+            18,
+            2,
+            1,
+            &mut out,
+        );
+        t.on_data(
+            key,
+            Direction::Egress,
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            27,
+            3,
+            1,
+            &mut out,
+        );
         assert_eq!(t.get(&key).unwrap().role, Role::Server);
         assert_eq!(completed(&out), 1);
     }
@@ -243,9 +340,25 @@ mod tests {
         let mut out = Vec::new();
         t.open(key, Role::Client, ConnAddrs::default(), 0, &mut out);
         for _ in 0..DETECT_ATTEMPTS {
-            t.on_data(key, Direction::Egress, b"\x16\x03\x01\x02\x00", 5, 1, 1, &mut out);
+            t.on_data(
+                key,
+                Direction::Egress,
+                b"\x16\x03\x01\x02\x00",
+                5,
+                1,
+                1,
+                &mut out,
+            );
         }
-        t.on_data(key, Direction::Egress, b"GET / HTTP/1.1\r\n\r\n", 18, 1, 1, &mut out);
+        t.on_data(
+            key,
+            Direction::Egress,
+            b"GET / HTTP/1.1\r\n\r\n",
+            18,
+            1,
+            1,
+            &mut out,
+        );
         assert_eq!(t.get(&key).unwrap().protocol(), None);
         assert!(out.is_empty());
     }

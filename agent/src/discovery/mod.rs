@@ -26,9 +26,17 @@ pub struct SeededSocket {
 #[derive(Debug)]
 pub enum Action {
     /// Trace `pid` (add it to the PID filter) and track these existing sockets.
-    Trace { pid: u32, resource: Arc<Resource>, sockets: Vec<SeededSocket> },
+    Trace {
+        pid: u32,
+        resource: Arc<Resource>,
+        sockets: Vec<SeededSocket>,
+    },
     /// A child the kernel already traces (fork hook): record its resource and inherited sockets.
-    Adopt { pid: u32, resource: Arc<Resource>, sockets: Vec<SeededSocket> },
+    Adopt {
+        pid: u32,
+        resource: Arc<Resource>,
+        sockets: Vec<SeededSocket>,
+    },
 }
 
 pub struct Discovery {
@@ -42,7 +50,11 @@ pub struct Discovery {
 
 impl Discovery {
     /// `default_service` is OTEL_SERVICE_NAME from sonde's own environment (below a selector's name).
-    pub fn new(selectors: Vec<Selector>, extra_resource: Vec<(String, String)>, default_service: Option<String>) -> Self {
+    pub fn new(
+        selectors: Vec<Selector>,
+        extra_resource: Vec<(String, String)>,
+        default_service: Option<String>,
+    ) -> Self {
         Self {
             selectors,
             extra_resource,
@@ -71,15 +83,19 @@ impl Discovery {
             }
         }
         // Descendants of traced processes (forked before sonde started, e.g. PostgreSQL backends).
-        let parents: HashMap<u32, u32> =
-            pids.iter().filter_map(|&p| procfs::parent_and_tgid(p).map(|(ppid, _)| (p, ppid))).collect();
+        let parents: HashMap<u32, u32> = pids
+            .iter()
+            .filter_map(|&p| procfs::parent_and_tgid(p).map(|(ppid, _)| (p, ppid)))
+            .collect();
         for &pid in &pids {
             if self.traced.contains_key(&pid) || pid == self.self_pid {
                 continue;
             }
             let mut cur = pid;
             for _ in 0..64 {
-                let Some(&ppid) = parents.get(&cur) else { break };
+                let Some(&ppid) = parents.get(&cur) else {
+                    break;
+                };
                 if let Some(res) = self.traced.get(&ppid).cloned() {
                     actions.push(self.trace_inherited(pid, &res));
                     break;
@@ -97,15 +113,27 @@ impl Discovery {
         }
         let exe = procfs::exe_path(pid)?;
         let needs_ports = self.selectors.iter().any(Selector::needs_ports);
-        let table = if needs_ports { procfs::tcp_table(pid) } else { HashMap::new() };
-        let fds = if needs_ports { procfs::socket_fds(pid) } else { Vec::new() };
+        let table = if needs_ports {
+            procfs::tcp_table(pid)
+        } else {
+            HashMap::new()
+        };
+        let fds = if needs_ports {
+            procfs::socket_fds(pid)
+        } else {
+            Vec::new()
+        };
         let listen_ports: Vec<u16> = fds
             .iter()
             .filter_map(|(_, inode)| table.get(inode))
             .filter(|e| e.state == procfs::TCP_LISTEN)
             .map(|e| e.local.port())
             .collect();
-        let facts = ProcessFacts { pid, exe_path: &exe, listen_ports: &listen_ports };
+        let facts = ProcessFacts {
+            pid,
+            exe_path: &exe,
+            listen_ports: &listen_ports,
+        };
         let selector = self.selectors.iter().find(|s| s.matches(&facts))?;
         let service = selector
             .service_name
@@ -115,7 +143,11 @@ impl Discovery {
             .unwrap_or_else(|| exe.rsplit('/').next().unwrap_or(&exe).to_owned());
         let resource = Arc::new(self.resource_for(pid, &service, &exe));
         self.traced.insert(pid, resource.clone());
-        Some(Action::Trace { pid, resource, sockets: seed_sockets(pid) })
+        Some(Action::Trace {
+            pid,
+            resource,
+            sockets: seed_sockets(pid),
+        })
     }
 
     /// The kernel traced a child of a traced process from its first syscall: give it the
@@ -129,7 +161,11 @@ impl Discovery {
         let exe = procfs::exe_path(child).unwrap_or_default();
         let resource = Arc::new(self.resource_for(child, &parent_res.service_name, &exe));
         self.traced.insert(child, resource.clone());
-        Some(Action::Adopt { pid: child, resource, sockets: seed_sockets(child) })
+        Some(Action::Adopt {
+            pid: child,
+            resource,
+            sockets: seed_sockets(child),
+        })
     }
 
     pub fn on_exit(&mut self, pid: u32) {
@@ -138,8 +174,12 @@ impl Discovery {
 
     /// Processes that vanished without an exit event (e.g. events lost).
     pub fn prune_dead(&mut self) -> Vec<u32> {
-        let dead: Vec<u32> =
-            self.traced.keys().copied().filter(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()).collect();
+        let dead: Vec<u32> = self
+            .traced
+            .keys()
+            .copied()
+            .filter(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+            .collect();
         for p in &dead {
             self.traced.remove(p);
         }
@@ -150,7 +190,11 @@ impl Discovery {
         let exe = procfs::exe_path(pid).unwrap_or_default();
         let resource = Arc::new(self.resource_for(pid, &parent.service_name, &exe));
         self.traced.insert(pid, resource.clone());
-        Action::Trace { pid, resource, sockets: seed_sockets(pid) }
+        Action::Trace {
+            pid,
+            resource,
+            sockets: seed_sockets(pid),
+        }
     }
 
     fn resource_for(&self, pid: u32, service: &str, exe: &str) -> Resource {
@@ -181,7 +225,11 @@ pub fn seed_sockets(pid: u32) -> Vec<SeededSocket> {
             let e = table.get(inode)?;
             (e.state == procfs::TCP_ESTABLISHED).then(|| SeededSocket {
                 fd: *fd,
-                role: if listening.contains(&e.local.port()) { Role::Server } else { Role::Client },
+                role: if listening.contains(&e.local.port()) {
+                    Role::Server
+                } else {
+                    Role::Client
+                },
                 local: e.local,
                 peer: e.remote,
             })
@@ -192,5 +240,7 @@ pub fn seed_sockets(pid: u32) -> Vec<SeededSocket> {
 /// Local and remote address of one socket fd, from /proc.
 pub fn socket_addrs(pid: u32, fd: u32) -> Option<(SocketAddr, SocketAddr)> {
     let inode = procfs::socket_inode(pid, fd)?;
-    procfs::tcp_table(pid).get(&inode).map(|e| (e.local, e.remote))
+    procfs::tcp_table(pid)
+        .get(&inode)
+        .map(|e| (e.local, e.remote))
 }

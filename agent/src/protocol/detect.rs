@@ -19,5 +19,9 @@ pub fn detect(side: Side, bytes: &[u8]) -> Detection {
         None => undecided = true,
         Some(false) => {}
     }
-    if undecided { Detection::NeedMore } else { Detection::NoMatch }
+    if undecided {
+        Detection::NeedMore
+    } else {
+        Detection::NoMatch
+    }
 }

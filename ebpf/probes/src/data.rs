@@ -78,6 +78,7 @@ fn exit_call(ctx: &TracePointContext) -> u32 {
     0
 }
 
+#[inline(always)]
 fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return };
     // SAFETY: per-CPU scratch, exclusively ours while this program runs.
@@ -177,6 +178,7 @@ fn copy_iovecs(scratch: &mut DataScratch, iov: u64, iovcnt: u64, want: u64) -> u
     copied
 }
 
+#[inline(always)]
 fn read_sockaddr(ptr: u64) -> RawSockaddr {
     let mut out = RawSockaddr::EMPTY;
     if ptr == 0 {
@@ -195,11 +197,13 @@ fn read_sockaddr(ptr: u64) -> RawSockaddr {
     out
 }
 
+#[inline(always)]
 fn track_socket(tgid: u32, tid: u32, fd: u32, role: u32, listen_fd: u32, peer: RawSockaddr) {
     let _ = SOCKETS.insert(&SocketKey { pid: tgid, fd }, &SocketInfo { role, _pad: 0 }, 0);
     submit(&ConnEvent { header: header(EventKind::ConnOpen, tgid, tid), fd, role, listen_fd, _pad: 0, peer });
 }
 
+#[inline(always)]
 fn on_accepted(tgid: u32, tid: u32, rec: &Inflight, ret: i64) {
     if ret < 0 {
         return;
@@ -212,6 +216,7 @@ fn on_accepted(tgid: u32, tid: u32, rec: &Inflight, ret: i64) {
     track_socket(tgid, tid, ret as u32, ROLE_SERVER, rec.fd, peer);
 }
 
+#[inline(always)]
 fn on_connected(tgid: u32, tid: u32, rec: &Inflight, ret: i64) {
     if ret != 0 && ret != -EINPROGRESS {
         return;

@@ -1,0 +1,253 @@
+//! `sonde run`: wires capture, discovery, the pipeline and the exporters, and runs until a
+//! shutdown signal. On shutdown it drains the ring buffer, detaches, and flushes exports.
+
+use std::{sync::Arc, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::{
+    capture::{Capture, Event, events::decode, loader::CaptureOptions},
+    config::{AgentConfig, PrintMode},
+    discovery::{Action, Discovery},
+    export::{otlp, print::Printer},
+    pipeline::{Pipeline, Sinks},
+    stats::Stats,
+};
+
+/// Full /proc rescans, a safety net behind the exec/listen/fork events.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the kernel's counters are read and logged-worthy state refreshed.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+/// How long to wait for the exporter to flush on shutdown.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Agent {
+    capture: Capture,
+    discovery: Discovery,
+    pipeline: Pipeline,
+    stats: Arc<Stats>,
+}
+
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let stats = Arc::new(Stats::default());
+    let mut capture = Capture::load(CaptureOptions {
+        capture_bytes: cfg.capture.max_bytes,
+        ring_buffer_bytes: cfg.capture.ring_buffer_bytes,
+        wakeup_bytes: cfg.capture.wakeup_bytes,
+    })?;
+    log::info!(
+        "attached {} eBPF programs (syscall and sched tracepoints)",
+        capture.attached
+    );
+    let ring = capture
+        .take_ring()
+        .ok_or_else(|| anyhow::anyhow!("ring buffer already taken"))?;
+
+    let mut sinks = Sinks::default();
+    let mut exporter = None;
+    if let Some(settings) = cfg.otlp.clone() {
+        log::info!(
+            "exporting spans over OTLP ({:?}) to {}",
+            settings.protocol,
+            settings.endpoint
+        );
+        let (queue, task) = otlp::start(settings, stats.clone()).map_err(|e| anyhow::anyhow!(e))?;
+        sinks.otlp = Some(queue);
+        exporter = Some(task);
+    }
+    match cfg.print {
+        PrintMode::Text => sinks.printer = Some(Printer::new(false)),
+        PrintMode::Json => sinks.printer = Some(Printer::new(true)),
+        PrintMode::None => {}
+    }
+
+    let mut agent = Agent {
+        capture,
+        discovery: Discovery::new(cfg.selectors, cfg.resource_attributes, cfg.service_name),
+        pipeline: Pipeline::new(cfg.sampler, stats.clone(), sinks),
+        stats: stats.clone(),
+    };
+    let actions = agent.discovery.scan_all();
+    agent.apply(actions);
+    log::info!(
+        "tracing {} processes; waiting for more to match the selectors",
+        agent.discovery.traced_count()
+    );
+
+    // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until it is dropped.
+    let mut ring =
+        unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
+            anyhow::anyhow!(
+                "registering the ring buffer with the event loop: {}",
+                e.into_parts().1
+            )
+        })?;
+    let mut poll = tokio::time::interval(Duration::from_millis(cfg.capture.poll_interval_ms));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
+    rescan.tick().await;
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    let mut ticks: u64 = 0;
+    tokio::pin!(shutdown);
+
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                agent.drain(guard.get_inner_mut());
+                guard.clear_ready();
+            }
+            _ = poll.tick() => agent.drain(ring.get_mut()),
+            _ = rescan.tick() => {
+                let actions = agent.discovery.scan_all();
+                agent.apply(actions);
+                for pid in agent.discovery.prune_dead() {
+                    agent.forget_process(pid);
+                }
+            }
+            _ = housekeeping.tick() => {
+                ticks += 1;
+                agent.refresh_counters();
+                if ticks % 60 == 0 {
+                    agent.pipeline.recalibrate_clock();
+                }
+            }
+        }
+    }
+
+    log::info!("shutting down: draining events, detaching probes, flushing exports");
+    agent.drain(ring.get_mut());
+    agent.refresh_counters();
+    drop(ring);
+    let Agent {
+        capture, pipeline, ..
+    } = agent;
+    drop(capture);
+    // Dropping the pipeline drops the queue's sender: the exporter drains and ends.
+    drop(pipeline);
+    if let Some(task) = exporter
+        && tokio::time::timeout(FLUSH_TIMEOUT, task).await.is_err()
+    {
+        log::warn!("exporter did not flush within {FLUSH_TIMEOUT:?}; remaining spans dropped");
+    }
+    log::info!("final counters: {}", stats.summary());
+    Ok(())
+}
+
+impl Agent {
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            Stats::add(&self.stats.events_read, 1);
+            match decode(&item) {
+                Ok(ev) => self.handle(ev),
+                Err(e) => {
+                    Stats::add(&self.stats.events_undecodable, 1);
+                    log::debug!("undecodable ring buffer record: {e}");
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Event<'_>) {
+        match ev {
+            Event::Data {
+                pid,
+                tid,
+                fd,
+                ts_ns,
+                direction,
+                byte_count,
+                payload,
+                uncopied: _,
+                role,
+            } => {
+                self.pipeline
+                    .on_data(pid, tid, fd, role, direction, payload, byte_count, ts_ns);
+            }
+            Event::ConnOpen {
+                pid,
+                fd,
+                ts_ns,
+                role,
+                listen_fd,
+                peer,
+                ..
+            } => {
+                self.pipeline.on_open(pid, fd, role, listen_fd, peer, ts_ns);
+            }
+            Event::ConnClose { pid, fd, ts_ns } => self.pipeline.on_close(pid, fd, ts_ns),
+            Event::ProcFork { parent, child } => {
+                if let Some(a) = self.discovery.on_fork(parent, child) {
+                    self.apply(vec![a]);
+                }
+            }
+            Event::ProcExec { pid } | Event::Listen { pid } => {
+                if let Some(a) = self.discovery.check_pid(pid) {
+                    self.apply(vec![a]);
+                }
+            }
+            Event::ProcExit { pid } => self.forget_process(pid),
+        }
+    }
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            let (pid, resource, sockets, in_kernel) = match action {
+                Action::Trace {
+                    pid,
+                    resource,
+                    sockets,
+                } => (pid, resource, sockets, false),
+                Action::Adopt {
+                    pid,
+                    resource,
+                    sockets,
+                } => (pid, resource, sockets, true),
+            };
+            if !in_kernel && let Err(e) = self.capture.trace_pid(pid) {
+                log::warn!("cannot trace pid {pid}: {e}");
+                self.discovery.on_exit(pid);
+                continue;
+            }
+            for s in &sockets {
+                if let Err(e) = self.capture.track_socket(pid, s.fd, s.role) {
+                    log::warn!("cannot track socket fd {} of pid {pid}: {e}", s.fd);
+                }
+                self.pipeline.open_seeded(pid, s);
+            }
+            log::info!(
+                "tracing pid {pid} as service {:?} ({} existing connections)",
+                resource.service_name,
+                sockets.len()
+            );
+            self.pipeline.set_resource(pid, resource);
+        }
+    }
+
+    fn forget_process(&mut self, pid: u32) {
+        self.discovery.on_exit(pid);
+        self.pipeline.remove_process(pid);
+        self.capture.untrace_pid(pid);
+        for fd in self.capture.sockets_of(pid) {
+            self.capture.forget_socket(pid, fd);
+        }
+    }
+
+    fn refresh_counters(&mut self) {
+        let k = self.capture.counters();
+        let s = &self.stats;
+        s.kernel_ringbuf_drops
+            .store(k.ringbuf_drops, std::sync::atomic::Ordering::Relaxed);
+        s.kernel_bytes_captured
+            .store(k.bytes_captured, std::sync::atomic::Ordering::Relaxed);
+        s.traced_processes.store(
+            self.discovery.traced_count() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}

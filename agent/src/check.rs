@@ -1,0 +1,197 @@
+//! `sonde check`: what this host offers sonde, each finding with what it means for tracing.
+
+use std::path::Path;
+
+use crate::capture::{Capture, loader::CaptureOptions, tracefs};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    /// Works without it, with less.
+    Degraded,
+    /// sonde cannot run.
+    Fatal,
+}
+
+pub struct Finding {
+    pub item: &'static str,
+    pub verdict: Verdict,
+    pub detail: String,
+}
+
+fn finding(item: &'static str, verdict: Verdict, detail: impl Into<String>) -> Finding {
+    Finding {
+        item,
+        verdict,
+        detail: detail.into(),
+    }
+}
+
+/// Effective capabilities of this process (CapEff in /proc/self/status).
+fn effective_caps() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("CapEff:")
+                    .map(|v| u64::from_str_radix(v.trim(), 16).unwrap_or(0))
+            })
+        })
+        .unwrap_or(0)
+}
+
+const CAPS: [(u32, &str, &str); 5] = [
+    (39, "CAP_BPF", "load eBPF programs and create maps"),
+    (
+        38,
+        "CAP_PERFMON",
+        "attach tracepoints and uprobes, read kernel memory from eBPF",
+    ),
+    (
+        19,
+        "CAP_SYS_PTRACE",
+        "read /proc/PID/{exe,environ,fd} of other users' processes",
+    ),
+    (
+        2,
+        "CAP_DAC_READ_SEARCH",
+        "read /proc/PID/net/tcp and fd links of any process",
+    ),
+    (
+        21,
+        "CAP_SYS_ADMIN",
+        "mount tracefs when it is missing; older kernels need it for BPF",
+    ),
+];
+
+pub fn run_checks() -> Vec<Finding> {
+    let mut out = Vec::new();
+    let caps = effective_caps();
+    for (bit, name, why) in CAPS {
+        let has = caps & (1u64 << bit) != 0;
+        let verdict = match (has, name) {
+            (true, _) => Verdict::Ok,
+            (false, "CAP_BPF" | "CAP_PERFMON") => Verdict::Fatal,
+            _ => Verdict::Degraded,
+        };
+        out.push(finding(
+            name,
+            verdict,
+            if has {
+                format!("present: {why}")
+            } else {
+                format!("missing: cannot {why}; run as root or add it")
+            },
+        ));
+    }
+
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    out.push(finding(
+        "BTF",
+        if btf { Verdict::Ok } else { Verdict::Degraded },
+        if btf {
+            "present (/sys/kernel/btf/vmlinux); sonde does not need it: it reads only stable tracepoint and syscall ABI"
+        } else {
+            "absent; not needed: sonde reads only stable tracepoint and syscall ABI"
+        },
+    ));
+
+    match tracefs::ensure_mounted() {
+        Ok(()) => out.push(finding(
+            "tracefs",
+            Verdict::Ok,
+            format!("mounted at {}", tracefs::TRACEFS),
+        )),
+        Err(e) => out.push(finding("tracefs", Verdict::Fatal, e)),
+    }
+    let events = Path::new(tracefs::TRACEFS).join("events");
+    for (tp, why) in [
+        (
+            "syscalls/sys_enter_read",
+            "syscall tracepoints carry all plaintext traffic",
+        ),
+        (
+            "sched/sched_process_fork",
+            "children of traced processes are traced from their first syscall",
+        ),
+    ] {
+        let ok = events.join(tp).is_dir();
+        out.push(finding(
+            "tracepoints",
+            if ok { Verdict::Ok } else { Verdict::Fatal },
+            format!(
+                "{tp}: {} ({why})",
+                if ok {
+                    "present"
+                } else {
+                    "missing: the kernel needs CONFIG_FTRACE_SYSCALLS"
+                }
+            ),
+        ));
+    }
+    let uprobes = Path::new("/sys/bus/event_source/devices/uprobe").exists();
+    out.push(finding(
+        "uprobes",
+        if uprobes {
+            Verdict::Ok
+        } else {
+            Verdict::Degraded
+        },
+        if uprobes {
+            "available: TLS plaintext can be captured at the OpenSSL boundary"
+        } else {
+            "unavailable: TLS traffic cannot be decrypted"
+        },
+    ));
+    let kprobes = Path::new("/sys/bus/event_source/devices/kprobe").exists();
+    out.push(finding(
+        "kprobes",
+        Verdict::Ok,
+        if kprobes {
+            "available (not used: sonde needs no kprobes)"
+        } else {
+            "absent (fine: sonde needs no kprobes)"
+        },
+    ));
+
+    // The definitive test: load and attach sonde's own programs, tracing nothing.
+    match Capture::load(CaptureOptions {
+        capture_bytes: 256,
+        ring_buffer_bytes: 1 << 16,
+        wakeup_bytes: 1 << 12,
+    }) {
+        Ok(c) => out.push(finding(
+            "BPF + ring buffer",
+            Verdict::Ok,
+            format!(
+                "sonde's {} programs load and attach; ring buffer created",
+                c.attached
+            ),
+        )),
+        Err(e) => out.push(finding("BPF + ring buffer", Verdict::Fatal, e.to_string())),
+    }
+    out
+}
+
+/// Prints the findings; returns the process exit code (1 when sonde cannot run here).
+pub fn report(findings: &[Finding]) -> i32 {
+    let mut fatal = false;
+    for f in findings {
+        let tag = match f.verdict {
+            Verdict::Ok => "ok  ",
+            Verdict::Degraded => "warn",
+            Verdict::Fatal => {
+                fatal = true;
+                "FAIL"
+            }
+        };
+        println!("[{tag}] {:<20} {}", f.item, f.detail);
+    }
+    if fatal {
+        println!("\nsonde cannot trace on this host: fix the FAIL lines above.");
+        1
+    } else {
+        println!("\nsonde can trace on this host.");
+        0
+    }
+}
