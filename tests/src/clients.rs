@@ -1,0 +1,95 @@
+//! Real clients: curl, and a raw socket client that pipelines requests in one write.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    process::Command,
+    time::Duration,
+};
+
+/// `curl` with these URLs on one command line: curl reuses one keep-alive connection.
+pub fn curl(args: &[&str], urls: &[String]) -> String {
+    let out = Command::new("curl")
+        .arg("-sS")
+        .args(args)
+        .args(urls)
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Writes all `requests` in a single write() and reads until `expected_responses` status lines
+/// have arrived. Returns the raw response bytes.
+pub fn pipelined(port: u16, requests: &[String], expected_responses: usize) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let all: String = requests.concat();
+    s.write_all(all.as_bytes()).expect("pipelined write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    while count_status_lines(&got) < expected_responses {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+fn count_status_lines(b: &[u8]) -> usize {
+    b.windows(9)
+        .filter(|w| w == b"HTTP/1.1 " || w == b"HTTP/1.0 ")
+        .count()
+}
+
+/// A keep-alive connection for sending requests one at a time.
+pub struct KeepAlive {
+    stream: TcpStream,
+    port: u16,
+}
+
+impl KeepAlive {
+    pub fn connect(port: u16) -> Self {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        Self { stream, port }
+    }
+
+    /// Sends one GET and reads its whole (Content-Length framed) response.
+    pub fn get(&mut self, path: &str) -> String {
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n",
+            self.port
+        );
+        self.stream.write_all(req.as_bytes()).expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = self.stream.read(&mut buf).expect("read");
+            assert!(n > 0, "connection closed early");
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).into_owned();
+            if let Some(head_end) = text.find("\r\n\r\n") {
+                let len: usize = text[..head_end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                if got.len() >= head_end + 4 + len {
+                    return text;
+                }
+            }
+        }
+    }
+}
