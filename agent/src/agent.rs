@@ -9,6 +9,7 @@ use tokio::io::{Interest, unix::AsyncFd};
 use crate::{
     capture::{Capture, Event, events::decode, loader::CaptureOptions},
     config::{AgentConfig, PrintMode},
+    conn::table::DataIn,
     discovery::{Action, Discovery},
     export::{otlp, print::Printer},
     pipeline::{Pipeline, Sinks},
@@ -113,7 +114,7 @@ pub async fn run(
             _ = housekeeping.tick() => {
                 ticks += 1;
                 agent.refresh_counters();
-                if ticks % 60 == 0 {
+                if ticks.is_multiple_of(60) {
                     agent.pipeline.recalibrate_clock();
                 }
             }
@@ -166,8 +167,14 @@ impl Agent {
                 uncopied: _,
                 role,
             } => {
-                self.pipeline
-                    .on_data(pid, tid, fd, role, direction, payload, byte_count, ts_ns);
+                let data = DataIn {
+                    dir: direction,
+                    payload,
+                    byte_count,
+                    ts_ns,
+                    tid,
+                };
+                self.pipeline.on_data(pid, fd, role, data);
             }
             Event::ConnOpen {
                 pid,

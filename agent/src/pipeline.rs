@@ -7,7 +7,7 @@ use crate::{
     clock::Clock,
     conn::{
         ConnKey, ConnTable, Role,
-        table::{Conn, Direction},
+        table::{Conn, DataIn},
     },
     discovery::{SeededSocket, socket_addrs},
     export::{otlp::SpanQueue, print::Printer},
@@ -167,22 +167,10 @@ impl Pipeline {
         self.events = events;
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one data event's fields, passed through unpacked"
-    )]
-    pub fn on_data(
-        &mut self,
-        pid: u32,
-        tid: u32,
-        fd: u32,
-        role: Role,
-        dir: Direction,
-        payload: &[u8],
-        byte_count: u64,
-        ts_ns: u64,
-    ) {
+    /// One syscall's bytes on socket `fd` of `pid`; `role` is what the kernel's socket map knows.
+    pub fn on_data(&mut self, pid: u32, fd: u32, role: Role, data: DataIn<'_>) {
         let key = ConnKey { pid, fd };
+        let ts_ns = data.ts_ns;
         if self.conns.get(&key).is_none() && role != Role::Unknown {
             // Inherited from a parent, or the open event was lost: the kernel knows the role.
             let addrs = socket_addrs(pid, fd)
@@ -194,8 +182,7 @@ impl Pipeline {
             self.open(key, role, addrs, ts_ns);
         }
         let mut events = std::mem::take(&mut self.events);
-        self.conns
-            .on_data(key, dir, payload, byte_count, ts_ns, tid, &mut events);
+        self.conns.on_data(key, data, &mut events);
         if !events.is_empty()
             && let Some(conn) = self.conns.get_mut(&key)
         {

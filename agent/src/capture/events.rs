@@ -225,7 +225,8 @@ mod tests {
                 addr,
             },
         };
-        let ev = decode(&as_bytes(&c)).unwrap();
+        let bytes = as_bytes(&c);
+        let ev = decode(&bytes).unwrap();
         assert_eq!(
             ev,
             Event::ConnOpen {

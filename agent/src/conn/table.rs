@@ -83,6 +83,18 @@ pub struct ConnTable {
     conns: HashMap<ConnKey, Conn>,
 }
 
+/// What one syscall moved on a connection.
+#[derive(Clone, Copy, Debug)]
+pub struct DataIn<'a> {
+    pub dir: Direction,
+    /// The captured prefix.
+    pub payload: &'a [u8],
+    /// How many bytes really moved.
+    pub byte_count: u64,
+    pub ts_ns: u64,
+    pub tid: u32,
+}
+
 /// Direction of bytes as the traced process saw them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -135,16 +147,14 @@ impl ConnTable {
     }
 
     /// Routes one syscall's bytes. Unknown connections are created with [`Role::Unknown`].
-    pub fn on_data(
-        &mut self,
-        key: ConnKey,
-        dir: Direction,
-        bytes: &[u8],
-        byte_count: u64,
-        ts_ns: u64,
-        tid: u32,
-        out: &mut Vec<SessionEvent>,
-    ) {
+    pub fn on_data(&mut self, key: ConnKey, data: DataIn<'_>, out: &mut Vec<SessionEvent>) {
+        let DataIn {
+            dir,
+            payload: bytes,
+            byte_count,
+            ts_ns,
+            tid,
+        } = data;
         let conn = self
             .conns
             .entry(key)
@@ -254,20 +264,24 @@ mod tests {
         t.open(key, Role::Server, ConnAddrs::default(), 0, &mut out);
         t.on_data(
             key,
-            Direction::Ingress,
-            b"GET / HTTP/1.1\r\n\r\n",
-            18,
-            1,
-            1,
+            DataIn {
+                dir: Direction::Ingress,
+                payload: b"GET / HTTP/1.1\r\n\r\n",
+                byte_count: 18,
+                ts_ns: 1,
+                tid: 1,
+            },
             &mut out,
         );
         t.on_data(
             key,
-            Direction::Egress,
-            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
-            38,
-            2,
-            1,
+            DataIn {
+                dir: Direction::Egress,
+                payload: b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+                byte_count: 38,
+                ts_ns: 2,
+                tid: 1,
+            },
             &mut out,
         );
         assert_eq!(completed(&out), 1);
@@ -281,16 +295,28 @@ mod tests {
         let mut out = Vec::new();
         t.open(key, Role::Client, ConnAddrs::default(), 0, &mut out);
         for b in b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n" {
-            t.on_data(key, Direction::Egress, &[*b], 1, 1, 1, &mut out);
+            t.on_data(
+                key,
+                DataIn {
+                    dir: Direction::Egress,
+                    payload: &[*b],
+                    byte_count: 1,
+                    ts_ns: 1,
+                    tid: 1,
+                },
+                &mut out,
+            );
         }
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
         t.on_data(
             key,
-            Direction::Ingress,
-            resp,
-            resp.len() as u64,
-            2,
-            1,
+            DataIn {
+                dir: Direction::Ingress,
+                payload: resp,
+                byte_count: resp.len() as u64,
+                ts_ns: 2,
+                tid: 1,
+            },
             &mut out,
         );
         assert_eq!(completed(&out), 1, "{out:?}");
@@ -304,29 +330,35 @@ mod tests {
         // Mid-stream: a response body tail first, then a request.
         t.on_data(
             key,
-            Direction::Egress,
-            b"tail of a body",
-            14,
-            1,
-            1,
+            DataIn {
+                dir: Direction::Egress,
+                payload: b"tail of a body",
+                byte_count: 14,
+                ts_ns: 1,
+                tid: 1,
+            },
             &mut out,
         );
         t.on_data(
             key,
-            Direction::Ingress,
-            b"GET / HTTP/1.1\r\n\r\n",
-            18,
-            2,
-            1,
+            DataIn {
+                dir: Direction::Ingress,
+                payload: b"GET / HTTP/1.1\r\n\r\n",
+                byte_count: 18,
+                ts_ns: 2,
+                tid: 1,
+            },
             &mut out,
         );
         t.on_data(
             key,
-            Direction::Egress,
-            b"HTTP/1.1 204 No Content\r\n\r\n",
-            27,
-            3,
-            1,
+            DataIn {
+                dir: Direction::Egress,
+                payload: b"HTTP/1.1 204 No Content\r\n\r\n",
+                byte_count: 27,
+                ts_ns: 3,
+                tid: 1,
+            },
             &mut out,
         );
         assert_eq!(t.get(&key).unwrap().role, Role::Server);
@@ -342,21 +374,25 @@ mod tests {
         for _ in 0..DETECT_ATTEMPTS {
             t.on_data(
                 key,
-                Direction::Egress,
-                b"\x16\x03\x01\x02\x00",
-                5,
-                1,
-                1,
+                DataIn {
+                    dir: Direction::Egress,
+                    payload: b"\x16\x03\x01\x02\x00",
+                    byte_count: 5,
+                    ts_ns: 1,
+                    tid: 1,
+                },
                 &mut out,
             );
         }
         t.on_data(
             key,
-            Direction::Egress,
-            b"GET / HTTP/1.1\r\n\r\n",
-            18,
-            1,
-            1,
+            DataIn {
+                dir: Direction::Egress,
+                payload: b"GET / HTTP/1.1\r\n\r\n",
+                byte_count: 18,
+                ts_ns: 1,
+                tid: 1,
+            },
             &mut out,
         );
         assert_eq!(t.get(&key).unwrap().protocol(), None);

@@ -1,0 +1,124 @@
+//! Installs what a fresh Debian 12 machine lacks to build, run and test sonde. Idempotent:
+//! each step checks first and does nothing when its piece is present.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Result, bail};
+
+/// Debian packages: LLVM 22 for bpf-linker, and the real servers and clients the tests drive.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "nginx-light",
+    "curl",
+    "wrk",
+];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+pub fn run() -> Result<()> {
+    apt_packages()?;
+    rust_src()?;
+    bpf_linker()?;
+    Ok(())
+}
+
+fn quiet(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("==> installing Debian packages: {}", missing.join(" "));
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { geteuid() } != 0 {
+        bail!(
+            "installing {} needs root: run `sudo apt-get install -y {}` or run xtask as root",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    crate::run(Command::new("apt-get").args(["update", "-qq"]))?;
+    crate::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+unsafe extern "C" {
+    fn geteuid() -> u32;
+}
+
+fn rust_src() -> Result<()> {
+    let has = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with("rust-src"))
+        });
+    if has {
+        return Ok(());
+    }
+    println!("==> adding rust-src to the nightly toolchain (eBPF builds core from source)");
+    crate::run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
+}
+
+fn bpf_linker() -> Result<()> {
+    let mut probe = Command::new("bpf-linker");
+    probe.arg("--version");
+    add_tool_paths(&mut probe);
+    if quiet(&mut probe) {
+        return Ok(());
+    }
+    println!("==> installing bpf-linker linked against LLVM 22 (about a minute)");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args([
+        "install",
+        "bpf-linker",
+        "--no-default-features",
+        "--features",
+        "llvm-22",
+    ])
+    .env("LLVM_PREFIX", LLVM_PREFIX)
+    .env(
+        "PATH",
+        format!(
+            "{LLVM_PREFIX}/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        ),
+    );
+    crate::run(&mut cmd)
+}
+
+/// Makes sure cargo-installed tools (bpf-linker) are found by child processes.
+pub fn add_tool_paths(cmd: &mut Command) {
+    let home = std::env::var("CARGO_HOME")
+        .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
+    let path = std::env::var("PATH").unwrap_or_default();
+    if !path.split(':').any(|p| p == format!("{home}/bin")) {
+        cmd.env("PATH", format!("{home}/bin:{path}"));
+    }
+}
