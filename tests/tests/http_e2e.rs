@@ -416,3 +416,75 @@ fn privileged_grpc_export_and_json_printing() {
     }
     drop(server);
 }
+
+#[test]
+fn privileged_backend_down_drops_are_counted_exactly() {
+    let Some(_guard) = privileged_test("OTLP backend down") else {
+        return;
+    };
+    let port = free_port();
+    let server = servers::python_http(port, None);
+    // Nothing listens on the endpoint: every export fails, and is counted.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let cfg = test_config("    queue_spans: 16\n    batch_spans: 8\n");
+    let sonde = Sonde::start(
+        &["--open-ports", &port.to_string()],
+        &cfg,
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", dead)],
+    );
+    let urls: Vec<String> = (0..40)
+        .map(|i| format!("http://127.0.0.1:{port}/x/{i}"))
+        .collect();
+    curl(&["-o", "/dev/null"], &urls);
+    std::thread::sleep(Duration::from_secs(2));
+    let finished = sonde.stop();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    let created = finished.counter("spans_created").unwrap();
+    let failed = finished.counter("spans_dropped_export_failed").unwrap();
+    let queue_full = finished.counter("spans_dropped_queue_full").unwrap();
+    assert_eq!(created, 40);
+    assert_eq!(finished.counter("spans_exported"), Some(0));
+    assert_eq!(
+        failed + queue_full,
+        40,
+        "every span is accounted for: {}",
+        finished.stderr
+    );
+    assert!(finished.counter("export_errors").unwrap() >= 1);
+    drop(server);
+}
+
+#[test]
+fn privileged_sampling_changes_exports_not_counts() {
+    let Some(_guard) = privileged_test("sampling") else {
+        return;
+    };
+    let port = free_port();
+    let server = servers::python_http(port, None);
+    let receiver = HttpReceiver::start();
+    let mut env = otlp_http_env(&receiver);
+    env.push(("OTEL_TRACES_SAMPLER", "parentbased_always_off".into()));
+    let sonde = Sonde::start(&["--open-ports", &port.to_string()], &test_config(""), &env);
+    // Root spans are dropped by always_off; a sampled incoming parent keeps its child.
+    let urls: Vec<String> = (0..6)
+        .map(|i| format!("http://127.0.0.1:{port}/s/{i}"))
+        .collect();
+    curl(&["-o", "/dev/null"], &urls);
+    curl(
+        &[
+            "-o",
+            "/dev/null",
+            "-H",
+            "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ],
+        &[format!("http://127.0.0.1:{port}/kept")],
+    );
+    let spans = receiver.collected.wait_for(1, WAIT);
+    let finished = sonde.stop();
+    assert_eq!(spans.len(), 1);
+    assert_eq!(spans[0].s("url.path"), Some("/kept"));
+    assert_eq!(spans[0].trace_id, "0af7651916cd43dd8448eb211c80319c");
+    assert_eq!(finished.counter("spans_created"), Some(7));
+    assert_eq!(finished.counter("spans_unsampled"), Some(6));
+    drop(server);
+}
