@@ -244,9 +244,15 @@ impl Tracer {
                     });
                     self.sinks.emit(span);
                 }
+                SessionEvent::Abandoned { seq } => conn.contexts.retain(|(s, _, _)| *s != seq),
                 SessionEvent::ParseError { reason } => {
-                    if protocol == Some(Protocol::Http) {
-                        Stats::add(&self.stats.http_parse_errors, 1);
+                    match protocol {
+                        Some(Protocol::Http) => Stats::add(&self.stats.http_parse_errors, 1),
+                        Some(Protocol::Postgres) => {
+                            Stats::add(&self.stats.postgres_parse_errors, 1)
+                        }
+                        Some(Protocol::Redis) => Stats::add(&self.stats.redis_parse_errors, 1),
+                        None => {}
                     }
                     log::debug!("pid {} fd {}: parse error: {reason}", key.pid, key.fd);
                 }

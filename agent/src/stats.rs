@@ -8,6 +8,8 @@ pub struct Stats {
     pub events_read: AtomicU64,
     pub events_undecodable: AtomicU64,
     pub http_parse_errors: AtomicU64,
+    pub postgres_parse_errors: AtomicU64,
+    pub redis_parse_errors: AtomicU64,
     pub unmatched_requests: AtomicU64,
     pub unmatched_responses: AtomicU64,
     pub spans_created: AtomicU64,
@@ -35,12 +37,14 @@ impl Stats {
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Relaxed);
         format!(
-            "events_read={} events_lost={} events_undecodable={} bytes_captured={} http_parse_errors={} unmatched_requests={} unmatched_responses={} spans_created={} spans_unsampled={} spans_exported={} spans_dropped_queue_full={} spans_dropped_export_failed={} export_errors={} traced_processes={}",
+            "events_read={} events_lost={} events_undecodable={} bytes_captured={} http_parse_errors={} postgres_parse_errors={} redis_parse_errors={} unmatched_requests={} unmatched_responses={} spans_created={} spans_unsampled={} spans_exported={} spans_dropped_queue_full={} spans_dropped_export_failed={} export_errors={} traced_processes={}",
             g(&self.events_read),
             g(&self.kernel_ringbuf_drops),
             g(&self.events_undecodable),
             g(&self.kernel_bytes_captured),
             g(&self.http_parse_errors),
+            g(&self.postgres_parse_errors),
+            g(&self.redis_parse_errors),
             g(&self.unmatched_requests),
             g(&self.unmatched_responses),
             g(&self.spans_created),

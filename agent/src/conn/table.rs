@@ -161,7 +161,7 @@ impl ConnTable {
             .or_insert_with(|| Conn::new(Role::Unknown, ConnAddrs::default()));
         if conn.role == Role::Unknown {
             // The side that starts with a request tells the role.
-            let as_request = crate::protocol::http::looks_like_start(Side::Request, bytes);
+            let as_request = matches!(detect(Side::Request, bytes), Detection::Matched(_));
             if as_request {
                 conn.role = if dir == Direction::Ingress {
                     Role::Server

@@ -1,7 +1,7 @@
 //! Protocol detection from the first bytes of a connection (never from the port alone).
 //! Adding a protocol adds one line to [`detect`].
 
-use super::{Session, Side, http};
+use super::{Session, Side, http, postgres, redis};
 
 pub enum Detection {
     Matched(Box<dyn Session>),
@@ -11,13 +11,50 @@ pub enum Detection {
     NeedMore,
 }
 
+type Classifier = fn(Side, &[u8]) -> Option<bool>;
+type Maker = fn(&[u8]) -> Box<dyn Session>;
+
+/// Each protocol: how its first bytes look, and how to start its session.
+const PROTOCOLS: [(Classifier, Maker); 3] = [
+    (http::classify_start, |_| {
+        Box::new(http::HttpSession::default())
+    }),
+    (
+        |side, b| {
+            if side == Side::Request {
+                postgres::classify_start(b)
+            } else {
+                Some(false)
+            }
+        },
+        // A connection that starts with a typed message was seen mid-stream.
+        |b| {
+            Box::new(postgres::PostgresSession::new(
+                b.first().is_some_and(|c| *c != 0),
+            ))
+        },
+    ),
+    (
+        |side, b| {
+            if side == Side::Request {
+                redis::classify_start(b)
+            } else {
+                Some(false)
+            }
+        },
+        |_| Box::new(redis::RedisSession::default()),
+    ),
+];
+
 /// Decides the protocol from the first bytes seen on one side of a connection.
 pub fn detect(side: Side, bytes: &[u8]) -> Detection {
     let mut undecided = false;
-    match http::classify_start(side, bytes) {
-        Some(true) => return Detection::Matched(Box::new(http::HttpSession::default())),
-        None => undecided = true,
-        Some(false) => {}
+    for (classify, make) in PROTOCOLS {
+        match classify(side, bytes) {
+            Some(true) => return Detection::Matched(make(bytes)),
+            None => undecided = true,
+            Some(false) => {}
+        }
     }
     if undecided {
         Detection::NeedMore

@@ -4,6 +4,11 @@
 
 pub mod detect;
 pub mod http;
+pub mod postgres;
+pub mod redis;
+pub mod sql;
+#[cfg(test)]
+pub mod testing;
 
 use crate::trace::context::TraceParent;
 
@@ -11,12 +16,16 @@ use crate::trace::context::TraceParent;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Protocol {
     Http,
+    Postgres,
+    Redis,
 }
 
 impl Protocol {
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Http => "http",
+            Protocol::Postgres => "postgresql",
+            Protocol::Redis => "redis",
         }
     }
 }
@@ -74,6 +83,8 @@ pub struct Exchange {
 #[derive(Clone, Debug)]
 pub enum ExchangeDetail {
     Http(http::HttpExchange),
+    Postgres(postgres::PgExchange),
+    Redis(redis::RedisExchange),
 }
 
 /// What a session reports while it consumes bytes.
@@ -89,6 +100,11 @@ pub enum SessionEvent {
     UnmatchedResponse,
     /// A request dropped without a response (connection closed, or too many outstanding).
     UnmatchedRequest,
+    /// A request the server skipped by protocol rule (PostgreSQL: Executes after an error, up to
+    /// Sync): it never ran, so it has no span and is not a loss.
+    Abandoned {
+        seq: u64,
+    },
 }
 
 /// One connection's protocol state machine: parsing both directions and pairing.

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use super::{
     context::SpanContext,
+    db_attrs,
     http_attrs::{self, ConnAddrs},
     resource::Resource,
     span::{Span, SpanKind},
@@ -21,6 +22,8 @@ pub fn assemble(
 ) -> Span {
     let mapped = match &ex.detail {
         ExchangeDetail::Http(h) => http_attrs::map(h, kind, addrs, "http"),
+        ExchangeDetail::Postgres(p) => db_attrs::map_postgres(p, kind, addrs),
+        ExchangeDetail::Redis(r) => db_attrs::map_redis(r, kind, addrs),
     };
     Span {
         context,

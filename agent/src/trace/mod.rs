@@ -3,6 +3,7 @@
 
 pub mod assemble;
 pub mod context;
+pub mod db_attrs;
 pub mod http_attrs;
 pub mod ids;
 pub mod resource;

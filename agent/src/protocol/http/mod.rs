@@ -20,6 +20,9 @@ pub const MAX_PENDING_REQUESTS: usize = 1024;
 /// Headers parsed per message; a head with more is reported as a parse error.
 const MAX_HEADERS: usize = 128;
 
+/// A request line longer than this is not taken for HTTP when detecting.
+const MAX_REQUEST_LINE: usize = 8192;
+
 const METHODS: [&[u8]; 9] = [
     b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE",
 ];
@@ -33,7 +36,16 @@ pub fn classify_start(side: Side, bytes: &[u8]) -> Option<bool> {
                 let n = bytes.len().min(m.len() + 1);
                 let candidate = &bytes[..n];
                 if n == m.len() + 1 && candidate[..m.len()] == *m && candidate[m.len()] == b' ' {
-                    return Some(true);
+                    // The request line must end with the HTTP version (an inline Redis
+                    // `GET key` must not pass for HTTP).
+                    return match bytes.iter().position(|c| *c == b'\n') {
+                        Some(end) => {
+                            let line = bytes[..end].strip_suffix(b"\r").unwrap_or(&bytes[..end]);
+                            Some(line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0"))
+                        }
+                        None if bytes.len() < MAX_REQUEST_LINE => None,
+                        None => Some(false),
+                    };
                 }
                 if n <= m.len() && candidate == &m[..n] {
                     undecided = true;

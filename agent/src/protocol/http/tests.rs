@@ -35,6 +35,7 @@ fn completed(events: &[SessionEvent]) -> Vec<HttpExchange> {
         .filter_map(|e| match e {
             SessionEvent::Completed(x) => match &x.detail {
                 crate::protocol::ExchangeDetail::Http(h) => Some(h.clone()),
+                _ => None,
             },
             _ => None,
         })
@@ -343,7 +344,12 @@ fn one_byte_per_write() {
 #[test]
 fn start_classification() {
     assert_eq!(classify_start(Side::Request, b"GE"), None);
-    assert_eq!(classify_start(Side::Request, b"GET /"), Some(true));
+    assert_eq!(classify_start(Side::Request, b"GET /"), None);
+    assert_eq!(
+        classify_start(Side::Request, b"GET / HTTP/1.1\r\n"),
+        Some(true)
+    );
+    assert_eq!(classify_start(Side::Request, b"GET key\r\n"), Some(false));
     assert_eq!(classify_start(Side::Request, b"GETX"), Some(false));
     assert_eq!(classify_start(Side::Request, b"\x16\x03\x01"), Some(false));
     assert_eq!(classify_start(Side::Response, b"HTTP/1.1 200"), Some(true));
