@@ -13,11 +13,7 @@ fn main() -> anyhow::Result<()> {
     // their own workspace (BPF target, panic=abort), so build from there.
     std::env::set_current_dir(root)?;
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "sonde-probes",
-            root_dir: root,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: "sonde-probes", root_dir: root, ..Default::default() }],
         aya_build::Toolchain::default(),
     )
 }

@@ -30,32 +30,20 @@ struct Agent {
     stats: Arc<Stats>,
 }
 
-pub async fn run(
-    cfg: AgentConfig,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let stats = Arc::new(Stats::default());
     let mut capture = Capture::load(CaptureOptions {
         capture_bytes: cfg.capture.max_bytes,
         ring_buffer_bytes: cfg.capture.ring_buffer_bytes,
         wakeup_bytes: cfg.capture.wakeup_bytes,
     })?;
-    log::info!(
-        "attached {} eBPF programs (syscall and sched tracepoints)",
-        capture.attached
-    );
-    let ring = capture
-        .take_ring()
-        .ok_or_else(|| anyhow::anyhow!("ring buffer already taken"))?;
+    log::info!("attached {} eBPF programs (syscall and sched tracepoints)", capture.attached);
+    let ring = capture.take_ring().ok_or_else(|| anyhow::anyhow!("ring buffer already taken"))?;
 
     let mut sinks = Sinks::default();
     let mut exporter = None;
     if let Some(settings) = cfg.otlp.clone() {
-        log::info!(
-            "exporting spans over OTLP ({:?}) to {}",
-            settings.protocol,
-            settings.endpoint
-        );
+        log::info!("exporting spans over OTLP ({:?}) to {}", settings.protocol, settings.endpoint);
         let (queue, task) = otlp::start(settings, stats.clone()).map_err(|e| anyhow::anyhow!(e))?;
         sinks.otlp = Some(queue);
         exporter = Some(task);
@@ -74,19 +62,11 @@ pub async fn run(
     };
     let actions = agent.discovery.scan_all();
     agent.apply(actions);
-    log::info!(
-        "tracing {} processes; waiting for more to match the selectors",
-        agent.discovery.traced_count()
-    );
+    log::info!("tracing {} processes; waiting for more to match the selectors", agent.discovery.traced_count());
 
     // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until it is dropped.
-    let mut ring =
-        unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
-            anyhow::anyhow!(
-                "registering the ring buffer with the event loop: {}",
-                e.into_parts().1
-            )
-        })?;
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("registering the ring buffer with the event loop: {}", e.into_parts().1))?;
     let mut poll = tokio::time::interval(Duration::from_millis(cfg.capture.poll_interval_ms));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
@@ -125,9 +105,7 @@ pub async fn run(
     agent.drain(ring.get_mut());
     agent.refresh_counters();
     drop(ring);
-    let Agent {
-        capture, pipeline, ..
-    } = agent;
+    let Agent { capture, pipeline, .. } = agent;
     drop(capture);
     // Dropping the pipeline drops the queue's sender: the exporter drains and ends.
     drop(pipeline);
@@ -156,44 +134,27 @@ impl Agent {
 
     fn handle(&mut self, ev: Event<'_>) {
         match ev {
-            Event::Data {
-                pid,
-                tid,
-                fd,
-                ts_ns,
-                direction,
-                byte_count,
-                payload,
-                uncopied: _,
-                role,
-            } => {
-                let data = DataIn {
-                    dir: direction,
-                    payload,
-                    byte_count,
-                    ts_ns,
-                    tid,
-                };
+            Event::Data { pid, tid, fd, ts_ns, direction, byte_count, payload, uncopied: _, role } => {
+                let data = DataIn { dir: direction, payload, byte_count, ts_ns, tid };
                 self.pipeline.on_data(pid, fd, role, data);
             }
-            Event::ConnOpen {
-                pid,
-                fd,
-                ts_ns,
-                role,
-                listen_fd,
-                peer,
-                ..
-            } => {
+            Event::ConnOpen { pid, fd, ts_ns, role, listen_fd, peer, .. } => {
                 self.pipeline.on_open(pid, fd, role, listen_fd, peer, ts_ns);
             }
             Event::ConnClose { pid, fd, ts_ns } => self.pipeline.on_close(pid, fd, ts_ns),
             Event::ProcFork { parent, child } => {
+                // Threads are not adopted (they share their process's connections).
                 if let Some(a) = self.discovery.on_fork(parent, child) {
+                    self.pipeline.on_fork(parent, child);
                     self.apply(vec![a]);
                 }
             }
-            Event::ProcExec { pid } | Event::Listen { pid } => {
+            Event::ProcExec { pid } => {
+                if let Some(a) = self.discovery.on_exec(pid) {
+                    self.apply(vec![a]);
+                }
+            }
+            Event::Listen { pid } => {
                 if let Some(a) = self.discovery.check_pid(pid) {
                     self.apply(vec![a]);
                 }
@@ -205,16 +166,12 @@ impl Agent {
     fn apply(&mut self, actions: Vec<Action>) {
         for action in actions {
             let (pid, resource, sockets, in_kernel) = match action {
-                Action::Trace {
-                    pid,
-                    resource,
-                    sockets,
-                } => (pid, resource, sockets, false),
-                Action::Adopt {
-                    pid,
-                    resource,
-                    sockets,
-                } => (pid, resource, sockets, true),
+                Action::Trace { pid, resource, sockets } => (pid, resource, sockets, false),
+                Action::Adopt { pid, resource, sockets } => (pid, resource, sockets, true),
+                Action::Refresh { pid, resource } => {
+                    self.pipeline.set_resource(pid, resource);
+                    continue;
+                }
             };
             if !in_kernel && let Err(e) = self.capture.trace_pid(pid) {
                 log::warn!("cannot trace pid {pid}: {e}");
@@ -248,13 +205,8 @@ impl Agent {
     fn refresh_counters(&mut self) {
         let k = self.capture.counters();
         let s = &self.stats;
-        s.kernel_ringbuf_drops
-            .store(k.ringbuf_drops, std::sync::atomic::Ordering::Relaxed);
-        s.kernel_bytes_captured
-            .store(k.bytes_captured, std::sync::atomic::Ordering::Relaxed);
-        s.traced_processes.store(
-            self.discovery.traced_count() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        s.kernel_ringbuf_drops.store(k.ringbuf_drops, std::sync::atomic::Ordering::Relaxed);
+        s.kernel_bytes_captured.store(k.bytes_captured, std::sync::atomic::Ordering::Relaxed);
+        s.traced_processes.store(self.discovery.traced_count() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -20,11 +20,7 @@ pub struct Finding {
 }
 
 fn finding(item: &'static str, verdict: Verdict, detail: impl Into<String>) -> Finding {
-    Finding {
-        item,
-        verdict,
-        detail: detail.into(),
-    }
+    Finding { item, verdict, detail: detail.into() }
 }
 
 /// Effective capabilities of this process (CapEff in /proc/self/status).
@@ -32,36 +28,17 @@ fn effective_caps() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("CapEff:")
-                    .map(|v| u64::from_str_radix(v.trim(), 16).unwrap_or(0))
-            })
+            s.lines().find_map(|l| l.strip_prefix("CapEff:").map(|v| u64::from_str_radix(v.trim(), 16).unwrap_or(0)))
         })
         .unwrap_or(0)
 }
 
 const CAPS: [(u32, &str, &str); 5] = [
     (39, "CAP_BPF", "load eBPF programs and create maps"),
-    (
-        38,
-        "CAP_PERFMON",
-        "attach tracepoints and uprobes, read kernel memory from eBPF",
-    ),
-    (
-        19,
-        "CAP_SYS_PTRACE",
-        "read /proc/PID/{exe,environ,fd} of other users' processes",
-    ),
-    (
-        2,
-        "CAP_DAC_READ_SEARCH",
-        "read /proc/PID/net/tcp and fd links of any process",
-    ),
-    (
-        21,
-        "CAP_SYS_ADMIN",
-        "mount tracefs when it is missing; older kernels need it for BPF",
-    ),
+    (38, "CAP_PERFMON", "attach tracepoints and uprobes, read kernel memory from eBPF"),
+    (19, "CAP_SYS_PTRACE", "read /proc/PID/{exe,environ,fd} of other users' processes"),
+    (2, "CAP_DAC_READ_SEARCH", "read /proc/PID/net/tcp and fd links of any process"),
+    (21, "CAP_SYS_ADMIN", "mount tracefs when it is missing; older kernels need it for BPF"),
 ];
 
 pub fn run_checks() -> Vec<Finding> {
@@ -77,11 +54,7 @@ pub fn run_checks() -> Vec<Finding> {
         out.push(finding(
             name,
             verdict,
-            if has {
-                format!("present: {why}")
-            } else {
-                format!("missing: cannot {why}; run as root or add it")
-            },
+            if has { format!("present: {why}") } else { format!("missing: cannot {why}; run as root or add it") },
         ));
     }
 
@@ -97,23 +70,13 @@ pub fn run_checks() -> Vec<Finding> {
     ));
 
     match tracefs::ensure_mounted() {
-        Ok(()) => out.push(finding(
-            "tracefs",
-            Verdict::Ok,
-            format!("mounted at {}", tracefs::TRACEFS),
-        )),
+        Ok(()) => out.push(finding("tracefs", Verdict::Ok, format!("mounted at {}", tracefs::TRACEFS))),
         Err(e) => out.push(finding("tracefs", Verdict::Fatal, e)),
     }
     let events = Path::new(tracefs::TRACEFS).join("events");
     for (tp, why) in [
-        (
-            "syscalls/sys_enter_read",
-            "syscall tracepoints carry all plaintext traffic",
-        ),
-        (
-            "sched/sched_process_fork",
-            "children of traced processes are traced from their first syscall",
-        ),
+        ("syscalls/sys_enter_read", "syscall tracepoints carry all plaintext traffic"),
+        ("sched/sched_process_fork", "children of traced processes are traced from their first syscall"),
     ] {
         let ok = events.join(tp).is_dir();
         out.push(finding(
@@ -121,22 +84,14 @@ pub fn run_checks() -> Vec<Finding> {
             if ok { Verdict::Ok } else { Verdict::Fatal },
             format!(
                 "{tp}: {} ({why})",
-                if ok {
-                    "present"
-                } else {
-                    "missing: the kernel needs CONFIG_FTRACE_SYSCALLS"
-                }
+                if ok { "present" } else { "missing: the kernel needs CONFIG_FTRACE_SYSCALLS" }
             ),
         ));
     }
     let uprobes = Path::new("/sys/bus/event_source/devices/uprobe").exists();
     out.push(finding(
         "uprobes",
-        if uprobes {
-            Verdict::Ok
-        } else {
-            Verdict::Degraded
-        },
+        if uprobes { Verdict::Ok } else { Verdict::Degraded },
         if uprobes {
             "available: TLS plaintext can be captured at the OpenSSL boundary"
         } else {
@@ -147,26 +102,15 @@ pub fn run_checks() -> Vec<Finding> {
     out.push(finding(
         "kprobes",
         Verdict::Ok,
-        if kprobes {
-            "available (not used: sonde needs no kprobes)"
-        } else {
-            "absent (fine: sonde needs no kprobes)"
-        },
+        if kprobes { "available (not used: sonde needs no kprobes)" } else { "absent (fine: sonde needs no kprobes)" },
     ));
 
     // The definitive test: load and attach sonde's own programs, tracing nothing.
-    match Capture::load(CaptureOptions {
-        capture_bytes: 256,
-        ring_buffer_bytes: 1 << 16,
-        wakeup_bytes: 1 << 12,
-    }) {
+    match Capture::load(CaptureOptions { capture_bytes: 256, ring_buffer_bytes: 1 << 16, wakeup_bytes: 1 << 12 }) {
         Ok(c) => out.push(finding(
             "BPF + ring buffer",
             Verdict::Ok,
-            format!(
-                "sonde's {} programs load and attach; ring buffer created",
-                c.attached
-            ),
+            format!("sonde's {} programs load and attach; ring buffer created", c.attached),
         )),
         Err(e) => out.push(finding("BPF + ring buffer", Verdict::Fatal, e.to_string())),
     }

@@ -2,10 +2,7 @@
 //! measured at start and re-measured periodically (NTP may step or slew the wall clock).
 
 fn now(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
@@ -31,9 +28,7 @@ impl Clock {
                 best = Some((gap, offset));
             }
         }
-        Self {
-            offset_ns: best.map(|(_, o)| o).unwrap_or(0),
-        }
+        Self { offset_ns: best.map(|(_, o)| o).unwrap_or(0) }
     }
 
     pub fn to_unix_ns(&self, monotonic_ns: u64) -> u64 {
@@ -53,15 +48,8 @@ mod tests {
     #[test]
     fn converts_monotonic_now_to_wall_now() {
         let c = Clock::calibrated();
-        let wall = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as i128;
+        let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i128;
         let converted = c.to_unix_ns(Clock::monotonic_now()) as i128;
-        assert!(
-            (wall - converted).abs() < 5_000_000,
-            "off by {} ns",
-            wall - converted
-        );
+        assert!((wall - converted).abs() < 5_000_000, "off by {} ns", wall - converted);
     }
 }

@@ -23,10 +23,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            message: message.into(),
-        }
+        Self { key: key.into(), message: message.into() }
     }
 }
 
@@ -72,12 +69,7 @@ pub struct CaptureConfig {
 
 impl Default for CaptureConfig {
     fn default() -> Self {
-        Self {
-            max_bytes: DEFAULT_CAPTURE,
-            ring_buffer_bytes: 8 << 20,
-            wakeup_bytes: 256 << 10,
-            poll_interval_ms: 20,
-        }
+        Self { max_bytes: DEFAULT_CAPTURE, ring_buffer_bytes: 8 << 20, wakeup_bytes: 256 << 10, poll_interval_ms: 20 }
     }
 }
 
@@ -135,18 +127,9 @@ pub struct AgentConfig {
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::new(
-            "--config",
-            format!(
-                "cannot read {}: {e}; pass a readable YAML file",
-                path.display()
-            ),
-        )
+        ConfigError::new("--config", format!("cannot read {}: {e}; pass a readable YAML file", path.display()))
     })?;
-    parse_file(&text).map_err(|e| ConfigError {
-        key: format!("{} {}", path.display(), e.key),
-        message: e.message,
-    })
+    parse_file(&text).map_err(|e| ConfigError { key: format!("{} {}", path.display(), e.key), message: e.message })
 }
 
 pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
@@ -156,11 +139,7 @@ pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
     serde_yaml::from_str(text).map_err(|e| {
         let msg = e.to_string();
         // serde names unknown keys as "unknown field `x`, expected one of ..."; lead with the key.
-        let key = msg
-            .split('`')
-            .nth(1)
-            .map(str::to_owned)
-            .unwrap_or_else(|| "config".into());
+        let key = msg.split('`').nth(1).map(str::to_owned).unwrap_or_else(|| "config".into());
         let hint = if msg.contains("unknown field") {
             "remove it or fix its spelling (see the config reference in README.md)"
         } else {
@@ -173,11 +152,7 @@ pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
 /// Env lookup, injectable for tests.
 pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
-pub fn build(
-    file: FileConfig,
-    cli: CliSelection,
-    env: Env<'_>,
-) -> Result<AgentConfig, ConfigError> {
+pub fn build(file: FileConfig, cli: CliSelection, env: Env<'_>) -> Result<AgentConfig, ConfigError> {
     let mut selectors = Vec::new();
     for (i, s) in file.discovery.iter().enumerate() {
         let key = |k: &str| format!("discovery[{i}].{k}");
@@ -197,18 +172,9 @@ pub fn build(
                 Some(PortSet::parse(&text).map_err(|m| ConfigError::new(key("open_ports"), m))?)
             }
         };
-        let exe_path = s
-            .exe_path
-            .as_deref()
-            .map(compile_glob)
-            .transpose()
-            .map_err(|m| ConfigError::new(key("exe_path"), m))?;
-        let sel = Selector {
-            service_name: s.service_name.clone(),
-            open_ports,
-            exe_path,
-            pids: s.pid.clone(),
-        };
+        let exe_path =
+            s.exe_path.as_deref().map(compile_glob).transpose().map_err(|m| ConfigError::new(key("exe_path"), m))?;
+        let sel = Selector { service_name: s.service_name.clone(), open_ports, exe_path, pids: s.pid.clone() };
         if sel.is_empty() {
             return Err(ConfigError::new(
                 format!("discovery[{i}]"),
@@ -219,29 +185,14 @@ pub fn build(
     }
     if let Some(p) = &cli.open_ports {
         let ports = PortSet::parse(p).map_err(|m| ConfigError::new("--open-ports", m))?;
-        selectors.push(Selector {
-            service_name: None,
-            open_ports: Some(ports),
-            exe_path: None,
-            pids: vec![],
-        });
+        selectors.push(Selector { service_name: None, open_ports: Some(ports), exe_path: None, pids: vec![] });
     }
     if let Some(g) = &cli.exe_path {
         let glob = compile_glob(g).map_err(|m| ConfigError::new("--exe-path", m))?;
-        selectors.push(Selector {
-            service_name: None,
-            open_ports: None,
-            exe_path: Some(glob),
-            pids: vec![],
-        });
+        selectors.push(Selector { service_name: None, open_ports: None, exe_path: Some(glob), pids: vec![] });
     }
     if !cli.pids.is_empty() {
-        selectors.push(Selector {
-            service_name: None,
-            open_ports: None,
-            exe_path: None,
-            pids: cli.pids.clone(),
-        });
+        selectors.push(Selector { service_name: None, open_ports: None, exe_path: None, pids: cli.pids.clone() });
     }
     if selectors.is_empty() {
         return Err(ConfigError::new(
@@ -260,17 +211,11 @@ pub fn build(
     if !c.ring_buffer_bytes.is_power_of_two() || c.ring_buffer_bytes < 1 << 16 {
         return Err(ConfigError::new(
             "capture.ring_buffer_bytes",
-            format!(
-                "{} must be a power of two of at least 65536, e.g. 8388608",
-                c.ring_buffer_bytes
-            ),
+            format!("{} must be a power of two of at least 65536, e.g. 8388608", c.ring_buffer_bytes),
         ));
     }
     if c.wakeup_bytes >= c.ring_buffer_bytes {
-        return Err(ConfigError::new(
-            "capture.wakeup_bytes",
-            "must be smaller than capture.ring_buffer_bytes",
-        ));
+        return Err(ConfigError::new("capture.wakeup_bytes", "must be smaller than capture.ring_buffer_bytes"));
     }
     if c.poll_interval_ms == 0 || c.poll_interval_ms > 1000 {
         return Err(ConfigError::new("capture.poll_interval_ms", "use 1..=1000"));
@@ -278,34 +223,16 @@ pub fn build(
 
     let otlp = OtlpSettings::from_env(&file.export.otlp, env)
         .map_err(|e: OtlpSettingsError| ConfigError::new(e.key, e.message))?;
-    let print = cli
-        .print
-        .or(file.export.print)
-        .unwrap_or(if otlp.is_some() {
-            PrintMode::None
-        } else {
-            PrintMode::Text
-        });
-    let sampler = Sampler::from_env(
-        env("OTEL_TRACES_SAMPLER").as_deref(),
-        env("OTEL_TRACES_SAMPLER_ARG").as_deref(),
-    )
-    .map_err(|e| ConfigError::new("OTEL_TRACES_SAMPLER", e.to_string()))?;
+    let print =
+        cli.print.or(file.export.print).unwrap_or(if otlp.is_some() { PrintMode::None } else { PrintMode::Text });
+    let sampler = Sampler::from_env(env("OTEL_TRACES_SAMPLER").as_deref(), env("OTEL_TRACES_SAMPLER_ARG").as_deref())
+        .map_err(|e| ConfigError::new("OTEL_TRACES_SAMPLER", e.to_string()))?;
     let resource_attributes = match env("OTEL_RESOURCE_ATTRIBUTES") {
-        Some(raw) => parse_resource_attributes(&raw)
-            .map_err(|m| ConfigError::new("OTEL_RESOURCE_ATTRIBUTES", m))?,
+        Some(raw) => parse_resource_attributes(&raw).map_err(|m| ConfigError::new("OTEL_RESOURCE_ATTRIBUTES", m))?,
         None => Vec::new(),
     };
     let service_name = env("OTEL_SERVICE_NAME").filter(|s| !s.is_empty());
-    Ok(AgentConfig {
-        selectors,
-        capture: file.capture,
-        print,
-        otlp,
-        sampler,
-        resource_attributes,
-        service_name,
-    })
+    Ok(AgentConfig { selectors, capture: file.capture, print, otlp, sampler, resource_attributes, service_name })
 }
 
 #[cfg(test)]
@@ -334,10 +261,7 @@ mod tests {
     fn unknown_key_is_named() {
         let e = parse_file("capture:\n  max_byte: 10\n").unwrap_err();
         assert_eq!(e.key, "max_byte");
-        assert!(
-            e.message.contains("expected one of") && e.message.contains("max_bytes"),
-            "{e}"
-        );
+        assert!(e.message.contains("expected one of") && e.message.contains("max_bytes"), "{e}");
     }
 
     #[test]
@@ -345,43 +269,20 @@ mod tests {
         let f = parse_file("discovery:\n  - open_ports: \"9100-9000\"\n").unwrap();
         let e = build(f, CliSelection::default(), &no_env).unwrap_err();
         assert_eq!(e.key, "discovery[0].open_ports");
-        let cli = CliSelection {
-            exe_path: Some("[".into()),
-            ..Default::default()
-        };
-        assert_eq!(
-            build(FileConfig::default(), cli, &no_env).unwrap_err().key,
-            "--exe-path"
-        );
+        let cli = CliSelection { exe_path: Some("[".into()), ..Default::default() };
+        assert_eq!(build(FileConfig::default(), cli, &no_env).unwrap_err().key, "--exe-path");
         let e = build(FileConfig::default(), CliSelection::default(), &no_env).unwrap_err();
         assert_eq!(e.key, "discovery");
         let f = parse_file("discovery:\n  - pid: [1]\ncapture:\n  max_bytes: 100000\n").unwrap();
-        assert_eq!(
-            build(f, CliSelection::default(), &no_env).unwrap_err().key,
-            "capture.max_bytes"
-        );
+        assert_eq!(build(f, CliSelection::default(), &no_env).unwrap_err().key, "capture.max_bytes");
     }
 
     #[test]
     fn text_printing_is_the_default_without_an_endpoint() {
-        let cli = CliSelection {
-            pids: vec![1],
-            ..Default::default()
-        };
-        assert_eq!(
-            build(FileConfig::default(), cli, &no_env).unwrap().print,
-            PrintMode::Text
-        );
-        let env = |k: &str| {
-            (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://collector:4317".to_owned())
-        };
-        let cli = CliSelection {
-            pids: vec![1],
-            ..Default::default()
-        };
-        assert_eq!(
-            build(FileConfig::default(), cli, &env).unwrap().print,
-            PrintMode::None
-        );
+        let cli = CliSelection { pids: vec![1], ..Default::default() };
+        assert_eq!(build(FileConfig::default(), cli, &no_env).unwrap().print, PrintMode::Text);
+        let env = |k: &str| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://collector:4317".to_owned());
+        let cli = CliSelection { pids: vec![1], ..Default::default() };
+        assert_eq!(build(FileConfig::default(), cli, &env).unwrap().print, PrintMode::None);
     }
 }

@@ -50,21 +50,9 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Check => sonde::check::report(&sonde::check::run_checks()),
-        Command::Run {
-            config,
-            open_ports,
-            exe_path,
-            pids,
-            print,
-        } => run(
-            config,
-            CliSelection {
-                open_ports,
-                exe_path,
-                pids,
-                print,
-            },
-        ),
+        Command::Run { config, open_ports, exe_path, pids, print } => {
+            run(config, CliSelection { open_ports, exe_path, pids, print })
+        }
     };
     std::process::exit(code);
 }
@@ -84,11 +72,7 @@ fn run(config_path: Option<PathBuf>, cli: CliSelection) -> i32 {
             return EXIT_CONFIG;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             log::error!("cannot start the runtime: {e}");
@@ -106,10 +90,7 @@ fn run(config_path: Option<PathBuf>, cli: CliSelection) -> i32 {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         log::error!("cannot install signal handlers; stop sonde with SIGKILL");
         return std::future::pending().await;
     };

@@ -106,18 +106,15 @@ impl Pipeline {
         self.conns.remove_process(pid);
     }
 
+    /// A traced process forked: the child starts with its parent's connections.
+    pub fn on_fork(&mut self, parent: u32, child: u32) {
+        self.conns.inherit(parent, child);
+    }
+
     /// A connection that existed before the process was traced.
     pub fn open_seeded(&mut self, pid: u32, s: &SeededSocket) {
-        let addrs = ConnAddrs {
-            local: Some(s.local),
-            peer: Some(s.peer),
-        };
-        self.open(
-            ConnKey { pid, fd: s.fd },
-            s.role,
-            addrs,
-            Clock::monotonic_now(),
-        );
+        let addrs = ConnAddrs { local: Some(s.local), peer: Some(s.peer) };
+        self.open(ConnKey { pid, fd: s.fd }, s.role, addrs, Clock::monotonic_now());
     }
 
     /// accept/connect returned a new connection.
@@ -131,10 +128,9 @@ impl Pipeline {
         ts_ns: u64,
     ) {
         let local = match (role, listen_fd) {
-            (Role::Server, Some(lfd)) => *self
-                .listen_addrs
-                .entry((pid, lfd))
-                .or_insert_with(|| socket_addrs(pid, lfd).map(|(local, _)| local)),
+            (Role::Server, Some(lfd)) => {
+                *self.listen_addrs.entry((pid, lfd)).or_insert_with(|| socket_addrs(pid, lfd).map(|(local, _)| local))
+            }
             _ => None,
         };
         let mut addrs = ConnAddrs { local, peer };
@@ -173,12 +169,8 @@ impl Pipeline {
         let ts_ns = data.ts_ns;
         if self.conns.get(&key).is_none() && role != Role::Unknown {
             // Inherited from a parent, or the open event was lost: the kernel knows the role.
-            let addrs = socket_addrs(pid, fd)
-                .map(|(l, p)| ConnAddrs {
-                    local: Some(l),
-                    peer: Some(p),
-                })
-                .unwrap_or_default();
+            let addrs =
+                socket_addrs(pid, fd).map(|(l, p)| ConnAddrs { local: Some(l), peer: Some(p) }).unwrap_or_default();
             self.open(key, role, addrs, ts_ns);
         }
         let mut events = std::mem::take(&mut self.events);
@@ -228,29 +220,18 @@ impl Tracer {
                         Stats::add(&self.stats.spans_unsampled, 1);
                         continue;
                     }
-                    let kind = if conn.role == Role::Client {
-                        SpanKind::Client
-                    } else {
-                        SpanKind::Server
-                    };
-                    let resource = self
-                        .resources
-                        .get(&key.pid)
-                        .cloned()
-                        .unwrap_or_else(|| Arc::new(unknown_resource(key.pid)));
+                    let kind = if conn.role == Role::Client { SpanKind::Client } else { SpanKind::Server };
+                    let resource =
+                        self.resources.get(&key.pid).cloned().unwrap_or_else(|| Arc::new(unknown_resource(key.pid)));
                     let clock = self.clock;
-                    let span = assemble(&ex, kind, ctx, &conn.addrs, resource, |t| {
-                        clock.to_unix_ns(t)
-                    });
+                    let span = assemble(&ex, kind, ctx, &conn.addrs, resource, |t| clock.to_unix_ns(t));
                     self.sinks.emit(span);
                 }
                 SessionEvent::Abandoned { seq } => conn.contexts.retain(|(s, _, _)| *s != seq),
                 SessionEvent::ParseError { reason } => {
                     match protocol {
                         Some(Protocol::Http) => Stats::add(&self.stats.http_parse_errors, 1),
-                        Some(Protocol::Postgres) => {
-                            Stats::add(&self.stats.postgres_parse_errors, 1)
-                        }
+                        Some(Protocol::Postgres) => Stats::add(&self.stats.postgres_parse_errors, 1),
                         Some(Protocol::Redis) => Stats::add(&self.stats.redis_parse_errors, 1),
                         None => {}
                     }
@@ -264,13 +245,7 @@ impl Tracer {
 
     /// Identity of a new span: a server span continues an incoming traceparent or starts a
     /// trace; a client span is a child of the server span its thread is serving, if any.
-    fn context_for(
-        &self,
-        pid: u32,
-        tid: u32,
-        role: Role,
-        incoming: Option<&TraceParent>,
-    ) -> SpanContext {
+    fn context_for(&self, pid: u32, tid: u32, role: Role, incoming: Option<&TraceParent>) -> SpanContext {
         let span_id = SpanId::random();
         if role == Role::Client
             && let Some(parent) = self.threads.get(&(pid, tid))

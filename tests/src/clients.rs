@@ -9,17 +9,8 @@ use std::{
 
 /// `curl` with these URLs on one command line: curl reuses one keep-alive connection.
 pub fn curl(args: &[&str], urls: &[String]) -> String {
-    let out = Command::new("curl")
-        .arg("-sS")
-        .args(args)
-        .args(urls)
-        .output()
-        .expect("run curl");
-    assert!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("curl").arg("-sS").args(args).args(urls).output().expect("run curl");
+    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -27,8 +18,7 @@ pub fn curl(args: &[&str], urls: &[String]) -> String {
 /// have arrived. Returns the raw response bytes.
 pub fn pipelined(port: u16, requests: &[String], expected_responses: usize) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let all: String = requests.concat();
     s.write_all(all.as_bytes()).expect("pipelined write");
     let mut got = Vec::new();
@@ -43,9 +33,7 @@ pub fn pipelined(port: u16, requests: &[String], expected_responses: usize) -> S
 }
 
 fn count_status_lines(b: &[u8]) -> usize {
-    b.windows(9)
-        .filter(|w| w == b"HTTP/1.1 " || w == b"HTTP/1.0 ")
-        .count()
+    b.windows(9).filter(|w| w == b"HTTP/1.1 " || w == b"HTTP/1.0 ").count()
 }
 
 /// A keep-alive connection for sending requests one at a time.
@@ -57,18 +45,13 @@ pub struct KeepAlive {
 impl KeepAlive {
     pub fn connect(port: u16) -> Self {
         let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
         Self { stream, port }
     }
 
     /// Sends one GET and reads its whole (Content-Length framed) response.
     pub fn get(&mut self, path: &str) -> String {
-        let req = format!(
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n",
-            self.port
-        );
+        let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n", self.port);
         self.stream.write_all(req.as_bytes()).expect("write");
         let mut got = Vec::new();
         let mut buf = [0u8; 4096];
@@ -81,9 +64,7 @@ impl KeepAlive {
                 let len: usize = text[..head_end]
                     .lines()
                     .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap_or(0))
+                        l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0))
                     })
                     .unwrap_or(0);
                 if got.len() >= head_end + 4 + len {
@@ -91,5 +72,49 @@ impl KeepAlive {
                 }
             }
         }
+    }
+}
+
+/// A shell that sonde traces (`--pid`), running client commands as its children so they are
+/// traced from their first syscall (short-lived clients like psql could not be discovered in
+/// time otherwise).
+pub struct Launcher {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Launcher {
+    pub fn start() -> Self {
+        use std::process::Stdio;
+        let mut child = Command::new("bash")
+            .args(["-c", "while IFS= read -r cmd; do bash -c \"$cmd\" >/dev/null 2>&1; echo \"rc=$?\"; done"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start launcher shell");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        Self { child, stdin, stdout }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Runs one shell command line to completion; returns its exit code.
+    pub fn run(&mut self, cmd: &str) -> i32 {
+        use std::io::BufRead;
+        writeln!(self.stdin, "{cmd}").expect("send command");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read result");
+        line.trim().strip_prefix("rc=").and_then(|c| c.parse().ok()).unwrap_or(-1)
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

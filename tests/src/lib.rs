@@ -27,9 +27,7 @@ pub fn privileged_test(name: &str) -> Option<MutexGuard<'static, ()>> {
         if std::env::var_os("CI").is_some() {
             panic!("{name} needs root to load eBPF programs, and CI must run it as root");
         }
-        eprintln!(
-            "NOT RUN: {name} needs root to load eBPF programs (run the tests as root: cargo xtask test)"
-        );
+        eprintln!("NOT RUN: {name} needs root to load eBPF programs (run the tests as root: cargo xtask test)");
         return None;
     }
     Some(SERIAL.lock().unwrap_or_else(|p| p.into_inner()))
@@ -42,10 +40,7 @@ unsafe extern "C" {
 
 /// A loopback port nothing listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind an ephemeral port")
 }
 
 /// Polls `f` until it returns Some or `timeout` passes.
@@ -64,10 +59,8 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 
 /// Waits until something accepts TCP connections on the port.
 pub fn wait_listening(port: u16) {
-    wait_for(Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-    })
-    .unwrap_or_else(|| panic!("nothing listens on 127.0.0.1:{port} after 10s"));
+    wait_for(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .unwrap_or_else(|| panic!("nothing listens on 127.0.0.1:{port} after 10s"));
 }
 
 /// A fresh temporary directory, removed on drop.

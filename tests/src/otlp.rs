@@ -113,11 +113,7 @@ fn serve_http(stream: TcpStream, collected: &Collected) {
             "HTTP/1.1 {status}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n",
             reply.len()
         );
-        if writer
-            .write_all(head.as_bytes())
-            .and_then(|_| writer.write_all(&reply))
-            .is_err()
-        {
+        if writer.write_all(head.as_bytes()).and_then(|_| writer.write_all(&reply)).is_err() {
             return;
         }
     }
@@ -150,13 +146,9 @@ impl GrpcReceiver {
         let collected = Collected::default();
         let sink = GrpcSink(collected.clone());
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             rt.block_on(async move {
-                let listener =
-                    tokio::net::TcpListener::from_std(std_listener).expect("tokio listener");
+                let listener = tokio::net::TcpListener::from_std(std_listener).expect("tokio listener");
                 let incoming = tokio_stream_from(listener);
                 let _ = tonic::transport::Server::builder()
                     .add_service(TraceServiceServer::new(sink))

@@ -8,9 +8,7 @@ use std::{
 use crate::{TempDir, wait_listening};
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
 }
 
 /// A child process killed (with its process group) on drop.
@@ -40,17 +38,9 @@ pub fn python_http(port: u16, backend: Option<u16>) -> Server {
     if let Some(b) = backend {
         cmd.arg("--backend").arg(b.to_string());
     }
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start python3 http server");
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).spawn().expect("start python3 http server");
     wait_listening(port);
-    Server {
-        child,
-        port,
-        _dir: None,
-    }
+    Server { child, port, _dir: None }
 }
 
 /// nginx (master + 2 workers) serving a temp docroot on `port`: `/index.html` (a small file),
@@ -79,9 +69,73 @@ pub fn nginx(port: u16) -> Server {
         .spawn()
         .expect("start nginx (apt-get install nginx-light, or run cargo xtask setup)");
     wait_listening(port);
-    Server {
-        child,
-        port,
-        _dir: Some(dir),
-    }
+    Server { child, port, _dir: Some(dir) }
+}
+
+/// Password of the test PostgreSQL's superuser: md5 auth makes it cross the wire, so the tests
+/// can check it never appears in what sonde exports.
+pub const PG_PASSWORD: &str = "pgS3cretPass";
+
+/// PostgreSQL 15 in a temp directory on `port`, run as the `postgres` user (it refuses root),
+/// md5 authentication, with pgbench tables initialized (scale 1).
+pub fn postgres(port: u16) -> Server {
+    let dir = TempDir::new("pg");
+    let run_as = |args: &[&str]| {
+        let status = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .expect("runuser");
+        assert!(status.success(), "{args:?} failed");
+    };
+    let _ = Command::new("chown").args(["-R", "postgres"]).arg(dir.path()).status();
+    let pwfile = dir.path().join("pw");
+    std::fs::write(&pwfile, PG_PASSWORD).expect("pwfile");
+    let _ = Command::new("chown").arg("postgres").arg(&pwfile).status();
+    let data = dir.path().join("data");
+    let bin = "/usr/lib/postgresql/15/bin";
+    run_as(&[
+        &format!("{bin}/initdb"),
+        "-D",
+        data.to_str().unwrap_or(""),
+        "-A",
+        "md5",
+        "-U",
+        "postgres",
+        "--pwfile",
+        pwfile.to_str().unwrap_or(""),
+    ]);
+    let child = Command::new("runuser")
+        .args(["-u", "postgres", "--", &format!("{bin}/postgres"), "-D"])
+        .arg(&data)
+        .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-k"])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start postgres");
+    wait_listening(port);
+    let status = Command::new("pgbench")
+        .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "postgres"])
+        .env("PGPASSWORD", PG_PASSWORD)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("pgbench -i");
+    assert!(status.success(), "pgbench -i failed");
+    Server { child, port, _dir: Some(dir) }
+}
+
+/// redis-server 7 on `port`, no persistence.
+pub fn redis(port: u16) -> Server {
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start redis-server (apt-get install redis-server, or cargo xtask setup)");
+    wait_listening(port);
+    Server { child, port, _dir: None }
 }

@@ -17,11 +17,7 @@ pub fn binary() -> PathBuf {
         return p.into();
     }
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/sonde");
-    assert!(
-        p.exists(),
-        "{} is missing: build it with `cargo build --release -p sonde`",
-        p.display()
-    );
+    assert!(p.exists(), "{} is missing: build it with `cargo build --release -p sonde`", p.display());
     p
 }
 
@@ -44,13 +40,8 @@ impl Finished {
 
     /// A counter from the final summary line, e.g. `events_lost`.
     pub fn counter(&self, name: &str) -> Option<u64> {
-        let line = self
-            .stderr
-            .lines()
-            .rev()
-            .find(|l| l.contains("final counters:"))?;
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{name}="))?.parse().ok())
+        let line = self.stderr.lines().rev().find(|l| l.contains("final counters:"))?;
+        line.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{name}="))?.parse().ok())
     }
 }
 
@@ -76,24 +67,10 @@ impl Sonde {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn sonde");
-        let s = Self {
-            child: Some(child),
-            dir,
-        };
-        let ready = crate::wait_for(Duration::from_secs(30), || {
-            s.stderr().contains("waiting for more").then_some(())
-        });
-        assert!(
-            ready.is_some(),
-            "sonde did not become ready:\n{}",
-            s.stderr()
-        );
+        let child = cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr).spawn().expect("spawn sonde");
+        let s = Self { child: Some(child), dir };
+        let ready = crate::wait_for(Duration::from_secs(30), || s.stderr().contains("waiting for more").then_some(()));
+        assert!(ready.is_some(), "sonde did not become ready:\n{}", s.stderr());
         s
     }
 
@@ -113,19 +90,12 @@ impl Sonde {
     pub fn stop(mut self) -> Finished {
         let mut child = self.child.take().expect("running");
         signal(child.id(), 2);
-        let status = crate::wait_for(Duration::from_secs(30), || child.try_wait().ok().flatten())
-            .unwrap_or_else(|| {
+        let status =
+            crate::wait_for(Duration::from_secs(30), || child.try_wait().ok().flatten()).unwrap_or_else(|| {
                 let _ = child.kill();
-                panic!(
-                    "sonde did not exit within 30s of SIGINT:\n{}",
-                    self.stderr()
-                )
+                panic!("sonde did not exit within 30s of SIGINT:\n{}", self.stderr())
             });
-        Finished {
-            status,
-            stdout: self.stdout(),
-            stderr: self.stderr(),
-        }
+        Finished { status, stdout: self.stdout(), stderr: self.stderr() }
     }
 }
 
@@ -139,10 +109,7 @@ impl Drop for Sonde {
 }
 
 pub fn signal(pid: u32, sig: i32) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status();
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
 }
 
 /// A config with fast export batching, for tests.

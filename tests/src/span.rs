@@ -68,12 +68,8 @@ fn hex(b: &[u8]) -> String {
 pub fn from_otlp(req: &ExportTraceServiceRequest) -> Vec<TestSpan> {
     let mut out = Vec::new();
     for rs in &req.resource_spans {
-        let resource: BTreeMap<String, V> = rs
-            .resource
-            .iter()
-            .flat_map(|r| r.attributes.iter())
-            .map(|kv| (kv.key.clone(), value(&kv.value)))
-            .collect();
+        let resource: BTreeMap<String, V> =
+            rs.resource.iter().flat_map(|r| r.attributes.iter()).map(|kv| (kv.key.clone(), value(&kv.value))).collect();
         for ss in &rs.scope_spans {
             for s in &ss.spans {
                 out.push(TestSpan {
@@ -89,11 +85,7 @@ pub fn from_otlp(req: &ExportTraceServiceRequest) -> Vec<TestSpan> {
                     start_ns: s.start_time_unix_nano,
                     end_ns: s.end_time_unix_nano,
                     error: s.status.as_ref().is_some_and(|st| st.code == 2),
-                    attrs: s
-                        .attributes
-                        .iter()
-                        .map(|kv| (kv.key.clone(), value(&kv.value)))
-                        .collect(),
+                    attrs: s.attributes.iter().map(|kv| (kv.key.clone(), value(&kv.value))).collect(),
                     resource: resource.clone(),
                 });
             }

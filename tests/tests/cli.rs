@@ -14,34 +14,16 @@ fn run_with_config(config: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, S
         cmd.env(k, v);
     }
     let out = cmd.output().expect("run sonde");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
 fn bad_configuration_exits_2_and_names_the_key_and_the_fix() {
     // (config file, arguments, environment, words the error must contain)
-    type Case<'a> = (
-        &'a str,
-        &'a [&'a str],
-        &'a [(&'a str, &'a str)],
-        &'a [&'a str],
-    );
+    type Case<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
     let cases: [Case<'_>; 7] = [
-        (
-            "capture:\n  max_byte: 10\n",
-            &["--pid", "1"],
-            &[],
-            &["max_byte", "max_bytes"],
-        ),
-        (
-            "",
-            &["--open-ports", "9100-9000"],
-            &[],
-            &["--open-ports", "backwards"],
-        ),
+        ("capture:\n  max_byte: 10\n", &["--pid", "1"], &[], &["max_byte", "max_bytes"]),
+        ("", &["--open-ports", "9100-9000"], &[], &["--open-ports", "backwards"]),
         ("", &["--exe-path", "[bad"], &[], &["--exe-path", "glob"]),
         ("", &[], &[], &["discovery", "--open-ports"]),
         (
@@ -50,18 +32,8 @@ fn bad_configuration_exits_2_and_names_the_key_and_the_fix() {
             &[("OTEL_EXPORTER_OTLP_ENDPOINT", "not a url")],
             &["OTEL_EXPORTER_OTLP_ENDPOINT", "http://"],
         ),
-        (
-            "",
-            &["--pid", "1"],
-            &[("OTEL_TRACES_SAMPLER", "sometimes")],
-            &["OTEL_TRACES_SAMPLER", "traceidratio"],
-        ),
-        (
-            "discovery:\n  - open_ports: http\n",
-            &[],
-            &[],
-            &["discovery[0].open_ports", "8080"],
-        ),
+        ("", &["--pid", "1"], &[("OTEL_TRACES_SAMPLER", "sometimes")], &["OTEL_TRACES_SAMPLER", "traceidratio"]),
+        ("discovery:\n  - open_ports: http\n", &[], &[], &["discovery[0].open_ports", "8080"]),
     ];
     for (config, args, env, needles) in cases {
         let (code, stderr) = run_with_config(config, args, env);
@@ -77,21 +49,10 @@ fn privileged_check_reports_this_kernel() {
     let Some(_guard) = privileged_test("sonde check") else {
         return;
     };
-    let out = Command::new(binary())
-        .arg("check")
-        .output()
-        .expect("run sonde check");
+    let out = Command::new(binary()).arg("check").output().expect("run sonde check");
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
-    for item in [
-        "CAP_BPF",
-        "tracefs",
-        "tracepoints",
-        "uprobes",
-        "kprobes",
-        "BTF",
-        "BPF + ring buffer",
-    ] {
+    for item in ["CAP_BPF", "tracefs", "tracepoints", "uprobes", "kprobes", "BTF", "BPF + ring buffer"] {
         assert!(text.contains(item), "{item} missing from:\n{text}");
     }
     assert!(text.contains("programs load and attach"), "{text}");

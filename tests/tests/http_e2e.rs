@@ -15,10 +15,7 @@ use sonde_e2e::{
 const WAIT: Duration = Duration::from_secs(20);
 
 fn otlp_http_env(r: &HttpReceiver) -> Vec<(&'static str, String)> {
-    vec![
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", r.endpoint()),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
-    ]
+    vec![("OTEL_EXPORTER_OTLP_ENDPOINT", r.endpoint()), ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into())]
 }
 
 fn count_by<F: Fn(&TestSpan) -> String>(spans: &[TestSpan], f: F) -> BTreeMap<String, usize> {
@@ -37,38 +34,21 @@ fn privileged_python_keepalive_and_pipelined_requests_give_exact_server_spans() 
     let port = free_port();
     let server = servers::python_http(port, None);
     let receiver = HttpReceiver::start();
-    let sonde = Sonde::start(
-        &["--open-ports", &port.to_string()],
-        &test_config(""),
-        &otlp_http_env(&receiver),
-    );
+    let sonde = Sonde::start(&["--open-ports", &port.to_string()], &test_config(""), &otlp_http_env(&receiver));
 
     // 200 requests over one keep-alive connection (curl reuses it for every URL).
-    let urls: Vec<String> = (0..200)
-        .map(|i| format!("http://127.0.0.1:{port}/items/{i}?secret=tok{i}"))
-        .collect();
+    let urls: Vec<String> = (0..200).map(|i| format!("http://127.0.0.1:{port}/items/{i}?secret=tok{i}")).collect();
     curl(&["-o", "/dev/null"], &urls);
     // 20 requests in a single write.
-    let reqs: Vec<String> = (0..20)
-        .map(|i| format!("GET /pipe/{i} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"))
-        .collect();
+    let reqs: Vec<String> =
+        (0..20).map(|i| format!("GET /pipe/{i} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n")).collect();
     let replies = pipelined(port, &reqs, 20);
     assert_eq!(replies.matches("HTTP/1.1 200").count(), 20);
 
     let spans = receiver.collected.wait_for(220, WAIT);
     let finished = sonde.stop();
-    assert!(
-        finished.status.success(),
-        "sonde exit: {:?}\n{}",
-        finished.status,
-        finished.stderr
-    );
-    assert_eq!(
-        spans.len(),
-        220,
-        "exactly one span per request; got {:?}",
-        count_by(&spans, |s| s.name.clone())
-    );
+    assert!(finished.status.success(), "sonde exit: {:?}\n{}", finished.status, finished.stderr);
+    assert_eq!(spans.len(), 220, "exactly one span per request; got {:?}", count_by(&spans, |s| s.name.clone()));
 
     let by_name = count_by(&spans, |s| s.name.clone());
     assert_eq!(by_name.get("GET /items/{id}"), Some(&200));
@@ -81,28 +61,15 @@ fn privileged_python_keepalive_and_pipelined_requests_give_exact_server_spans() 
         assert_eq!(s.s("url.scheme"), Some("http"));
         assert_eq!(s.s("network.protocol.version"), Some("1.1"));
         assert_eq!(s.s("network.peer.address"), Some("127.0.0.1"));
-        assert!(
-            s.i("client.port")
-                .is_some_and(|p| p > 0 && p != port as i64)
-        );
-        assert!(
-            s.end_ns >= s.start_ns && s.end_ns - s.start_ns < 1_000_000_000,
-            "duration within bounds"
-        );
-        assert!(
-            s.service().is_some_and(|n| n.starts_with("python3")),
-            "service.name from the executable"
-        );
+        assert!(s.i("client.port").is_some_and(|p| p > 0 && p != port as i64));
+        assert!(s.end_ns >= s.start_ns && s.end_ns - s.start_ns < 1_000_000_000, "duration within bounds");
+        assert!(s.service().is_some_and(|n| n.starts_with("python3")), "service.name from the executable");
         assert!(s.parent_id.is_none());
         assert!(!s.error);
     }
     // Every path was seen exactly once; the query value never leaves the host.
-    let items: Vec<String> = spans
-        .iter()
-        .filter_map(|s| s.s("url.path"))
-        .filter(|p| p.starts_with("/items/"))
-        .map(str::to_owned)
-        .collect();
+    let items: Vec<String> =
+        spans.iter().filter_map(|s| s.s("url.path")).filter(|p| p.starts_with("/items/")).map(str::to_owned).collect();
     let mut expected: Vec<String> = (0..200).map(|i| format!("/items/{i}")).collect();
     let mut got = items.clone();
     got.sort();
@@ -114,22 +81,12 @@ fn privileged_python_keepalive_and_pipelined_requests_give_exact_server_spans() 
             .filter(|s| s.s("url.path").is_some_and(|p| p.starts_with("/items/")))
             .all(|s| s.s("url.query") == Some("secret=REDACTED"))
     );
-    let pipelined_paths: Vec<&str> = spans
-        .iter()
-        .filter_map(|s| s.s("url.path"))
-        .filter(|p| p.starts_with("/pipe/"))
-        .collect();
+    let pipelined_paths: Vec<&str> =
+        spans.iter().filter_map(|s| s.s("url.path")).filter(|p| p.starts_with("/pipe/")).collect();
     assert_eq!(pipelined_paths.len(), 20);
     // Unix timestamps: within a minute of now.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    assert!(
-        spans
-            .iter()
-            .all(|s| s.start_ns > now - 60_000_000_000 && s.start_ns <= now)
-    );
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    assert!(spans.iter().all(|s| s.start_ns > now - 60_000_000_000 && s.start_ns <= now));
     assert_eq!(finished.counter("events_lost"), Some(0));
     assert_eq!(finished.counter("http_parse_errors"), Some(0));
     assert_eq!(finished.counter("spans_exported"), Some(220));
@@ -146,11 +103,7 @@ fn privileged_nginx_statuses_sizes_and_sendfile() {
     // Started before sonde: its workers are found as descendants of the master.
     let nginx = servers::nginx(port);
     let receiver = HttpReceiver::start();
-    let sonde = Sonde::start(
-        &["--exe-path", "/usr/sbin/nginx"],
-        &test_config(""),
-        &otlp_http_env(&receiver),
-    );
+    let sonde = Sonde::start(&["--exe-path", "/usr/sbin/nginx"], &test_config(""), &otlp_http_env(&receiver));
     let base = format!("http://127.0.0.1:{port}");
     let urls = vec![
         format!("{base}/index.html"),
@@ -161,10 +114,7 @@ fn privileged_nginx_statuses_sizes_and_sendfile() {
     ];
     curl(&["-o", "/dev/null"], &urls);
     curl(&["-o", "/dev/null", "-I"], &[format!("{base}/big.bin")]);
-    curl(
-        &["-o", "/dev/null", "-X", "POST", "--data", "name=value"],
-        &[format!("{base}/teapot")],
-    );
+    curl(&["-o", "/dev/null", "-X", "POST", "--data", "name=value"], &[format!("{base}/teapot")]);
     let spans = receiver.collected.wait_for(7, WAIT);
     let finished = sonde.stop();
     assert_eq!(spans.len(), 7, "{:?}", count_by(&spans, |s| s.name.clone()));
@@ -192,27 +142,14 @@ fn privileged_nginx_statuses_sizes_and_sendfile() {
         .iter()
         .find(|s| s.s("http.request.method") == Some("GET") && s.s("url.path") == Some("/big.bin"))
         .unwrap();
-    assert_eq!(
-        big.i("http.response.body.size"),
-        Some(1 << 20),
-        "sendfile bytes counted"
-    );
-    let head = spans
-        .iter()
-        .find(|s| s.s("http.request.method") == Some("HEAD"))
-        .unwrap();
+    assert_eq!(big.i("http.response.body.size"), Some(1 << 20), "sendfile bytes counted");
+    let head = spans.iter().find(|s| s.s("http.request.method") == Some("HEAD")).unwrap();
     assert_eq!(head.i("http.response.body.size"), Some(0));
-    let post = spans
-        .iter()
-        .find(|s| s.s("http.request.method") == Some("POST"))
-        .unwrap();
+    let post = spans.iter().find(|s| s.s("http.request.method") == Some("POST")).unwrap();
     assert_eq!(post.i("http.request.body.size"), Some(10));
     assert!(spans.iter().all(|s| !s.error), "4xx is not a server error");
     assert!(
-        spans
-            .iter()
-            .all(|s| s.resource.get("process.executable.name")
-                == Some(&sonde_e2e::span::V::S("nginx".into())))
+        spans.iter().all(|s| s.resource.get("process.executable.name") == Some(&sonde_e2e::span::V::S("nginx".into())))
     );
     assert_eq!(finished.counter("events_lost"), Some(0));
     drop(nginx);
@@ -236,60 +173,33 @@ fn privileged_traceparent_and_child_client_spans() {
     let incoming_parent = "00f067aa0ba902b7";
     for i in 0..N {
         curl(
-            &[
-                "-o",
-                "/dev/null",
-                "-H",
-                &format!("traceparent: 00-{incoming_trace}-{incoming_parent}-01"),
-            ],
+            &["-o", "/dev/null", "-H", &format!("traceparent: 00-{incoming_trace}-{incoming_parent}-01")],
             &[format!("http://127.0.0.1:{front_port}/call/{i}")],
         );
     }
     let spans = receiver.collected.wait_for(3 * N, WAIT);
     let _ = sonde.stop();
-    let front_server: Vec<&TestSpan> = spans
-        .iter()
-        .filter(|s| s.service() == Some("frontend") && s.kind == "SERVER")
-        .collect();
-    let front_client: Vec<&TestSpan> = spans
-        .iter()
-        .filter(|s| s.service() == Some("frontend") && s.kind == "CLIENT")
-        .collect();
-    let back_server: Vec<&TestSpan> = spans
-        .iter()
-        .filter(|s| s.service() == Some("backend") && s.kind == "SERVER")
-        .collect();
-    assert_eq!(
-        (
-            front_server.len(),
-            front_client.len(),
-            back_server.len(),
-            spans.len()
-        ),
-        (N, N, N, 3 * N)
-    );
+    let front_server: Vec<&TestSpan> =
+        spans.iter().filter(|s| s.service() == Some("frontend") && s.kind == "SERVER").collect();
+    let front_client: Vec<&TestSpan> =
+        spans.iter().filter(|s| s.service() == Some("frontend") && s.kind == "CLIENT").collect();
+    let back_server: Vec<&TestSpan> =
+        spans.iter().filter(|s| s.service() == Some("backend") && s.kind == "SERVER").collect();
+    assert_eq!((front_server.len(), front_client.len(), back_server.len(), spans.len()), (N, N, N, 3 * N));
     for s in &front_server {
         assert_eq!(s.trace_id, incoming_trace, "incoming traceparent honored");
         assert_eq!(s.parent_id.as_deref(), Some(incoming_parent));
         assert_eq!(s.name, "GET /call/{id}");
     }
     for c in &front_client {
-        let parent = front_server
-            .iter()
-            .find(|s| Some(&s.span_id) == c.parent_id.as_ref());
+        let parent = front_server.iter().find(|s| Some(&s.span_id) == c.parent_id.as_ref());
         let parent = parent.unwrap_or_else(|| panic!("client span {c:?} has no server parent"));
         assert_eq!(c.trace_id, parent.trace_id);
         assert_eq!(c.name, "GET");
         assert_eq!(c.i("server.port"), Some(back_port as i64));
-        assert!(
-            c.s("url.full")
-                .is_some_and(|u| u.starts_with(&format!("http://127.0.0.1:{back_port}/inner/")))
-        );
+        assert!(c.s("url.full").is_some_and(|u| u.starts_with(&format!("http://127.0.0.1:{back_port}/inner/"))));
         assert_eq!(c.i("http.response.status_code"), Some(200));
-        assert!(
-            c.start_ns >= parent.start_ns && c.end_ns <= parent.end_ns,
-            "child inside its parent"
-        );
+        assert!(c.start_ns >= parent.start_ns && c.end_ns <= parent.end_ns, "child inside its parent");
     }
     for b in &back_server {
         assert_eq!(b.name, "GET /inner/{id}");
@@ -324,25 +234,11 @@ fn privileged_existing_connections_and_late_servers_are_traced() {
     // A server started after sonde: traced within a second of listening.
     let late = servers::python_http(late_port, None);
     std::thread::sleep(Duration::from_secs(1));
-    curl(
-        &["-o", "/dev/null"],
-        &[format!("http://127.0.0.1:{late_port}/late")],
-    );
+    curl(&["-o", "/dev/null"], &[format!("http://127.0.0.1:{late_port}/late")]);
     let spans = receiver.collected.wait_for(3, WAIT);
     let finished = sonde.stop();
-    assert_eq!(
-        finished.counter("unmatched_responses"),
-        Some(1),
-        "{}",
-        finished.stderr
-    );
-    let paths = count_by(&spans, |s| {
-        format!(
-            "{}:{}",
-            s.i("server.port").unwrap_or(0),
-            s.s("url.path").unwrap_or("?")
-        )
-    });
+    assert_eq!(finished.counter("unmatched_responses"), Some(1), "{}", finished.stderr);
+    let paths = count_by(&spans, |s| format!("{}:{}", s.i("server.port").unwrap_or(0), s.s("url.path").unwrap_or("?")));
     let expected: BTreeMap<String, usize> = [
         (format!("{early_port}:/after/1"), 1),
         (format!("{early_port}:/after/2"), 1),
@@ -366,24 +262,11 @@ fn privileged_grpc_export_and_json_printing() {
         ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint()),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_string()),
         ("OTEL_SERVICE_NAME", "from-env".to_string()),
-        (
-            "OTEL_RESOURCE_ATTRIBUTES",
-            "deployment.environment=test".to_string(),
-        ),
+        ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test".to_string()),
     ];
-    let sonde = Sonde::start(
-        &["--open-ports", &port.to_string(), "--print", "json"],
-        &test_config(""),
-        &env,
-    );
-    let urls: Vec<String> = (0..5)
-        .map(|i| {
-            format!(
-                "http://127.0.0.1:{port}/status/{}",
-                if i == 4 { 503 } else { 200 }
-            )
-        })
-        .collect();
+    let sonde = Sonde::start(&["--open-ports", &port.to_string(), "--print", "json"], &test_config(""), &env);
+    let urls: Vec<String> =
+        (0..5).map(|i| format!("http://127.0.0.1:{port}/status/{}", if i == 4 { 503 } else { 200 })).collect();
     curl(&["-o", "/dev/null"], &urls);
     let spans = receiver.collected.wait_for(5, WAIT);
     let finished = sonde.stop();
@@ -395,23 +278,13 @@ fn privileged_grpc_export_and_json_printing() {
     ids.sort();
     printed_ids.sort();
     assert_eq!(ids, printed_ids);
-    assert_eq!(
-        spans.iter().filter(|s| s.error).count(),
-        1,
-        "the 503 is an error"
-    );
+    assert_eq!(spans.iter().filter(|s| s.error).count(), 1, "the 503 is an error");
     let failed = spans.iter().find(|s| s.error).unwrap();
     assert_eq!(failed.s("error.type"), Some("503"));
     for s in &spans {
         assert_eq!(s.service(), Some("from-env"));
-        assert_eq!(
-            s.resource.get("deployment.environment"),
-            Some(&sonde_e2e::span::V::S("test".into()))
-        );
-        assert_eq!(
-            s.resource.get("process.pid"),
-            Some(&sonde_e2e::span::V::I(server.pid() as i64))
-        );
+        assert_eq!(s.resource.get("deployment.environment"), Some(&sonde_e2e::span::V::S("test".into())));
+        assert_eq!(s.resource.get("process.pid"), Some(&sonde_e2e::span::V::I(server.pid() as i64)));
         assert_eq!(s.s("http.route"), Some("/status/{id}"));
     }
     drop(server);
@@ -427,14 +300,8 @@ fn privileged_backend_down_drops_are_counted_exactly() {
     // Nothing listens on the endpoint: every export fails, and is counted.
     let dead = format!("http://127.0.0.1:{}", free_port());
     let cfg = test_config("    queue_spans: 16\n    batch_spans: 8\n");
-    let sonde = Sonde::start(
-        &["--open-ports", &port.to_string()],
-        &cfg,
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", dead)],
-    );
-    let urls: Vec<String> = (0..40)
-        .map(|i| format!("http://127.0.0.1:{port}/x/{i}"))
-        .collect();
+    let sonde = Sonde::start(&["--open-ports", &port.to_string()], &cfg, &[("OTEL_EXPORTER_OTLP_ENDPOINT", dead)]);
+    let urls: Vec<String> = (0..40).map(|i| format!("http://127.0.0.1:{port}/x/{i}")).collect();
     curl(&["-o", "/dev/null"], &urls);
     std::thread::sleep(Duration::from_secs(2));
     let finished = sonde.stop();
@@ -444,12 +311,7 @@ fn privileged_backend_down_drops_are_counted_exactly() {
     let queue_full = finished.counter("spans_dropped_queue_full").unwrap();
     assert_eq!(created, 40);
     assert_eq!(finished.counter("spans_exported"), Some(0));
-    assert_eq!(
-        failed + queue_full,
-        40,
-        "every span is accounted for: {}",
-        finished.stderr
-    );
+    assert_eq!(failed + queue_full, 40, "every span is accounted for: {}", finished.stderr);
     assert!(finished.counter("export_errors").unwrap() >= 1);
     drop(server);
 }
@@ -466,17 +328,10 @@ fn privileged_sampling_changes_exports_not_counts() {
     env.push(("OTEL_TRACES_SAMPLER", "parentbased_always_off".into()));
     let sonde = Sonde::start(&["--open-ports", &port.to_string()], &test_config(""), &env);
     // Root spans are dropped by always_off; a sampled incoming parent keeps its child.
-    let urls: Vec<String> = (0..6)
-        .map(|i| format!("http://127.0.0.1:{port}/s/{i}"))
-        .collect();
+    let urls: Vec<String> = (0..6).map(|i| format!("http://127.0.0.1:{port}/s/{i}")).collect();
     curl(&["-o", "/dev/null"], &urls);
     curl(
-        &[
-            "-o",
-            "/dev/null",
-            "-H",
-            "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        ],
+        &["-o", "/dev/null", "-H", "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"],
         &[format!("http://127.0.0.1:{port}/kept")],
     );
     let spans = receiver.collected.wait_for(1, WAIT);

@@ -53,11 +53,7 @@ pub fn run(seconds: u64) -> Result<()> {
         ))
     };
     let _backend = python(vec![backend_port.to_string()])?;
-    let _frontend = python(vec![
-        frontend_port.to_string(),
-        "--backend".into(),
-        backend_port.to_string(),
-    ])?;
+    let _frontend = python(vec![frontend_port.to_string(), "--backend".into(), backend_port.to_string()])?;
     wait_listening(backend_port)?;
     wait_listening(frontend_port)?;
 
@@ -93,11 +89,7 @@ pub fn run(seconds: u64) -> Result<()> {
             2 => "/status/404".to_string(),
             _ => "/status/503".to_string(),
         };
-        let traceparent = format!(
-            "traceparent: 00-{:032x}-{:016x}-01",
-            0xdecaf_u128 << 64 | i as u128,
-            i + 1
-        );
+        let traceparent = format!("traceparent: 00-{:032x}-{:016x}-01", 0xdecaf_u128 << 64 | i as u128, i + 1);
         let _ = Command::new("curl")
             .args(["-s", "-o", "/dev/null", "-H", &traceparent])
             .arg(format!("http://127.0.0.1:{frontend_port}{path}"))
@@ -106,9 +98,7 @@ pub fn run(seconds: u64) -> Result<()> {
         sleep(Duration::from_millis(500));
     }
     let pid = sonde.0.id();
-    let _ = Command::new("kill")
-        .args(["-INT", &pid.to_string()])
-        .status();
+    let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status();
     let _ = sonde.0.wait();
     let _ = std::fs::remove_file(&config);
     println!(
@@ -124,18 +114,14 @@ fn wait_ready(sonde: &mut Killed) -> Result<()> {
     let stderr = sonde.0.stderr.take().context("sonde stderr")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
             eprintln!("{line}");
             if line.contains("waiting for more") {
                 let _ = tx.send(());
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(60))
-        .context("sonde did not start tracing within 60s")
+    rx.recv_timeout(Duration::from_secs(60)).context("sonde did not start tracing within 60s")
 }
 
 unsafe extern "C" {

@@ -34,10 +34,7 @@ fn main() -> Result<()> {
             setup::run()?;
             build()?;
             let seconds = match args.iter().position(|a| a == "--seconds") {
-                Some(i) => args
-                    .get(i + 1)
-                    .and_then(|s| s.parse().ok())
-                    .context("--seconds needs a number")?,
+                Some(i) => args.get(i + 1).and_then(|s| s.parse().ok()).context("--seconds needs a number")?,
                 None => 30,
             };
             demo::run(seconds)
@@ -51,10 +48,7 @@ fn main() -> Result<()> {
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(|p| p.to_path_buf())
-        .unwrap_or_default()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(|p| p.to_path_buf()).unwrap_or_default()
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {
@@ -111,10 +105,7 @@ fn test() -> Result<()> {
 /// Runs cargo test, echoing its output, and sums its `test result:` lines.
 fn run_counting(cmd: &mut Command) -> Result<(u64, u64)> {
     use std::io::{BufRead, BufReader};
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("starting cargo test")?;
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().context("starting cargo test")?;
     let stdout = child.stdout.take().context("cargo test stdout")?;
     let (mut passed, mut failed) = (0, 0);
     for line in BufReader::new(stdout).lines() {
@@ -123,15 +114,7 @@ fn run_counting(cmd: &mut Command) -> Result<(u64, u64)> {
         if let Some(rest) = line.strip_prefix("test result: ") {
             let count = |word: &str| -> u64 {
                 rest.split(';')
-                    .find_map(|part| {
-                        part.trim()
-                            .strip_suffix(word)?
-                            .trim()
-                            .rsplit(' ')
-                            .next()?
-                            .parse()
-                            .ok()
-                    })
+                    .find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse().ok())
                     .unwrap_or(0)
             };
             passed += count("passed");

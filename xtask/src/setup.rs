@@ -13,21 +13,25 @@ const PACKAGES: &[&str] = &[
     "nginx-light",
     "curl",
     "wrk",
+    "postgresql-15",
+    "postgresql-client-15",
+    "redis-server",
+    "redis-tools",
 ];
+/// Python client libraries the end-to-end tests drive real servers with.
+const PYTHON_MODULES: &[(&str, &str)] = &[("psycopg", "psycopg[binary]"), ("redis", "redis")];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub fn run() -> Result<()> {
     apt_packages()?;
+    python_modules()?;
     rust_src()?;
     bpf_linker()?;
     Ok(())
 }
 
 fn quiet(cmd: &mut Command) -> bool {
-    cmd.stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 fn installed(pkg: &str) -> bool {
@@ -64,26 +68,29 @@ unsafe extern "C" {
     fn geteuid() -> u32;
 }
 
+fn python_modules() -> Result<()> {
+    let missing: Vec<&str> = PYTHON_MODULES
+        .iter()
+        .filter(|(module, _)| !quiet(Command::new("python3").args(["-c", &format!("import {module}")])))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("==> installing Python packages: {}", missing.join(" "));
+    crate::run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(&missing))
+}
+
 fn rust_src() -> Result<()> {
     let has = Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()
-        .is_ok_and(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| l.starts_with("rust-src"))
-        });
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")));
     if has {
         return Ok(());
     }
     println!("==> adding rust-src to the nightly toolchain (eBPF builds core from source)");
-    crate::run(Command::new("rustup").args([
-        "component",
-        "add",
-        "rust-src",
-        "--toolchain",
-        "nightly",
-    ]))
+    crate::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
 }
 
 fn bpf_linker() -> Result<()> {
@@ -95,28 +102,16 @@ fn bpf_linker() -> Result<()> {
     }
     println!("==> installing bpf-linker linked against LLVM 22 (about a minute)");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args([
-        "install",
-        "bpf-linker",
-        "--no-default-features",
-        "--features",
-        "llvm-22",
-    ])
-    .env("LLVM_PREFIX", LLVM_PREFIX)
-    .env(
-        "PATH",
-        format!(
-            "{LLVM_PREFIX}/bin:{}",
-            std::env::var("PATH").unwrap_or_default()
-        ),
-    );
+    cmd.args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_PREFIX", LLVM_PREFIX)
+        .env("PATH", format!("{LLVM_PREFIX}/bin:{}", std::env::var("PATH").unwrap_or_default()));
     crate::run(&mut cmd)
 }
 
 /// Makes sure cargo-installed tools (bpf-linker) are found by child processes.
 pub fn add_tool_paths(cmd: &mut Command) {
-    let home = std::env::var("CARGO_HOME")
-        .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
+    let home =
+        std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
     let path = std::env::var("PATH").unwrap_or_default();
     if !path.split(':').any(|p| p == format!("{home}/bin")) {
         cmd.env("PATH", format!("{home}/bin:{path}"));

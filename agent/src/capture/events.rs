@@ -4,8 +4,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use sonde_common::{
-    ConnEvent, DATA_FLAG_UNCOPIED, DIR_INGRESS, DataEvent, EventHeader, EventKind, ProcEvent,
-    ROLE_CLIENT, ROLE_SERVER, RawSockaddr,
+    ConnEvent, DATA_FLAG_UNCOPIED, DIR_INGRESS, DataEvent, EventHeader, EventKind, ProcEvent, ROLE_CLIENT, ROLE_SERVER,
+    RawSockaddr,
 };
 
 use crate::conn::{Role, table::Direction};
@@ -64,10 +64,7 @@ pub enum DecodeError {
 fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
     let need = size_of::<T>();
     if bytes.len() < need {
-        return Err(DecodeError::Short {
-            len: bytes.len(),
-            need,
-        });
+        return Err(DecodeError::Short { len: bytes.len(), need });
     }
     // SAFETY: length checked above; T is a plain repr(C) type from sonde-common; unaligned read.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
@@ -87,11 +84,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 tid,
                 fd: d.fd,
                 ts_ns,
-                direction: if d.direction == DIR_INGRESS {
-                    Direction::Ingress
-                } else {
-                    Direction::Egress
-                },
+                direction: if d.direction == DIR_INGRESS { Direction::Ingress } else { Direction::Egress },
                 byte_count: d.byte_count,
                 payload: &bytes[start..end],
                 uncopied: d.flags & DATA_FLAG_UNCOPIED != 0,
@@ -102,28 +95,13 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             let c: ConnEvent = read(bytes)?;
             let role = role_of(c.role);
             let listen_fd = (c.listen_fd != u32::MAX).then_some(c.listen_fd);
-            Event::ConnOpen {
-                pid,
-                tid,
-                fd: c.fd,
-                ts_ns,
-                role,
-                listen_fd,
-                peer: sockaddr(&c.peer),
-            }
+            Event::ConnOpen { pid, tid, fd: c.fd, ts_ns, role, listen_fd, peer: sockaddr(&c.peer) }
         }
         EventKind::ConnClose => {
             let c: ConnEvent = read(bytes)?;
-            Event::ConnClose {
-                pid,
-                fd: c.fd,
-                ts_ns,
-            }
+            Event::ConnClose { pid, fd: c.fd, ts_ns }
         }
-        EventKind::ProcFork => Event::ProcFork {
-            parent: pid,
-            child: read::<ProcEvent>(bytes)?.other_pid,
-        },
+        EventKind::ProcFork => Event::ProcFork { parent: pid, child: read::<ProcEvent>(bytes)?.other_pid },
         EventKind::ProcExec => Event::ProcExec { pid },
         EventKind::ProcExit => Event::ProcExit { pid },
         EventKind::Listen => Event::Listen { pid },
@@ -142,17 +120,10 @@ fn role_of(raw: u32) -> Role {
 pub fn sockaddr(raw: &RawSockaddr) -> Option<SocketAddr> {
     let port = u16::from_be(raw.port_be);
     let ip = match raw.family {
-        2 => IpAddr::V4(Ipv4Addr::new(
-            raw.addr[0],
-            raw.addr[1],
-            raw.addr[2],
-            raw.addr[3],
-        )),
+        2 => IpAddr::V4(Ipv4Addr::new(raw.addr[0], raw.addr[1], raw.addr[2], raw.addr[3])),
         10 => {
             let v6 = Ipv6Addr::from(raw.addr);
-            v6.to_ipv4_mapped()
-                .map(IpAddr::V4)
-                .unwrap_or(IpAddr::V6(v6))
+            v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6))
         }
         _ => return None,
     };
@@ -169,13 +140,7 @@ mod tests {
     }
 
     fn header(kind: EventKind) -> EventHeader {
-        EventHeader {
-            kind: kind as u32,
-            pid: 10,
-            tid: 11,
-            _pad: 0,
-            ts_ns: 99,
-        }
+        EventHeader { kind: kind as u32, pid: 10, tid: 11, _pad: 0, ts_ns: 99 }
     }
 
     #[test]
@@ -192,21 +157,8 @@ mod tests {
         };
         let mut bytes = as_bytes(&d);
         bytes.extend_from_slice(b"GETxxxx");
-        let Event::Data {
-            pid,
-            fd,
-            byte_count,
-            payload,
-            direction,
-            ..
-        } = decode(&bytes).unwrap()
-        else {
-            panic!()
-        };
-        assert_eq!(
-            (pid, fd, byte_count, payload, direction),
-            (10, 4, 100, &b"GET"[..], Direction::Ingress)
-        );
+        let Event::Data { pid, fd, byte_count, payload, direction, .. } = decode(&bytes).unwrap() else { panic!() };
+        assert_eq!((pid, fd, byte_count, payload, direction), (10, 4, 100, &b"GET"[..], Direction::Ingress));
     }
 
     #[test]
@@ -219,11 +171,7 @@ mod tests {
             role: ROLE_SERVER,
             listen_fd: 3,
             _pad: 0,
-            peer: RawSockaddr {
-                family: 2,
-                port_be: 8080u16.to_be(),
-                addr,
-            },
+            peer: RawSockaddr { family: 2, port_be: 8080u16.to_be(), addr },
         };
         let bytes = as_bytes(&c);
         let ev = decode(&bytes).unwrap();
@@ -243,11 +191,7 @@ mod tests {
         mapped[10] = 0xff;
         mapped[11] = 0xff;
         mapped[12..].copy_from_slice(&[10, 0, 0, 1]);
-        let v6 = RawSockaddr {
-            family: 10,
-            port_be: 80u16.to_be(),
-            addr: mapped,
-        };
+        let v6 = RawSockaddr { family: 10, port_be: 80u16.to_be(), addr: mapped };
         assert_eq!(sockaddr(&v6), Some("10.0.0.1:80".parse().unwrap()));
     }
 
@@ -259,9 +203,6 @@ mod tests {
         assert_eq!(decode(&as_bytes(&h)), Err(DecodeError::UnknownKind(99)));
         // A data header cut short.
         let h = header(EventKind::Data);
-        assert!(matches!(
-            decode(&as_bytes(&h)),
-            Err(DecodeError::Short { .. })
-        ));
+        assert!(matches!(decode(&as_bytes(&h)), Err(DecodeError::Short { .. })));
     }
 }

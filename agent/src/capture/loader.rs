@@ -34,12 +34,7 @@ pub enum CaptureError {
     #[error("eBPF map {name} is missing or has the wrong type: {detail}")]
     Map { name: &'static str, detail: String },
     #[error("attaching {program} to tracepoint {category}/{name} failed: {detail}")]
-    Attach {
-        program: String,
-        category: &'static str,
-        name: String,
-        detail: String,
-    },
+    Attach { program: String, category: &'static str, name: String, detail: String },
     #[error("updating eBPF map {name}: {detail}")]
     Update { name: &'static str, detail: String },
 }
@@ -75,10 +70,7 @@ pub struct Capture {
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> CaptureError {
-    move |e| CaptureError::Map {
-        name,
-        detail: e.to_string(),
-    }
+    move |e| CaptureError::Map { name, detail: e.to_string() }
 }
 
 impl Capture {
@@ -88,8 +80,8 @@ impl Capture {
         }
         tracefs::ensure_mounted().map_err(CaptureError::Tracefs)?;
         raise_memlock();
-        let fork_offset = tracefs::field_offset("sched", "sched_process_fork", "child_pid")
-            .map_err(CaptureError::Tracefs)?;
+        let fork_offset =
+            tracefs::field_offset("sched", "sched_process_fork", "child_pid").map_err(CaptureError::Tracefs)?;
 
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
@@ -97,10 +89,7 @@ impl Capture {
             .map_err(CaptureError::Load)?;
 
         let take = |ebpf: &mut Ebpf, name: &'static str| {
-            ebpf.take_map(name).ok_or(CaptureError::Map {
-                name,
-                detail: "not in the object file".into(),
-            })
+            ebpf.take_map(name).ok_or(CaptureError::Map { name, detail: "not in the object file".into() })
         };
         let mut settings: Array<MapData, Settings> =
             Array::try_from(take(&mut ebpf, "SETTINGS")?).map_err(map_err("SETTINGS"))?;
@@ -115,46 +104,28 @@ impl Capture {
                 },
                 0,
             )
-            .map_err(|e| CaptureError::Update {
-                name: "SETTINGS",
-                detail: e.to_string(),
-            })?;
-        let traced =
-            HashMap::try_from(take(&mut ebpf, "TRACED_PIDS")?).map_err(map_err("TRACED_PIDS"))?;
+            .map_err(|e| CaptureError::Update { name: "SETTINGS", detail: e.to_string() })?;
+        let traced = HashMap::try_from(take(&mut ebpf, "TRACED_PIDS")?).map_err(map_err("TRACED_PIDS"))?;
         let sockets = HashMap::try_from(take(&mut ebpf, "SOCKETS")?).map_err(map_err("SOCKETS"))?;
-        let counters =
-            PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?).map_err(map_err("COUNTERS"))?;
+        let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?).map_err(map_err("COUNTERS"))?;
         let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(map_err("EVENTS"))?;
 
         let mut attached = 0;
         for (name, program) in ebpf.programs_mut() {
-            let category = if name.starts_with("sys_") {
-                "syscalls"
-            } else {
-                "sched"
-            };
+            let category = if name.starts_with("sys_") { "syscalls" } else { "sched" };
             let attach_err = |detail: String| CaptureError::Attach {
                 program: name.to_owned(),
                 category,
                 name: name.to_owned(),
                 detail: shorten_verifier_log(&detail),
             };
-            let tp: &mut TracePoint = program
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
+            let tp: &mut TracePoint =
+                program.try_into().map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
             tp.load().map_err(|e| attach_err(e.to_string()))?;
-            tp.attach(category, name)
-                .map_err(|e| attach_err(e.to_string()))?;
+            tp.attach(category, name).map_err(|e| attach_err(e.to_string()))?;
             attached += 1;
         }
-        Ok(Self {
-            _ebpf: ebpf,
-            traced,
-            sockets,
-            counters,
-            ring: Some(ring),
-            attached,
-        })
+        Ok(Self { _ebpf: ebpf, traced, sockets, counters, ring: Some(ring), attached })
     }
 
     /// The ring buffer, handed to the reader once.
@@ -163,12 +134,7 @@ impl Capture {
     }
 
     pub fn trace_pid(&mut self, pid: u32) -> Result<(), CaptureError> {
-        self.traced
-            .insert(pid, 1, 0)
-            .map_err(|e| CaptureError::Update {
-                name: "TRACED_PIDS",
-                detail: e.to_string(),
-            })
+        self.traced.insert(pid, 1, 0).map_err(|e| CaptureError::Update { name: "TRACED_PIDS", detail: e.to_string() })
     }
 
     pub fn untrace_pid(&mut self, pid: u32) {
@@ -191,11 +157,8 @@ impl Capture {
             Role::Unknown => 0,
         };
         self.sockets
-            .insert(SocketKey { pid, fd }, SocketInfo { role, _pad: 0 }, 0)
-            .map_err(|e| CaptureError::Update {
-                name: "SOCKETS",
-                detail: e.to_string(),
-            })
+            .insert(SocketKey { pid, fd }, SocketInfo { role, _pad: 0, opened_ns: 0, closed_ns: 0 }, 0)
+            .map_err(|e| CaptureError::Update { name: "SOCKETS", detail: e.to_string() })
     }
 
     pub fn forget_socket(&mut self, pid: u32, fd: u32) {
@@ -204,12 +167,7 @@ impl Capture {
 
     /// Socket map entries belonging to `pid` (used to clean up after a process exits).
     pub fn sockets_of(&self, pid: u32) -> Vec<u32> {
-        self.sockets
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.pid == pid)
-            .map(|k| k.fd)
-            .collect()
+        self.sockets.keys().filter_map(Result::ok).filter(|k| k.pid == pid).map(|k| k.fd).collect()
     }
 
     pub fn socket_count(&self) -> usize {
@@ -217,12 +175,7 @@ impl Capture {
     }
 
     pub fn counters(&self) -> KernelCounters {
-        let sum = |index: u32| -> u64 {
-            self.counters
-                .get(&index, 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0)
-        };
+        let sum = |index: u32| -> u64 { self.counters.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0) };
         debug_assert_eq!(COUNT, 4);
         KernelCounters {
             ringbuf_drops: sum(counter::RINGBUF_DROPS),
@@ -239,21 +192,13 @@ fn shorten_verifier_log(detail: &str) -> String {
     if lines.len() <= 12 {
         return detail.to_owned();
     }
-    format!(
-        "{} [... {} verifier lines ...] {}",
-        lines[0],
-        lines.len() - 7,
-        lines[lines.len() - 6..].join(" | ")
-    )
+    format!("{} [... {} verifier lines ...] {}", lines[0], lines.len() - 7, lines[lines.len() - 6..].join(" | "))
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg. Try to raise
 /// it and ignore failure (not permitted without CAP_SYS_RESOURCE, and not needed on new kernels).
 fn raise_memlock() {
-    let rlim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: plain syscall with a valid pointer.
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }

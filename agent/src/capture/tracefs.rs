@@ -14,15 +14,7 @@ pub fn ensure_mounted() -> Result<(), String> {
     let fstype = c"tracefs";
     let source = c"nodev";
     // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         return Err(format!(
@@ -34,15 +26,9 @@ pub fn ensure_mounted() -> Result<(), String> {
 
 /// Offset of a field in a tracepoint's record, from its `format` file.
 pub fn field_offset(category: &str, event: &str, field: &str) -> Result<u32, String> {
-    let path = Path::new(TRACEFS)
-        .join("events")
-        .join(category)
-        .join(event)
-        .join("format");
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    parse_field_offset(&text, field)
-        .ok_or_else(|| format!("field {field} not found in {}", path.display()))
+    let path = Path::new(TRACEFS).join("events").join(category).join(event).join("format");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    parse_field_offset(&text, field).ok_or_else(|| format!("field {field} not found in {}", path.display()))
 }
 
 fn parse_field_offset(format: &str, field: &str) -> Option<u32> {
@@ -53,13 +39,7 @@ fn parse_field_offset(format: &str, field: &str) -> Option<u32> {
         if name != field {
             return None;
         }
-        rest.trim()
-            .strip_prefix("offset:")?
-            .split(';')
-            .next()?
-            .trim()
-            .parse()
-            .ok()
+        rest.trim().strip_prefix("offset:")?.split(';').next()?.trim().parse().ok()
     })
 }
 

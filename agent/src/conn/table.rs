@@ -1,6 +1,6 @@
 //! The connection table: routes each syscall's bytes to the right protocol session.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::{
     protocol::{
@@ -15,7 +15,7 @@ const DETECT_BUFFER_BYTES: usize = 64;
 /// Segments tried before a connection is declared opaque (not a protocol we parse).
 const DETECT_ATTEMPTS: u32 = 8;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnKey {
     pub pid: u32,
     pub fd: u32,
@@ -59,13 +59,7 @@ impl Conn {
         Self {
             role,
             addrs,
-            parser: Parser::Undecided {
-                buffered: Vec::new(),
-                side: None,
-                first_ts: 0,
-                first_tid: 0,
-                attempts: 0,
-            },
+            parser: Parser::Undecided { buffered: Vec::new(), side: None, first_ts: 0, first_tid: 0, attempts: 0 },
             contexts: VecDeque::new(),
         }
     }
@@ -80,7 +74,8 @@ impl Conn {
 
 #[derive(Default)]
 pub struct ConnTable {
-    conns: HashMap<ConnKey, Conn>,
+    /// Ordered by (pid, fd): a process's connections are one range.
+    conns: BTreeMap<ConnKey, Conn>,
 }
 
 /// What one syscall moved on a connection.
@@ -120,14 +115,7 @@ impl ConnTable {
     }
 
     /// A new connection on `key`; a previous one on the same fd is closed first.
-    pub fn open(
-        &mut self,
-        key: ConnKey,
-        role: Role,
-        addrs: ConnAddrs,
-        ts_ns: u64,
-        out: &mut Vec<SessionEvent>,
-    ) {
+    pub fn open(&mut self, key: ConnKey, role: Role, addrs: ConnAddrs, ts_ns: u64, out: &mut Vec<SessionEvent>) {
         self.close(key, ts_ns, out);
         self.conns.insert(key, Conn::new(role, addrs));
     }
@@ -141,33 +129,40 @@ impl ConnTable {
         Some(conn)
     }
 
+    fn range_of(pid: u32) -> std::ops::RangeInclusive<ConnKey> {
+        ConnKey { pid, fd: 0 }..=ConnKey { pid, fd: u32::MAX }
+    }
+
     /// Drops every connection of a process that exited.
     pub fn remove_process(&mut self, pid: u32) {
-        self.conns.retain(|k, _| k.pid != pid);
+        let keys: Vec<ConnKey> = self.conns.range(Self::range_of(pid)).map(|(k, _)| *k).collect();
+        for k in keys {
+            self.conns.remove(&k);
+        }
+    }
+
+    /// A forked child holds its parent's connections: same roles and addresses, fresh parsers
+    /// (whichever process uses a socket from now on gets its own stream).
+    pub fn inherit(&mut self, parent: u32, child: u32) {
+        let copies: Vec<(ConnKey, Role, ConnAddrs)> = self
+            .conns
+            .range(Self::range_of(parent))
+            .map(|(k, c)| (ConnKey { pid: child, fd: k.fd }, c.role, c.addrs))
+            .collect();
+        for (key, role, addrs) in copies {
+            self.conns.insert(key, Conn::new(role, addrs));
+        }
     }
 
     /// Routes one syscall's bytes. Unknown connections are created with [`Role::Unknown`].
     pub fn on_data(&mut self, key: ConnKey, data: DataIn<'_>, out: &mut Vec<SessionEvent>) {
-        let DataIn {
-            dir,
-            payload: bytes,
-            byte_count,
-            ts_ns,
-            tid,
-        } = data;
-        let conn = self
-            .conns
-            .entry(key)
-            .or_insert_with(|| Conn::new(Role::Unknown, ConnAddrs::default()));
+        let DataIn { dir, payload: bytes, byte_count, ts_ns, tid } = data;
+        let conn = self.conns.entry(key).or_insert_with(|| Conn::new(Role::Unknown, ConnAddrs::default()));
         if conn.role == Role::Unknown {
             // The side that starts with a request tells the role.
             let as_request = matches!(detect(Side::Request, bytes), Detection::Matched(_));
             if as_request {
-                conn.role = if dir == Direction::Ingress {
-                    Role::Server
-                } else {
-                    Role::Client
-                };
+                conn.role = if dir == Direction::Ingress { Role::Server } else { Role::Client };
             } else {
                 return;
             }
@@ -176,13 +171,7 @@ impl ConnTable {
             (Role::Server, Direction::Ingress) | (Role::Client, Direction::Egress) => Side::Request,
             _ => Side::Response,
         };
-        let seg = Segment {
-            side,
-            bytes,
-            byte_count,
-            ts_ns,
-            tid,
-        };
+        let seg = Segment { side, bytes, byte_count, ts_ns, tid };
         match &mut conn.parser {
             Parser::Active(s) => s.feed(&seg, out),
             Parser::Opaque => {}
@@ -192,14 +181,7 @@ impl ConnTable {
 }
 
 fn detect_then_feed(conn: &mut Conn, seg: Segment<'_>, out: &mut Vec<SessionEvent>) {
-    let Parser::Undecided {
-        buffered,
-        side,
-        first_ts,
-        first_tid,
-        attempts,
-    } = &mut conn.parser
-    else {
+    let Parser::Undecided { buffered, side, first_ts, first_tid, attempts } = &mut conn.parser else {
         return;
     };
     // Only bytes from one side can be glued together; a switch of side restarts detection.
@@ -251,9 +233,7 @@ mod tests {
     use super::*;
 
     fn completed(out: &[SessionEvent]) -> usize {
-        out.iter()
-            .filter(|e| matches!(e, SessionEvent::Completed(_)))
-            .count()
+        out.iter().filter(|e| matches!(e, SessionEvent::Completed(_))).count()
     }
 
     #[test]
@@ -264,13 +244,7 @@ mod tests {
         t.open(key, Role::Server, ConnAddrs::default(), 0, &mut out);
         t.on_data(
             key,
-            DataIn {
-                dir: Direction::Ingress,
-                payload: b"GET / HTTP/1.1\r\n\r\n",
-                byte_count: 18,
-                ts_ns: 1,
-                tid: 1,
-            },
+            DataIn { dir: Direction::Ingress, payload: b"GET / HTTP/1.1\r\n\r\n", byte_count: 18, ts_ns: 1, tid: 1 },
             &mut out,
         );
         t.on_data(
@@ -297,26 +271,14 @@ mod tests {
         for b in b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n" {
             t.on_data(
                 key,
-                DataIn {
-                    dir: Direction::Egress,
-                    payload: &[*b],
-                    byte_count: 1,
-                    ts_ns: 1,
-                    tid: 1,
-                },
+                DataIn { dir: Direction::Egress, payload: &[*b], byte_count: 1, ts_ns: 1, tid: 1 },
                 &mut out,
             );
         }
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
         t.on_data(
             key,
-            DataIn {
-                dir: Direction::Ingress,
-                payload: resp,
-                byte_count: resp.len() as u64,
-                ts_ns: 2,
-                tid: 1,
-            },
+            DataIn { dir: Direction::Ingress, payload: resp, byte_count: resp.len() as u64, ts_ns: 2, tid: 1 },
             &mut out,
         );
         assert_eq!(completed(&out), 1, "{out:?}");
@@ -330,24 +292,12 @@ mod tests {
         // Mid-stream: a response body tail first, then a request.
         t.on_data(
             key,
-            DataIn {
-                dir: Direction::Egress,
-                payload: b"tail of a body",
-                byte_count: 14,
-                ts_ns: 1,
-                tid: 1,
-            },
+            DataIn { dir: Direction::Egress, payload: b"tail of a body", byte_count: 14, ts_ns: 1, tid: 1 },
             &mut out,
         );
         t.on_data(
             key,
-            DataIn {
-                dir: Direction::Ingress,
-                payload: b"GET / HTTP/1.1\r\n\r\n",
-                byte_count: 18,
-                ts_ns: 2,
-                tid: 1,
-            },
+            DataIn { dir: Direction::Ingress, payload: b"GET / HTTP/1.1\r\n\r\n", byte_count: 18, ts_ns: 2, tid: 1 },
             &mut out,
         );
         t.on_data(
@@ -374,25 +324,13 @@ mod tests {
         for _ in 0..DETECT_ATTEMPTS {
             t.on_data(
                 key,
-                DataIn {
-                    dir: Direction::Egress,
-                    payload: b"\x16\x03\x01\x02\x00",
-                    byte_count: 5,
-                    ts_ns: 1,
-                    tid: 1,
-                },
+                DataIn { dir: Direction::Egress, payload: b"\x16\x03\x01\x02\x00", byte_count: 5, ts_ns: 1, tid: 1 },
                 &mut out,
             );
         }
         t.on_data(
             key,
-            DataIn {
-                dir: Direction::Egress,
-                payload: b"GET / HTTP/1.1\r\n\r\n",
-                byte_count: 18,
-                ts_ns: 1,
-                tid: 1,
-            },
+            DataIn { dir: Direction::Egress, payload: b"GET / HTTP/1.1\r\n\r\n", byte_count: 18, ts_ns: 1, tid: 1 },
             &mut out,
         );
         assert_eq!(t.get(&key).unwrap().protocol(), None);

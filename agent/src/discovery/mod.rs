@@ -26,17 +26,11 @@ pub struct SeededSocket {
 #[derive(Debug)]
 pub enum Action {
     /// Trace `pid` (add it to the PID filter) and track these existing sockets.
-    Trace {
-        pid: u32,
-        resource: Arc<Resource>,
-        sockets: Vec<SeededSocket>,
-    },
+    Trace { pid: u32, resource: Arc<Resource>, sockets: Vec<SeededSocket> },
     /// A child the kernel already traces (fork hook): record its resource and inherited sockets.
-    Adopt {
-        pid: u32,
-        resource: Arc<Resource>,
-        sockets: Vec<SeededSocket>,
-    },
+    Adopt { pid: u32, resource: Arc<Resource>, sockets: Vec<SeededSocket> },
+    /// A traced process exec'd a new image: same service, new executable.
+    Refresh { pid: u32, resource: Arc<Resource> },
 }
 
 pub struct Discovery {
@@ -83,10 +77,8 @@ impl Discovery {
             }
         }
         // Descendants of traced processes (forked before sonde started, e.g. PostgreSQL backends).
-        let parents: HashMap<u32, u32> = pids
-            .iter()
-            .filter_map(|&p| procfs::parent_and_tgid(p).map(|(ppid, _)| (p, ppid)))
-            .collect();
+        let parents: HashMap<u32, u32> =
+            pids.iter().filter_map(|&p| procfs::parent_and_tgid(p).map(|(ppid, _)| (p, ppid))).collect();
         for &pid in &pids {
             if self.traced.contains_key(&pid) || pid == self.self_pid {
                 continue;
@@ -113,27 +105,15 @@ impl Discovery {
         }
         let exe = procfs::exe_path(pid)?;
         let needs_ports = self.selectors.iter().any(Selector::needs_ports);
-        let table = if needs_ports {
-            procfs::tcp_table(pid)
-        } else {
-            HashMap::new()
-        };
-        let fds = if needs_ports {
-            procfs::socket_fds(pid)
-        } else {
-            Vec::new()
-        };
+        let table = if needs_ports { procfs::tcp_table(pid) } else { HashMap::new() };
+        let fds = if needs_ports { procfs::socket_fds(pid) } else { Vec::new() };
         let listen_ports: Vec<u16> = fds
             .iter()
             .filter_map(|(_, inode)| table.get(inode))
             .filter(|e| e.state == procfs::TCP_LISTEN)
             .map(|e| e.local.port())
             .collect();
-        let facts = ProcessFacts {
-            pid,
-            exe_path: &exe,
-            listen_ports: &listen_ports,
-        };
+        let facts = ProcessFacts { pid, exe_path: &exe, listen_ports: &listen_ports };
         let selector = self.selectors.iter().find(|s| s.matches(&facts))?;
         let service = selector
             .service_name
@@ -143,29 +123,42 @@ impl Discovery {
             .unwrap_or_else(|| exe.rsplit('/').next().unwrap_or(&exe).to_owned());
         let resource = Arc::new(self.resource_for(pid, &service, &exe));
         self.traced.insert(pid, resource.clone());
-        Some(Action::Trace {
-            pid,
-            resource,
-            sockets: seed_sockets(pid),
-        })
+        Some(Action::Trace { pid, resource, sockets: seed_sockets(pid) })
     }
 
     /// The kernel traced a child of a traced process from its first syscall: give it the
     /// parent's service (threads are ignored: they share their process's resource).
     pub fn on_fork(&mut self, parent: u32, child: u32) -> Option<Action> {
-        let (_, tgid) = procfs::parent_and_tgid(child)?;
-        if tgid != child || self.traced.contains_key(&child) {
+        if self.traced.contains_key(&child) {
             return None;
         }
-        let parent_res = self.traced.get(&parent)?.clone();
-        let exe = procfs::exe_path(child).unwrap_or_default();
+        let Some(parent_res) = self.traced.get(&parent).cloned() else {
+            log::debug!("fork {parent} -> {child}: parent is not a traced process");
+            return None;
+        };
+        // A live thread shows a different tgid. A child that already exited (a one-shot client
+        // faster than sonde) still gets its parent's identity: its events are already queued.
+        if let Some((_, tgid)) = procfs::parent_and_tgid(child)
+            && tgid != child
+        {
+            return None;
+        }
+        let exe = procfs::exe_path(child).or_else(|| exe_of(&parent_res)).unwrap_or_default();
         let resource = Arc::new(self.resource_for(child, &parent_res.service_name, &exe));
         self.traced.insert(child, resource.clone());
-        Some(Action::Adopt {
-            pid: child,
-            resource,
-            sockets: seed_sockets(child),
-        })
+        // No /proc seeding: the kernel hands the child exactly the sockets open at fork time,
+        // with their true role.
+        Some(Action::Adopt { pid: child, resource, sockets: Vec::new() })
+    }
+
+    /// A process called exec: a traced one keeps its service under its new executable; an
+    /// untraced one is checked against the selectors.
+    pub fn on_exec(&mut self, pid: u32) -> Option<Action> {
+        let Some(old) = self.traced.get(&pid).cloned() else { return self.check_pid(pid) };
+        let exe = procfs::exe_path(pid)?;
+        let resource = Arc::new(self.resource_for(pid, &old.service_name, &exe));
+        self.traced.insert(pid, resource.clone());
+        Some(Action::Refresh { pid, resource })
     }
 
     pub fn on_exit(&mut self, pid: u32) {
@@ -174,12 +167,8 @@ impl Discovery {
 
     /// Processes that vanished without an exit event (e.g. events lost).
     pub fn prune_dead(&mut self) -> Vec<u32> {
-        let dead: Vec<u32> = self
-            .traced
-            .keys()
-            .copied()
-            .filter(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
-            .collect();
+        let dead: Vec<u32> =
+            self.traced.keys().copied().filter(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()).collect();
         for p in &dead {
             self.traced.remove(p);
         }
@@ -190,11 +179,7 @@ impl Discovery {
         let exe = procfs::exe_path(pid).unwrap_or_default();
         let resource = Arc::new(self.resource_for(pid, &parent.service_name, &exe));
         self.traced.insert(pid, resource.clone());
-        Action::Trace {
-            pid,
-            resource,
-            sockets: seed_sockets(pid),
-        }
+        Action::Trace { pid, resource, sockets: seed_sockets(pid) }
     }
 
     fn resource_for(&self, pid: u32, service: &str, exe: &str) -> Resource {
@@ -209,27 +194,27 @@ impl Discovery {
     }
 }
 
-/// Established TCP sockets the process holds; the role comes from whether the local port is
-/// one the process listens on.
+fn exe_of(r: &Resource) -> Option<String> {
+    r.attributes.iter().find(|(k, _)| k == "process.executable.path").and_then(|(_, v)| match v {
+        crate::trace::span::AttrValue::Str(s) => Some(s.clone()),
+        _ => None,
+    })
+}
+
+/// Established TCP sockets the process holds. The process is the server on a socket whose local
+/// port is a listening port in its network namespace (whoever owns the listener: PostgreSQL
+/// backends and pre-forked workers serve on ports their parent listens on).
 pub fn seed_sockets(pid: u32) -> Vec<SeededSocket> {
     let table = procfs::tcp_table(pid);
-    let fds = procfs::socket_fds(pid);
-    let listening: Vec<u16> = fds
+    let listening: std::collections::HashSet<u16> =
+        table.values().filter(|e| e.state == procfs::TCP_LISTEN).map(|e| e.local.port()).collect();
+    procfs::socket_fds(pid)
         .iter()
-        .filter_map(|(_, i)| table.get(i))
-        .filter(|e| e.state == procfs::TCP_LISTEN)
-        .map(|e| e.local.port())
-        .collect();
-    fds.iter()
         .filter_map(|(fd, inode)| {
             let e = table.get(inode)?;
             (e.state == procfs::TCP_ESTABLISHED).then(|| SeededSocket {
                 fd: *fd,
-                role: if listening.contains(&e.local.port()) {
-                    Role::Server
-                } else {
-                    Role::Client
-                },
+                role: if listening.contains(&e.local.port()) { Role::Server } else { Role::Client },
                 local: e.local,
                 peer: e.remote,
             })
@@ -240,7 +225,5 @@ pub fn seed_sockets(pid: u32) -> Vec<SeededSocket> {
 /// Local and remote address of one socket fd, from /proc.
 pub fn socket_addrs(pid: u32, fd: u32) -> Option<(SocketAddr, SocketAddr)> {
     let inode = procfs::socket_inode(pid, fd)?;
-    procfs::tcp_table(pid)
-        .get(&inode)
-        .map(|e| (e.local, e.remote))
+    procfs::tcp_table(pid).get(&inode).map(|e| (e.local, e.remote))
 }

@@ -22,8 +22,7 @@ pub fn list_pids() -> Vec<u32> {
     let Ok(dir) = fs::read_dir("/proc") else {
         return Vec::new();
     };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect()
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
 }
 
 pub fn exe_path(pid: u32) -> Option<String> {
@@ -43,11 +42,7 @@ pub fn environ_var(pid: u32, name: &str) -> Option<String> {
 /// (parent pid, thread group id) from /proc/PID/status.
 pub fn parent_and_tgid(pid: u32) -> Option<(u32, u32)> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| -> Option<u32> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-    };
+    let field = |name: &str| -> Option<u32> { status.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()) };
     Some((field("PPid:")?, field("Tgid:")?))
 }
 
@@ -60,11 +55,7 @@ pub fn start_ticks(pid: u32) -> u64 {
     let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
         return 0;
     };
-    after
-        .split_whitespace()
-        .nth(19)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    after.split_whitespace().nth(19).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// (fd, socket inode) of every socket the process has open.
@@ -76,12 +67,7 @@ pub fn socket_fds(pid: u32) -> Vec<(u32, u64)> {
         let e = e.ok()?;
         let fd: u32 = e.file_name().to_str()?.parse().ok()?;
         let target = fs::read_link(e.path()).ok()?;
-        let inode = target
-            .to_str()?
-            .strip_prefix("socket:[")?
-            .strip_suffix(']')?
-            .parse()
-            .ok()?;
+        let inode = target.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()?;
         Some((fd, inode))
     })
     .collect()
@@ -90,12 +76,7 @@ pub fn socket_fds(pid: u32) -> Vec<(u32, u64)> {
 /// The inode of the socket behind one fd.
 pub fn socket_inode(pid: u32, fd: u32) -> Option<u64> {
     let target = fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
-    target
-        .to_str()?
-        .strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
+    target.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
 }
 
 /// TCP sockets of the process's network namespace, by inode.
@@ -115,23 +96,13 @@ pub fn parse_tcp_table(text: &str, out: &mut HashMap<u64, TcpEntry>) {
         if cols.len() < 10 {
             continue;
         }
-        let (Some(local), Some(remote), Ok(state), Ok(inode)) = (
-            parse_addr(cols[1]),
-            parse_addr(cols[2]),
-            u8::from_str_radix(cols[3], 16),
-            cols[9].parse::<u64>(),
-        ) else {
+        let (Some(local), Some(remote), Ok(state), Ok(inode)) =
+            (parse_addr(cols[1]), parse_addr(cols[2]), u8::from_str_radix(cols[3], 16), cols[9].parse::<u64>())
+        else {
             continue;
         };
         if inode != 0 {
-            out.insert(
-                inode,
-                TcpEntry {
-                    local,
-                    remote,
-                    state,
-                },
-            );
+            out.insert(inode, TcpEntry { local, remote, state });
         }
     }
 }
@@ -152,9 +123,7 @@ fn parse_addr(s: &str) -> Option<SocketAddr> {
                 bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_be_bytes());
             }
             let v6 = Ipv6Addr::from(bytes);
-            v6.to_ipv4_mapped()
-                .map(IpAddr::V4)
-                .unwrap_or(IpAddr::V6(v6))
+            v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6))
         }
         _ => return None,
     };
@@ -162,9 +131,7 @@ fn parse_addr(s: &str) -> Option<SocketAddr> {
 }
 
 pub fn host_name() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
+    fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "unknown".into())
 }
 
 #[cfg(test)]

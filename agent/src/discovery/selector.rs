@@ -16,23 +16,17 @@ impl PortSet {
             };
             let parse = |s: &str| {
                 s.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
-                    format!(
-                        "{s:?} in {text:?} is not a port (1-65535); write ports like 8080,9000-9100"
-                    )
+                    format!("{s:?} in {text:?} is not a port (1-65535); write ports like 8080,9000-9100")
                 })
             };
             let (lo, hi) = (parse(lo)?, parse(hi)?);
             if lo > hi {
-                return Err(format!(
-                    "range {part:?} is backwards; write it low-high, e.g. {hi}-{lo}"
-                ));
+                return Err(format!("range {part:?} is backwards; write it low-high, e.g. {hi}-{lo}"));
             }
             ranges.push((lo, hi));
         }
         if ranges.is_empty() {
-            return Err(format!(
-                "{text:?} lists no ports; write ports like 8080,9000-9100"
-            ));
+            return Err(format!("{text:?} lists no ports; write ports like 8080,9000-9100"));
         }
         Ok(Self(ranges))
     }
@@ -103,11 +97,7 @@ mod tests {
     fn port_sets() {
         let p = PortSet::parse("8080, 9000-9100").unwrap();
         assert!(p.contains(8080) && p.contains(9050) && !p.contains(9101));
-        assert!(
-            PortSet::parse("9100-9000")
-                .unwrap_err()
-                .contains("backwards")
-        );
+        assert!(PortSet::parse("9100-9000").unwrap_err().contains("backwards"));
         assert!(PortSet::parse("http").unwrap_err().contains("not a port"));
         assert!(PortSet::parse("70000").is_err());
         assert!(PortSet::parse("").is_err());
@@ -121,11 +111,7 @@ mod tests {
             exe_path: Some(compile_glob("*/python3*").unwrap()),
             pids: vec![],
         };
-        let facts = |exe, ports: &'static [u16]| ProcessFacts {
-            pid: 1,
-            exe_path: exe,
-            listen_ports: ports,
-        };
+        let facts = |exe, ports: &'static [u16]| ProcessFacts { pid: 1, exe_path: exe, listen_ports: ports };
         assert!(s.matches(&facts("/usr/bin/python3.11", &[8080])));
         assert!(!s.matches(&facts("/usr/bin/python3.11", &[8081])));
         assert!(!s.matches(&facts("/usr/sbin/nginx", &[8080])));

@@ -38,38 +38,22 @@ pub struct OtlpSettingsError {
 }
 
 fn err(key: &str, message: impl Into<String>) -> OtlpSettingsError {
-    OtlpSettingsError {
-        key: key.into(),
-        message: message.into(),
-    }
+    OtlpSettingsError { key: key.into(), message: message.into() }
 }
 
 impl OtlpSettings {
     /// None when no endpoint is configured anywhere (then sonde only prints).
-    pub fn from_env(
-        file: &OtlpFileConfig,
-        env: crate::config::Env<'_>,
-    ) -> Result<Option<Self>, OtlpSettingsError> {
-        let (proto_key, proto) = [
-            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-            "OTEL_EXPORTER_OTLP_PROTOCOL",
-        ]
-        .iter()
-        .find_map(|k| env(k).map(|v| (k.to_string(), v)))
-        .or_else(|| {
-            file.protocol
-                .clone()
-                .map(|p| ("export.otlp.protocol".to_string(), p))
-        })
-        .unwrap_or_else(|| ("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "http/protobuf".into()));
+    pub fn from_env(file: &OtlpFileConfig, env: crate::config::Env<'_>) -> Result<Option<Self>, OtlpSettingsError> {
+        let (proto_key, proto) = ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]
+            .iter()
+            .find_map(|k| env(k).map(|v| (k.to_string(), v)))
+            .or_else(|| file.protocol.clone().map(|p| ("export.otlp.protocol".to_string(), p)))
+            .unwrap_or_else(|| ("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "http/protobuf".into()));
         let protocol = match proto.trim() {
             "grpc" => OtlpProtocol::Grpc,
             "http/protobuf" => OtlpProtocol::HttpProtobuf,
             other => {
-                return Err(err(
-                    &proto_key,
-                    format!("{other:?} is not supported; use grpc or http/protobuf"),
-                ));
+                return Err(err(&proto_key, format!("{other:?} is not supported; use grpc or http/protobuf")));
             }
         };
         let (endpoint_key, endpoint) = if let Some(e) = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
@@ -88,10 +72,7 @@ impl OtlpSettings {
             (key, e)
         };
         let uri: hyper::Uri = endpoint.parse().map_err(|e| {
-            err(
-                endpoint_key,
-                format!("{endpoint:?} is not a URL ({e}); write e.g. http://localhost:4318"),
-            )
+            err(endpoint_key, format!("{endpoint:?} is not a URL ({e}); write e.g. http://localhost:4318"))
         })?;
         match uri.scheme_str() {
             Some("http") => {}
@@ -109,35 +90,22 @@ impl OtlpSettings {
             }
         }
         if uri.host().is_none() {
-            return Err(err(
-                endpoint_key,
-                format!("{endpoint:?} has no host; write e.g. http://localhost:4318"),
-            ));
+            return Err(err(endpoint_key, format!("{endpoint:?} has no host; write e.g. http://localhost:4318")));
         }
-        let headers_key = [
-            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
-            "OTEL_EXPORTER_OTLP_HEADERS",
-        ]
-        .into_iter()
-        .find(|k| env(k).is_some());
+        let headers_key =
+            ["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"].into_iter().find(|k| env(k).is_some());
         let headers = match headers_key {
             Some(k) => parse_headers(&env(k).unwrap_or_default()).map_err(|m| err(k, m))?,
             None => Vec::new(),
         };
         let timeout_ms = match env("OTEL_EXPORTER_OTLP_TIMEOUT") {
-            Some(t) => t.trim().parse().map_err(|_| {
-                err(
-                    "OTEL_EXPORTER_OTLP_TIMEOUT",
-                    "must be milliseconds, e.g. 10000",
-                )
-            })?,
+            Some(t) => {
+                t.trim().parse().map_err(|_| err("OTEL_EXPORTER_OTLP_TIMEOUT", "must be milliseconds, e.g. 10000"))?
+            }
             None => file.timeout_ms,
         };
         if file.queue_spans == 0 || file.batch_spans == 0 || file.batch_spans > file.queue_spans {
-            return Err(err(
-                "export.otlp.batch_spans",
-                "needs 0 < batch_spans <= queue_spans",
-            ));
+            return Err(err("export.otlp.batch_spans", "needs 0 < batch_spans <= queue_spans"));
         }
         Ok(Some(Self {
             protocol,
@@ -174,20 +142,12 @@ impl SpanQueue {
 
 enum Transport {
     Grpc(TraceServiceClient<tonic::transport::Channel>),
-    Http(
-        hyper_util::client::legacy::Client<
-            hyper_util::client::legacy::connect::HttpConnector,
-            Full<Bytes>,
-        >,
-    ),
+    Http(hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>),
 }
 
 /// Starts the exporter task; returns the queue and the task to await on shutdown (after the
 /// queue's senders are dropped it drains what is left, then ends).
-pub fn start(
-    settings: OtlpSettings,
-    stats: Arc<Stats>,
-) -> Result<(SpanQueue, tokio::task::JoinHandle<()>), String> {
+pub fn start(settings: OtlpSettings, stats: Arc<Stats>) -> Result<(SpanQueue, tokio::task::JoinHandle<()>), String> {
     let (tx, rx) = mpsc::channel(settings.queue_spans);
     let transport = match settings.protocol {
         OtlpProtocol::Grpc => {
@@ -199,8 +159,7 @@ pub fn start(
             Transport::Grpc(TraceServiceClient::new(channel))
         }
         OtlpProtocol::HttpProtobuf => Transport::Http(
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http(),
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
         ),
     };
     let task = tokio::spawn(export_loop(rx, transport, settings, stats.clone()));
@@ -232,12 +191,7 @@ async fn export_loop(
     }
 }
 
-async fn send(
-    transport: &mut Transport,
-    settings: &OtlpSettings,
-    stats: &Stats,
-    batch: &mut Vec<Span>,
-) {
+async fn send(transport: &mut Transport, settings: &OtlpSettings, stats: &Stats, batch: &mut Vec<Span>) {
     let n = batch.len() as u64;
     let request = encode(batch);
     batch.clear();
@@ -246,42 +200,34 @@ async fn send(
             let mut req = tonic::Request::new(request);
             for (k, v) in &settings.headers {
                 if let (Ok(k), Ok(v)) = (
-                    k.to_ascii_lowercase()
-                        .parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
+                    k.to_ascii_lowercase().parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
                     v.parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>(),
                 ) {
                     req.metadata_mut().insert(k, v);
                 }
             }
-            client
-                .export(req)
-                .await
-                .map(|_| ())
-                .map_err(|e| format!("gRPC export: {}", e.message()))
+            client.export(req).await.map(|_| ()).map_err(|e| format!("gRPC export: {}", e.message()))
         }
         Transport::Http(client) => {
-            let mut builder = hyper::Request::post(&settings.endpoint)
-                .header("content-type", "application/x-protobuf");
+            let mut builder = hyper::Request::post(&settings.endpoint).header("content-type", "application/x-protobuf");
             for (k, v) in &settings.headers {
                 builder = builder.header(k.as_str(), v.as_str());
             }
             match builder.body(Full::new(Bytes::from(request.encode_to_vec()))) {
                 Err(e) => Err(format!("building the OTLP request: {e}")),
-                Ok(req) => {
-                    match tokio::time::timeout(settings.timeout, client.request(req)).await {
-                        Err(_) => Err("HTTP export timed out".into()),
-                        Ok(Err(e)) => Err(format!("HTTP export: {e}")),
-                        Ok(Ok(resp)) => {
-                            let status = resp.status();
-                            let _ = resp.into_body().collect().await;
-                            if status.is_success() {
-                                Ok(())
-                            } else {
-                                Err(format!("HTTP export: collector answered {status}"))
-                            }
+                Ok(req) => match tokio::time::timeout(settings.timeout, client.request(req)).await {
+                    Err(_) => Err("HTTP export timed out".into()),
+                    Ok(Err(e)) => Err(format!("HTTP export: {e}")),
+                    Ok(Ok(resp)) => {
+                        let status = resp.status();
+                        let _ = resp.into_body().collect().await;
+                        if status.is_success() {
+                            Ok(())
+                        } else {
+                            Err(format!("HTTP export: collector answered {status}"))
                         }
                     }
-                }
+                },
             }
         }
     };
@@ -300,39 +246,20 @@ mod tests {
     use super::*;
 
     fn settings(vars: &[(&str, &str)]) -> Result<Option<OtlpSettings>, OtlpSettingsError> {
-        let owned: Vec<(String, String)> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let env = move |k: &str| {
-            owned
-                .iter()
-                .find(|(key, _)| key == k)
-                .map(|(_, v)| v.clone())
-        };
+        let owned: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env = move |k: &str| owned.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
         OtlpSettings::from_env(&OtlpFileConfig::default(), &env)
     }
 
     #[test]
     fn endpoints_follow_the_spec() {
         assert!(settings(&[]).unwrap().is_none());
-        let s = settings(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318/")])
+        let s = settings(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318/")]).unwrap().unwrap();
+        assert_eq!((s.protocol, s.endpoint.as_str()), (OtlpProtocol::HttpProtobuf, "http://c:4318/v1/traces"));
+        let s = settings(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")])
             .unwrap()
             .unwrap();
-        assert_eq!(
-            (s.protocol, s.endpoint.as_str()),
-            (OtlpProtocol::HttpProtobuf, "http://c:4318/v1/traces")
-        );
-        let s = settings(&[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-        ])
-        .unwrap()
-        .unwrap();
-        assert_eq!(
-            (s.protocol, s.endpoint.as_str()),
-            (OtlpProtocol::Grpc, "http://c:4317")
-        );
+        assert_eq!((s.protocol, s.endpoint.as_str()), (OtlpProtocol::Grpc, "http://c:4317"));
         let s = settings(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
             ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:9/custom"),
@@ -346,11 +273,8 @@ mod tests {
 
     #[test]
     fn bad_settings_name_the_variable() {
-        let e = settings(&[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c"),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
-        ])
-        .unwrap_err();
+        let e = settings(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")])
+            .unwrap_err();
         assert_eq!(e.key, "OTEL_EXPORTER_OTLP_PROTOCOL");
         let e = settings(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4317 x")]).unwrap_err();
         assert_eq!(e.key, "OTEL_EXPORTER_OTLP_ENDPOINT");

@@ -7,8 +7,8 @@ use opentelemetry_proto::tonic::{
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     resource::v1::Resource as OtlpResource,
     trace::v1::{
-        ResourceSpans, ScopeSpans, Span as OtlpSpan, Status as OtlpStatus,
-        span::SpanKind as OtlpKind, status::StatusCode,
+        ResourceSpans, ScopeSpans, Span as OtlpSpan, Status as OtlpStatus, span::SpanKind as OtlpKind,
+        status::StatusCode,
     },
 };
 
@@ -27,10 +27,7 @@ fn any(v: &AttrValue) -> AnyValue {
 }
 
 fn kv(key: &str, v: &AttrValue) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(any(v)),
-    }
+    KeyValue { key: key.to_owned(), value: Some(any(v)) }
 }
 
 fn encode_span(s: &Span) -> OtlpSpan {
@@ -40,19 +37,12 @@ fn encode_span(s: &Span) -> OtlpSpan {
     };
     let status = match &s.status {
         Status::Unset => None,
-        Status::Error(m) => Some(OtlpStatus {
-            message: m.clone(),
-            code: StatusCode::Error as i32,
-        }),
+        Status::Error(m) => Some(OtlpStatus { message: m.clone(), code: StatusCode::Error as i32 }),
     };
     OtlpSpan {
         trace_id: s.context.trace_id.0.to_vec(),
         span_id: s.context.span_id.0.to_vec(),
-        parent_span_id: s
-            .context
-            .parent_id
-            .map(|p| p.0.to_vec())
-            .unwrap_or_default(),
+        parent_span_id: s.context.parent_id.map(|p| p.0.to_vec()).unwrap_or_default(),
         // W3C sampled flag; only sampled spans are exported.
         flags: 0x100 | 1,
         name: s.name.clone(),
@@ -66,39 +56,26 @@ fn encode_span(s: &Span) -> OtlpSpan {
 }
 
 fn encode_resource(r: &Resource) -> OtlpResource {
-    OtlpResource {
-        attributes: r.attributes.iter().map(|(k, v)| kv(k, v)).collect(),
-        ..Default::default()
-    }
+    OtlpResource { attributes: r.attributes.iter().map(|(k, v)| kv(k, v)).collect(), ..Default::default() }
 }
 
 /// One request for a batch: one ResourceSpans per distinct resource, in first-seen order.
 pub fn encode(spans: &[Span]) -> ExportTraceServiceRequest {
     let mut groups: Vec<(Arc<Resource>, Vec<OtlpSpan>)> = Vec::new();
     for s in spans {
-        match groups
-            .iter_mut()
-            .find(|(r, _)| Arc::ptr_eq(r, &s.resource) || **r == *s.resource)
-        {
+        match groups.iter_mut().find(|(r, _)| Arc::ptr_eq(r, &s.resource) || **r == *s.resource) {
             Some((_, v)) => v.push(encode_span(s)),
             None => groups.push((s.resource.clone(), vec![encode_span(s)])),
         }
     }
-    let scope = InstrumentationScope {
-        name: "sonde".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        ..Default::default()
-    };
+    let scope =
+        InstrumentationScope { name: "sonde".into(), version: env!("CARGO_PKG_VERSION").into(), ..Default::default() };
     ExportTraceServiceRequest {
         resource_spans: groups
             .into_iter()
             .map(|(r, spans)| ResourceSpans {
                 resource: Some(encode_resource(&r)),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(scope.clone()),
-                    spans,
-                    schema_url: String::new(),
-                }],
+                scope_spans: vec![ScopeSpans { scope: Some(scope.clone()), spans, schema_url: String::new() }],
                 schema_url: "https://opentelemetry.io/schemas/1.37.0".into(),
             })
             .collect(),

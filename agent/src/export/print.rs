@@ -15,17 +15,10 @@ fn attr_json(v: &AttrValue) -> Value {
 }
 
 pub fn to_json(span: &Span) -> Value {
-    let attributes: Map<String, Value> = span
-        .attributes
-        .iter()
-        .map(|a| (a.key.to_owned(), attr_json(&a.value)))
-        .collect();
-    let resource: Map<String, Value> = span
-        .resource
-        .attributes
-        .iter()
-        .map(|(k, v)| (k.clone(), attr_json(v)))
-        .collect();
+    let attributes: Map<String, Value> =
+        span.attributes.iter().map(|a| (a.key.to_owned(), attr_json(&a.value))).collect();
+    let resource: Map<String, Value> =
+        span.resource.attributes.iter().map(|(k, v)| (k.clone(), attr_json(v))).collect();
     let (status, message) = match &span.status {
         Status::Unset => ("unset", String::new()),
         Status::Error(m) => ("error", m.clone()),
@@ -50,16 +43,8 @@ pub fn to_text(span: &Span) -> String {
         Some(AttrValue::Int(code)) => code.to_string(),
         _ => "-".into(),
     };
-    let err = if matches!(span.status, Status::Error(_)) {
-        " ERROR"
-    } else {
-        ""
-    };
-    let parent = span
-        .context
-        .parent_id
-        .map(|p| p.to_string())
-        .unwrap_or_else(|| "-".into());
+    let err = if matches!(span.status, Status::Error(_)) { " ERROR" } else { "" };
+    let parent = span.context.parent_id.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
     format!(
         "{:<6} {:<28} {:>4} {:>9.3}ms{err}  service={} trace={} span={} parent={}",
         span.kind.as_str(),
@@ -81,18 +66,11 @@ pub struct Printer {
 
 impl Printer {
     pub fn new(json: bool) -> Self {
-        Self {
-            json,
-            out: std::io::stdout(),
-        }
+        Self { json, out: std::io::stdout() }
     }
 
     pub fn print(&mut self, span: &Span) {
-        let line = if self.json {
-            to_json(span).to_string()
-        } else {
-            to_text(span)
-        };
+        let line = if self.json { to_json(span).to_string() } else { to_text(span) };
         let mut lock = self.out.lock();
         let _ = writeln!(lock, "{line}");
         let _ = lock.flush();

@@ -16,31 +16,17 @@ type Maker = fn(&[u8]) -> Box<dyn Session>;
 
 /// Each protocol: how its first bytes look, and how to start its session.
 const PROTOCOLS: [(Classifier, Maker); 3] = [
-    (http::classify_start, |_| {
-        Box::new(http::HttpSession::default())
-    }),
+    (http::classify_start, |_| Box::new(http::HttpSession::default())),
     (
         |side, b| {
-            if side == Side::Request {
-                postgres::classify_start(b)
-            } else {
-                Some(false)
-            }
+            if side == Side::Request { postgres::classify_start(b) } else { Some(false) }
         },
         // A connection that starts with a typed message was seen mid-stream.
-        |b| {
-            Box::new(postgres::PostgresSession::new(
-                b.first().is_some_and(|c| *c != 0),
-            ))
-        },
+        |b| Box::new(postgres::PostgresSession::new(b.first().is_some_and(|c| *c != 0))),
     ),
     (
         |side, b| {
-            if side == Side::Request {
-                redis::classify_start(b)
-            } else {
-                Some(false)
-            }
+            if side == Side::Request { redis::classify_start(b) } else { Some(false) }
         },
         |_| Box::new(redis::RedisSession::default()),
     ),
@@ -56,9 +42,5 @@ pub fn detect(side: Side, bytes: &[u8]) -> Detection {
             Some(false) => {}
         }
     }
-    if undecided {
-        Detection::NeedMore
-    } else {
-        Detection::NoMatch
-    }
+    if undecided { Detection::NeedMore } else { Detection::NoMatch }
 }

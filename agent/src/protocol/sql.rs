@@ -37,10 +37,8 @@ pub fn sanitize(sql: &str) -> String {
             pending_space = false;
         }
         // String literals: '...', E'...', X'...', B'...', N'...', with '' escapes.
-        let prefixed = matches!(
-            c,
-            b'E' | b'e' | b'X' | b'x' | b'B' | b'b' | b'N' | b'n' | b'U' | b'u'
-        ) && b.get(i + 1) == Some(&b'\'')
+        let prefixed = matches!(c, b'E' | b'e' | b'X' | b'x' | b'B' | b'b' | b'N' | b'n' | b'U' | b'u')
+            && b.get(i + 1) == Some(&b'\'')
             && !prev_is_ident(b, i);
         if c == b'\'' || prefixed {
             i = skip_quoted(b, if prefixed { i + 1 } else { i }, c == b'E' || c == b'e');
@@ -72,18 +70,14 @@ pub fn sanitize(sql: &str) -> String {
             continue;
         }
         // Numbers that are not part of an identifier.
-        if (c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit)))
-            && !prev_is_ident(b, i)
-        {
+        if (c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit))) && !prev_is_ident(b, i) {
             i = skip_number(b, i);
             push_literal(&mut out);
             continue;
         }
         if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
             let start = i;
-            while i < b.len()
-                && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80)
-            {
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80) {
                 i += 1;
             }
             let word = &sql[start..i];
@@ -117,8 +111,7 @@ fn push_literal(out: &mut String) {
 fn collapse_list(out: &mut String) {
     let Some(open) = out.rfind('(') else { return };
     let inner = &out[open + 1..out.len() - 1];
-    let is_list =
-        !inner.is_empty() && inner.split(',').all(|p| p.trim() == "?") && inner.contains(',');
+    let is_list = !inner.is_empty() && inner.split(',').all(|p| p.trim() == "?") && inner.contains(',');
     if is_list {
         out.truncate(open);
         out.push_str("(?)");
@@ -126,11 +119,7 @@ fn collapse_list(out: &mut String) {
 }
 
 fn prev_is_ident(b: &[u8], i: usize) -> bool {
-    i > 0
-        && (b[i - 1].is_ascii_alphanumeric()
-            || b[i - 1] == b'_'
-            || b[i - 1] == b'$'
-            || b[i - 1] >= 0x80)
+    i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_' || b[i - 1] == b'$' || b[i - 1] >= 0x80)
 }
 
 fn skip_block_comment(b: &[u8], mut i: usize) -> usize {
@@ -260,10 +249,7 @@ pub fn describe(sql: &str) -> Statement {
                 rest = after;
             }
             None => {
-                return Statement {
-                    operation: Some(op),
-                    collection: None,
-                };
+                return Statement { operation: Some(op), collection: None };
             }
         }
     }
@@ -273,25 +259,15 @@ pub fn describe(sql: &str) -> Statement {
     let collection = match op.as_str() {
         "SELECT" | "DELETE" => single_table_after(rest, "FROM"),
         "INSERT" => single_table_after(rest, "INTO"),
-        "UPDATE" => rest
-            .first()
-            .filter(|t| is_identifier(t))
-            .map(|t| clean_ident(t)),
+        "UPDATE" => rest.first().filter(|t| is_identifier(t)).map(|t| clean_ident(t)),
         "COPY" | "TRUNCATE" => {
-            let r: Vec<&String> = rest
-                .iter()
-                .filter(|w| !w.eq_ignore_ascii_case("TABLE") && !w.eq_ignore_ascii_case("ONLY"))
-                .collect();
-            r.first()
-                .filter(|t| is_identifier(t))
-                .map(|t| clean_ident(t))
+            let r: Vec<&String> =
+                rest.iter().filter(|w| !w.eq_ignore_ascii_case("TABLE") && !w.eq_ignore_ascii_case("ONLY")).collect();
+            r.first().filter(|t| is_identifier(t)).map(|t| clean_ident(t))
         }
         _ => None,
     };
-    Statement {
-        operation: Some(op),
-        collection,
-    }
+    Statement { operation: Some(op), collection }
 }
 
 /// `{operation} {collection}`, `{operation}`, or None.
@@ -327,9 +303,7 @@ fn single_table_after(words: &[String], keyword: &str) -> Option<String> {
         match w.as_str() {
             "(" => depth += 1,
             ")" => depth -= 1,
-            _ if depth == 0 && w.eq_ignore_ascii_case(keyword) && found.is_none() => {
-                found = Some(i)
-            }
+            _ if depth == 0 && w.eq_ignore_ascii_case(keyword) && found.is_none() => found = Some(i),
             _ => {}
         }
     }
@@ -346,9 +320,7 @@ fn single_table_after(words: &[String], keyword: &str) -> Option<String> {
             ")" => depth -= 1,
             "," if depth == 0 => return None,
             _ if depth == 0 && w.eq_ignore_ascii_case("JOIN") => return None,
-            _ if depth == 0
-                && (w.eq_ignore_ascii_case("WHERE") || w.eq_ignore_ascii_case("VALUES")) =>
-            {
+            _ if depth == 0 && (w.eq_ignore_ascii_case("WHERE") || w.eq_ignore_ascii_case("VALUES")) => {
                 break;
             }
             _ => {}
@@ -360,9 +332,7 @@ fn single_table_after(words: &[String], keyword: &str) -> Option<String> {
 fn is_identifier(w: &str) -> bool {
     let first = w.as_bytes().first().copied().unwrap_or(b'0');
     (first.is_ascii_alphabetic() || first == b'_' || first == b'"')
-        && !["SELECT", "LATERAL", "ONLY"]
-            .iter()
-            .any(|k| w.eq_ignore_ascii_case(k))
+        && !["SELECT", "LATERAL", "ONLY"].iter().any(|k| w.eq_ignore_ascii_case(k))
 }
 
 fn clean_ident(w: &str) -> String {
@@ -394,11 +364,7 @@ fn tokens(sql: &str) -> Vec<String> {
         } else if c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80 {
             let s = i;
             while i < b.len()
-                && (b[i].is_ascii_alphanumeric()
-                    || b[i] == b'_'
-                    || b[i] == b'$'
-                    || b[i] == b'.'
-                    || b[i] >= 0x80)
+                && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] == b'.' || b[i] >= 0x80)
             {
                 i += 1;
             }
@@ -418,32 +384,17 @@ mod tests {
     #[test]
     fn literals_become_placeholders() {
         for (raw, clean) in [
-            (
-                "SELECT * FROM users WHERE id = 42",
-                "SELECT * FROM users WHERE id = ?",
-            ),
+            ("SELECT * FROM users WHERE id = 42", "SELECT * FROM users WHERE id = ?"),
             (
                 "select name from t where email = 'a@b.c' and pw='s3''cret'",
                 "select name from t where email = ? and pw=?",
             ),
-            (
-                "SELECT * FROM t WHERE id IN (1, 2, 3)",
-                "SELECT * FROM t WHERE id IN (?)",
-            ),
-            (
-                "INSERT INTO t (a, b) VALUES ('x', 1.5e3), ('y', -2)",
-                "INSERT INTO t (a, b) VALUES (?), (?, -?)",
-            ),
-            (
-                "UPDATE t SET a = $1 WHERE b = $2",
-                "UPDATE t SET a = $1 WHERE b = $2",
-            ),
+            ("SELECT * FROM t WHERE id IN (1, 2, 3)", "SELECT * FROM t WHERE id IN (?)"),
+            ("INSERT INTO t (a, b) VALUES ('x', 1.5e3), ('y', -2)", "INSERT INTO t (a, b) VALUES (?), (?, -?)"),
+            ("UPDATE t SET a = $1 WHERE b = $2", "UPDATE t SET a = $1 WHERE b = $2"),
             ("SELECT $$secret body$$, $tag$x$tag$", "SELECT ?, ?"),
             ("SELECT E'it\\'s', X'ff', true, NULL", "SELECT ?, ?, ?, ?"),
-            (
-                "SELECT t1.col2 FROM \"Tab 1\" t1 -- where pw='x'\n LIMIT 10",
-                "SELECT t1.col2 FROM \"Tab 1\" t1 LIMIT ?",
-            ),
+            ("SELECT t1.col2 FROM \"Tab 1\" t1 -- where pw='x'\n LIMIT 10", "SELECT t1.col2 FROM \"Tab 1\" t1 LIMIT ?"),
             ("SELECT /* token=abc /* nested */ */ 1", "SELECT ?"),
             ("SELECT 0x1F + .5", "SELECT ? + ?"),
         ] {
@@ -461,40 +412,16 @@ mod tests {
     #[test]
     fn operations_tables_and_summaries() {
         for (sql, op, table) in [
-            (
-                "SELECT abalance FROM pgbench_accounts WHERE aid = $1;",
-                "SELECT",
-                Some("pgbench_accounts"),
-            ),
+            ("SELECT abalance FROM pgbench_accounts WHERE aid = $1;", "SELECT", Some("pgbench_accounts")),
             ("select * from a join b on a.id = b.id", "SELECT", None),
             ("SELECT * FROM a, b", "SELECT", None),
             ("SELECT 1", "SELECT", None),
             ("SELECT * FROM (SELECT 1) x", "SELECT", None),
-            (
-                "SELECT count(*) FROM users WHERE x IN (SELECT y FROM z)",
-                "SELECT",
-                Some("users"),
-            ),
-            (
-                "insert into orders (a) values ($1)",
-                "INSERT",
-                Some("orders"),
-            ),
-            (
-                "UPDATE pgbench_tellers SET tbalance = tbalance + $1 WHERE tid = $2",
-                "UPDATE",
-                Some("pgbench_tellers"),
-            ),
-            (
-                "DELETE FROM sessions WHERE expires < now()",
-                "DELETE",
-                Some("sessions"),
-            ),
-            (
-                "WITH x AS (SELECT * FROM a) SELECT * FROM x",
-                "SELECT",
-                Some("x"),
-            ),
+            ("SELECT count(*) FROM users WHERE x IN (SELECT y FROM z)", "SELECT", Some("users")),
+            ("insert into orders (a) values ($1)", "INSERT", Some("orders")),
+            ("UPDATE pgbench_tellers SET tbalance = tbalance + $1 WHERE tid = $2", "UPDATE", Some("pgbench_tellers")),
+            ("DELETE FROM sessions WHERE expires < now()", "DELETE", Some("sessions")),
+            ("WITH x AS (SELECT * FROM a) SELECT * FROM x", "SELECT", Some("x")),
             ("COPY items FROM STDIN", "COPY", Some("items")),
             ("BEGIN", "BEGIN", None),
             ("create table t (a int)", "CREATE", None),
@@ -503,10 +430,7 @@ mod tests {
             assert_eq!(d.operation.as_deref(), Some(op), "{sql}");
             assert_eq!(d.collection.as_deref(), table, "{sql}");
         }
-        assert_eq!(
-            summary(&describe("SELECT * FROM users WHERE id = ?")),
-            Some("SELECT users".into())
-        );
+        assert_eq!(summary(&describe("SELECT * FROM users WHERE id = ?")), Some("SELECT users".into()));
         assert_eq!(summary(&describe("")), None);
         assert_eq!(describe("  ").operation, None);
     }

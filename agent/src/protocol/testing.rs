@@ -9,13 +9,8 @@ pub fn load(bytes: &[u8]) -> Vec<(Side, Vec<u8>)> {
     let mut out = Vec::new();
     let mut i = 0;
     while i + 5 <= bytes.len() {
-        let side = if bytes[i] == b'C' {
-            Side::Request
-        } else {
-            Side::Response
-        };
-        let n =
-            u32::from_be_bytes([bytes[i + 1], bytes[i + 2], bytes[i + 3], bytes[i + 4]]) as usize;
+        let side = if bytes[i] == b'C' { Side::Request } else { Side::Response };
+        let n = u32::from_be_bytes([bytes[i + 1], bytes[i + 2], bytes[i + 3], bytes[i + 4]]) as usize;
         out.push((side, bytes[i + 5..i + 5 + n].to_vec()));
         i += 5 + n;
     }
@@ -27,13 +22,7 @@ pub fn replay(session: &mut dyn Session, parts: &[(Side, Vec<u8>)]) -> Vec<Sessi
     let mut out = Vec::new();
     for (i, (side, bytes)) in parts.iter().enumerate() {
         session.feed(
-            &Segment {
-                side: *side,
-                bytes,
-                byte_count: bytes.len() as u64,
-                ts_ns: 1 + i as u64,
-                tid: 1,
-            },
+            &Segment { side: *side, bytes, byte_count: bytes.len() as u64, ts_ns: 1 + i as u64, tid: 1 },
             &mut out,
         );
     }
@@ -41,9 +30,7 @@ pub fn replay(session: &mut dyn Session, parts: &[(Side, Vec<u8>)]) -> Vec<Sessi
 }
 
 /// Every way of cutting one part in two: the results must not depend on syscall boundaries.
-pub fn splits(
-    parts: &[(Side, Vec<u8>)],
-) -> impl Iterator<Item = (usize, usize, Vec<(Side, Vec<u8>)>)> + '_ {
+pub fn splits(parts: &[(Side, Vec<u8>)]) -> impl Iterator<Item = (usize, usize, Vec<(Side, Vec<u8>)>)> + '_ {
     parts.iter().enumerate().flat_map(move |(idx, (_, bytes))| {
         (0..=bytes.len()).map(move |cut| {
             let mut v = Vec::with_capacity(parts.len() + 1);
@@ -71,8 +58,5 @@ pub fn completed(events: &[SessionEvent]) -> Vec<super::ExchangeDetail> {
 }
 
 pub fn errors(events: &[SessionEvent]) -> usize {
-    events
-        .iter()
-        .filter(|e| matches!(e, SessionEvent::ParseError { .. }))
-        .count()
+    events.iter().filter(|e| matches!(e, SessionEvent::ParseError { .. })).count()
 }

@@ -37,11 +37,7 @@ impl TraceParent {
         if trace == [0; 16] || parent == [0; 8] {
             return None;
         }
-        Some(Self {
-            trace_id: TraceId(trace),
-            parent_id: SpanId(parent),
-            sampled: flags & 1 == 1,
-        })
+        Some(Self { trace_id: TraceId(trace), parent_id: SpanId(parent), sampled: flags & 1 == 1 })
     }
 }
 
@@ -69,14 +65,11 @@ mod tests {
 
     #[test]
     fn parses_the_w3c_example() {
-        let tp =
-            TraceParent::parse(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        let tp = TraceParent::parse(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
         assert_eq!(tp.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(tp.parent_id.to_string(), "00f067aa0ba902b7");
         assert!(tp.sampled);
-        let unsampled =
-            TraceParent::parse(b" 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00 ")
-                .unwrap();
+        let unsampled = TraceParent::parse(b" 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00 ").unwrap();
         assert!(!unsampled.sampled);
     }
 
@@ -92,16 +85,8 @@ mod tests {
             b"",
             b"garbage",
         ] {
-            assert_eq!(
-                TraceParent::parse(bad),
-                None,
-                "{}",
-                String::from_utf8_lossy(bad)
-            );
+            assert_eq!(TraceParent::parse(bad), None, "{}", String::from_utf8_lossy(bad));
         }
-        assert!(
-            TraceParent::parse(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future")
-                .is_some()
-        );
+        assert!(TraceParent::parse(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future").is_some());
     }
 }

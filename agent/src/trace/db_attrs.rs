@@ -45,21 +45,11 @@ pub fn map_postgres(ex: &PgExchange, kind: SpanKind, addrs: &ConnAddrs) -> Mappe
         if let Some(t) = &collection {
             attrs.push(Attr::new("db.collection.name", t.clone()));
         }
-        summary = sql::summary(&sql::Statement {
-            operation,
-            collection,
-        });
+        summary = sql::summary(&sql::Statement { operation, collection });
         if let Some(s) = &summary {
             attrs.push(Attr::new("db.query.summary", s.clone()));
         }
-        attrs.push(Attr::new(
-            "db.query.text",
-            if ex.query_truncated {
-                format!("{clean}...")
-            } else {
-                clean
-            },
-        ));
+        attrs.push(Attr::new("db.query.text", if ex.query_truncated { format!("{clean}...") } else { clean }));
     }
     if let Some(rows) = ex.returned_rows {
         attrs.push(Attr::new("db.response.returned_rows", rows as i64));
@@ -73,21 +63,13 @@ pub fn map_postgres(ex: &PgExchange, kind: SpanKind, addrs: &ConnAddrs) -> Mappe
         }
         None => Status::Unset,
     };
-    Mapped {
-        name: summary.unwrap_or_else(|| "postgresql".into()),
-        attributes: attrs,
-        status,
-    }
+    Mapped { name: summary.unwrap_or_else(|| "postgresql".into()), attributes: attrs, status }
 }
 
 /// `BATCH SELECT` when every statement has the same operation, else `BATCH`.
 fn batch_operation(sanitized: &str) -> String {
-    let ops: Vec<Option<String>> = sanitized
-        .split(';')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| sql::describe(s).operation)
-        .collect();
+    let ops: Vec<Option<String>> =
+        sanitized.split(';').map(str::trim).filter(|s| !s.is_empty()).map(|s| sql::describe(s).operation).collect();
     match ops.first() {
         Some(Some(first)) if ops.iter().all(|o| o.as_ref() == Some(first)) => {
             format!("BATCH {first}")
@@ -120,11 +102,7 @@ pub fn map_redis(ex: &RedisExchange, kind: SpanKind, addrs: &ConnAddrs) -> Mappe
         }
         None => Status::Unset,
     };
-    Mapped {
-        name: ex.operation.clone(),
-        attributes: attrs,
-        status,
-    }
+    Mapped { name: ex.operation.clone(), attributes: attrs, status }
 }
 
 #[cfg(test)]
@@ -149,70 +127,33 @@ mod tests {
 
     #[test]
     fn postgres_span_is_sanitized_and_named_by_summary() {
-        let addrs = ConnAddrs {
-            local: None,
-            peer: Some("127.0.0.1:5432".parse().unwrap()),
-        };
-        let m = map_postgres(
-            &pg("SELECT name FROM users WHERE email = 'bob@x.org'", 1, None),
-            SpanKind::Client,
-            &addrs,
-        );
+        let addrs = ConnAddrs { local: None, peer: Some("127.0.0.1:5432".parse().unwrap()) };
+        let m =
+            map_postgres(&pg("SELECT name FROM users WHERE email = 'bob@x.org'", 1, None), SpanKind::Client, &addrs);
         assert_eq!(m.name, "SELECT users");
-        assert_eq!(
-            get(&m, "db.query.text"),
-            Some(&"SELECT name FROM users WHERE email = ?".into())
-        );
+        assert_eq!(get(&m, "db.query.text"), Some(&"SELECT name FROM users WHERE email = ?".into()));
         assert_eq!(get(&m, "db.collection.name"), Some(&"users".into()));
         assert_eq!(get(&m, "db.namespace"), Some(&"shop".into()));
         assert_eq!(get(&m, "server.port"), Some(&AttrValue::Int(5432)));
         assert!(!format!("{:?}", m.attributes).contains("bob@x.org"));
-        let e = map_postgres(
-            &pg("SELECT * FROM nosuch", 1, Some("42P01")),
-            SpanKind::Client,
-            &addrs,
-        );
+        let e = map_postgres(&pg("SELECT * FROM nosuch", 1, Some("42P01")), SpanKind::Client, &addrs);
         assert_eq!(get(&e, "db.response.status_code"), Some(&"42P01".into()));
         assert!(matches!(e.status, Status::Error(_)));
-        let batch = map_postgres(
-            &pg("CREATE TABLE t (a int); INSERT INTO t VALUES (1)", 2, None),
-            SpanKind::Client,
-            &addrs,
-        );
+        let batch =
+            map_postgres(&pg("CREATE TABLE t (a int); INSERT INTO t VALUES (1)", 2, None), SpanKind::Client, &addrs);
         assert_eq!(batch.name, "BATCH");
-        let same = map_postgres(
-            &pg(
-                "INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)",
-                2,
-                None,
-            ),
-            SpanKind::Client,
-            &addrs,
-        );
+        let same =
+            map_postgres(&pg("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)", 2, None), SpanKind::Client, &addrs);
         assert_eq!(same.name, "BATCH INSERT");
-        let unknown = map_postgres(
-            &PgExchange {
-                query: None,
-                ..pg("", 1, None)
-            },
-            SpanKind::Server,
-            &addrs,
-        );
+        let unknown = map_postgres(&PgExchange { query: None, ..pg("", 1, None) }, SpanKind::Server, &addrs);
         assert_eq!(unknown.name, "postgresql");
     }
 
     #[test]
     fn redis_span_hides_arguments() {
-        let addrs = ConnAddrs {
-            local: Some("127.0.0.1:6379".parse().unwrap()),
-            peer: Some("127.0.0.1:5000".parse().unwrap()),
-        };
-        let ex = RedisExchange {
-            operation: "AUTH".into(),
-            args: 1,
-            db: 3,
-            error: Some("WRONGPASS".into()),
-        };
+        let addrs =
+            ConnAddrs { local: Some("127.0.0.1:6379".parse().unwrap()), peer: Some("127.0.0.1:5000".parse().unwrap()) };
+        let ex = RedisExchange { operation: "AUTH".into(), args: 1, db: 3, error: Some("WRONGPASS".into()) };
         let m = map_redis(&ex, SpanKind::Server, &addrs);
         assert_eq!(m.name, "AUTH");
         assert_eq!(get(&m, "db.query.text"), Some(&"AUTH ?".into()));

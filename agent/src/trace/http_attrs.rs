@@ -16,9 +16,7 @@ pub struct ConnAddrs {
     pub peer: Option<SocketAddr>,
 }
 
-const KNOWN_METHODS: [&str; 9] = [
-    "CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE",
-];
+const KNOWN_METHODS: [&str; 9] = ["CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"];
 
 pub struct Mapped {
     pub name: String,
@@ -36,10 +34,7 @@ pub fn map(ex: &HttpExchange, kind: SpanKind, addrs: &ConnAddrs, scheme: &'stati
     };
     attrs.push(Attr::new("http.request.method", method.clone()));
     attrs.push(Attr::new("http.response.status_code", ex.status as i64));
-    attrs.push(Attr::new(
-        "network.protocol.version",
-        format!("1.{}", ex.version_minor),
-    ));
+    attrs.push(Attr::new("network.protocol.version", format!("1.{}", ex.version_minor)));
     let (host, port) = split_host(ex.host.as_deref(), scheme);
     let query = redacted_query(&ex.target);
 
@@ -64,11 +59,7 @@ pub fn map(ex: &HttpExchange, kind: SpanKind, addrs: &ConnAddrs, scheme: &'stati
                 attrs.push(Attr::new("client.address", peer.ip().to_string()));
                 attrs.push(Attr::new("client.port", peer.port() as i64));
             }
-            if method == "_OTHER" {
-                "HTTP".to_owned()
-            } else {
-                format!("{method} {route}")
-            }
+            if method == "_OTHER" { "HTTP".to_owned() } else { format!("{method} {route}") }
         }
         SpanKind::Client => {
             let server_address = host.or_else(|| addrs.peer.map(|a| a.ip().to_string()));
@@ -90,11 +81,7 @@ pub fn map(ex: &HttpExchange, kind: SpanKind, addrs: &ConnAddrs, scheme: &'stati
             if let Some(p) = server_port {
                 attrs.push(Attr::new("server.port", p as i64));
             }
-            if method == "_OTHER" {
-                "HTTP".to_owned()
-            } else {
-                method.clone()
-            }
+            if method == "_OTHER" { "HTTP".to_owned() } else { method.clone() }
         }
     };
     if let Some(peer) = addrs.peer {
@@ -104,14 +91,8 @@ pub fn map(ex: &HttpExchange, kind: SpanKind, addrs: &ConnAddrs, scheme: &'stati
     if let Some(ua) = &ex.user_agent {
         attrs.push(Attr::new("user_agent.original", ua.clone()));
     }
-    attrs.push(Attr::new(
-        "http.request.body.size",
-        ex.request_body_bytes as i64,
-    ));
-    attrs.push(Attr::new(
-        "http.response.body.size",
-        ex.response_body_bytes as i64,
-    ));
+    attrs.push(Attr::new("http.request.body.size", ex.request_body_bytes as i64));
+    attrs.push(Attr::new("http.response.body.size", ex.response_body_bytes as i64));
 
     // Server spans fail on 5xx only (4xx is the client's fault); client spans on >= 400.
     let failed = match kind {
@@ -124,11 +105,7 @@ pub fn map(ex: &HttpExchange, kind: SpanKind, addrs: &ConnAddrs, scheme: &'stati
     } else {
         Status::Unset
     };
-    Mapped {
-        name,
-        attributes: attrs,
-        status,
-    }
+    Mapped { name, attributes: attrs, status }
 }
 
 fn is_default_port(scheme: &str, port: u16) -> bool {
@@ -206,12 +183,7 @@ mod tests {
             local: Some("127.0.0.1:8080".parse().unwrap()),
             peer: Some("127.0.0.1:40000".parse().unwrap()),
         };
-        let m = map(
-            &exchange("GET", "/users/42?token=s3cret", 503),
-            SpanKind::Server,
-            &addrs,
-            "http",
-        );
+        let m = map(&exchange("GET", "/users/42?token=s3cret", 503), SpanKind::Server, &addrs, "http");
         assert_eq!(m.name, "GET /users/{id}");
         assert_eq!(get(&m, "url.path"), Some(&"/users/42".into()));
         assert_eq!(get(&m, "url.query"), Some(&"token=REDACTED".into()));
@@ -229,45 +201,20 @@ mod tests {
 
     #[test]
     fn client_span_has_url_full_and_fails_on_4xx() {
-        let addrs = ConnAddrs {
-            local: None,
-            peer: Some("10.1.2.3:8080".parse().unwrap()),
-        };
-        let m = map(
-            &exchange("POST", "/v1/x?a=1&b", 404),
-            SpanKind::Client,
-            &addrs,
-            "http",
-        );
+        let addrs = ConnAddrs { local: None, peer: Some("10.1.2.3:8080".parse().unwrap()) };
+        let m = map(&exchange("POST", "/v1/x?a=1&b", 404), SpanKind::Client, &addrs, "http");
         assert_eq!(m.name, "POST");
-        assert_eq!(
-            get(&m, "url.full"),
-            Some(&"http://api.local:8080/v1/x?a=REDACTED&b".into())
-        );
+        assert_eq!(get(&m, "url.full"), Some(&"http://api.local:8080/v1/x?a=REDACTED&b".into()));
         assert!(matches!(m.status, Status::Error(_)));
-        let other = map(
-            &exchange("BREW", "/", 200),
-            SpanKind::Client,
-            &addrs,
-            "http",
-        );
+        let other = map(&exchange("BREW", "/", 200), SpanKind::Client, &addrs, "http");
         assert_eq!(get(&other, "http.request.method"), Some(&"_OTHER".into()));
-        assert_eq!(
-            get(&other, "http.request.method_original"),
-            Some(&"BREW".into())
-        );
+        assert_eq!(get(&other, "http.request.method_original"), Some(&"BREW".into()));
     }
 
     #[test]
     fn host_header_forms() {
-        assert_eq!(
-            split_host(Some("[::1]:9000"), "http"),
-            (Some("::1".into()), Some(9000))
-        );
-        assert_eq!(
-            split_host(Some("example.com"), "https"),
-            (Some("example.com".into()), Some(443))
-        );
+        assert_eq!(split_host(Some("[::1]:9000"), "http"), (Some("::1".into()), Some(9000)));
+        assert_eq!(split_host(Some("example.com"), "https"), (Some("example.com".into()), Some(443)));
         assert_eq!(split_host(Some(""), "http"), (None, None));
     }
 }

@@ -25,38 +25,24 @@ impl Resource {
     /// `extra` are user-given attributes (OTEL_RESOURCE_ATTRIBUTES): they never override what
     /// sonde knows about the process itself.
     pub fn for_process(p: &ProcessIdentity, extra: &[(String, String)]) -> Self {
-        let exe_name = p
-            .exe_path
-            .rsplit('/')
-            .next()
-            .unwrap_or(&p.exe_path)
-            .to_owned();
+        let exe_name = p.exe_path.rsplit('/').next().unwrap_or(&p.exe_path).to_owned();
         let mut attributes: Vec<(String, AttrValue)> = vec![
             ("service.name".into(), p.service_name.clone().into()),
-            (
-                "service.instance.id".into(),
-                format!("{}-{}-{}", p.host_name, p.pid, p.start_ticks).into(),
-            ),
+            ("service.instance.id".into(), format!("{}-{}-{}", p.host_name, p.pid, p.start_ticks).into()),
             ("host.name".into(), p.host_name.clone().into()),
             ("process.pid".into(), AttrValue::Int(p.pid as i64)),
             ("process.executable.name".into(), exe_name.into()),
             ("process.executable.path".into(), p.exe_path.clone().into()),
             ("telemetry.sdk.name".into(), "sonde".into()),
             ("telemetry.sdk.language".into(), "rust".into()),
-            (
-                "telemetry.sdk.version".into(),
-                env!("CARGO_PKG_VERSION").into(),
-            ),
+            ("telemetry.sdk.version".into(), env!("CARGO_PKG_VERSION").into()),
         ];
         for (k, v) in extra {
             if !attributes.iter().any(|(known, _)| known == k) {
                 attributes.push((k.clone(), v.clone().into()));
             }
         }
-        Self {
-            service_name: p.service_name.clone(),
-            attributes,
-        }
+        Self { service_name: p.service_name.clone(), attributes }
     }
 }
 
@@ -66,9 +52,8 @@ pub fn parse_resource_attributes(raw: &str) -> Result<Vec<(String, String)>, Str
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .map(|pair| {
-            let (k, v) = pair
-                .split_once('=')
-                .ok_or_else(|| format!("OTEL_RESOURCE_ATTRIBUTES: {pair:?} is not key=value"))?;
+            let (k, v) =
+                pair.split_once('=').ok_or_else(|| format!("OTEL_RESOURCE_ATTRIBUTES: {pair:?} is not key=value"))?;
             Ok((k.trim().to_owned(), percent_decode(v.trim())))
         })
         .collect()
@@ -81,10 +66,7 @@ fn percent_decode(s: &str) -> String {
     while i < b.len() {
         if b[i] == b'%'
             && i + 2 < b.len()
-            && let (Some(h), Some(l)) = (
-                (b[i + 1] as char).to_digit(16),
-                (b[i + 2] as char).to_digit(16),
-            )
+            && let (Some(h), Some(l)) = ((b[i + 1] as char).to_digit(16), (b[i + 2] as char).to_digit(16))
         {
             out.push((h * 16 + l) as u8);
             i += 3;
@@ -103,18 +85,8 @@ mod tests {
     #[test]
     fn resource_attributes_parse_and_decode() {
         let got = parse_resource_attributes("deployment.environment=prod, team=a%20b,").unwrap();
-        assert_eq!(
-            got,
-            vec![
-                ("deployment.environment".into(), "prod".into()),
-                ("team".into(), "a b".into())
-            ]
-        );
-        assert!(
-            parse_resource_attributes("novalue")
-                .unwrap_err()
-                .contains("novalue")
-        );
+        assert_eq!(got, vec![("deployment.environment".into(), "prod".into()), ("team".into(), "a b".into())]);
+        assert!(parse_resource_attributes("novalue").unwrap_err().contains("novalue"));
     }
 
     #[test]
@@ -126,19 +98,8 @@ mod tests {
             host_name: "h".into(),
             start_ticks: 5,
         };
-        let r = Resource::for_process(
-            &p,
-            &[
-                ("process.pid".into(), "1".into()),
-                ("env".into(), "x".into()),
-            ],
-        );
-        let get = |k: &str| {
-            r.attributes
-                .iter()
-                .find(|(key, _)| key == k)
-                .map(|(_, v)| v.clone())
-        };
+        let r = Resource::for_process(&p, &[("process.pid".into(), "1".into()), ("env".into(), "x".into())]);
+        let get = |k: &str| r.attributes.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
         assert_eq!(get("process.pid"), Some(AttrValue::Int(7)));
         assert_eq!(get("process.executable.name"), Some("python3.11".into()));
         assert_eq!(get("env"), Some("x".into()));

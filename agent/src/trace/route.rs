@@ -27,10 +27,7 @@ pub fn route_of(target: &str) -> String {
 /// The path of a request-target (origin or absolute form), without query or fragment.
 pub fn path_of(target: &str) -> &str {
     let without_query = target.split(['?', '#']).next().unwrap_or("");
-    if let Some(rest) = without_query
-        .strip_prefix("http://")
-        .or_else(|| without_query.strip_prefix("https://"))
-    {
+    if let Some(rest) = without_query.strip_prefix("http://").or_else(|| without_query.strip_prefix("https://")) {
         return rest.find('/').map(|i| &rest[i..]).unwrap_or("/");
     }
     without_query
@@ -52,9 +49,7 @@ fn looks_like_id(seg: &str) -> bool {
     if hex && b.len() >= 8 && digits > 0 {
         return true;
     }
-    let alnum = b
-        .iter()
-        .all(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_');
+    let alnum = b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_');
     alnum && b.len() >= 16 && digits > 0
 }
 

@@ -20,10 +20,7 @@ pub struct Sampler {
 
 impl Default for Sampler {
     fn default() -> Self {
-        Self {
-            root: Root::AlwaysOn,
-            parent_based: true,
-        }
+        Self { root: Root::AlwaysOn, parent_based: true }
     }
 }
 
@@ -87,11 +84,7 @@ mod tests {
     use crate::trace::ids::SpanId;
 
     fn parent(sampled: bool) -> TraceParent {
-        TraceParent {
-            trace_id: TraceId([7; 16]),
-            parent_id: SpanId([1; 8]),
-            sampled,
-        }
+        TraceParent { trace_id: TraceId([7; 16]), parent_id: SpanId([1; 8]), sampled }
     }
 
     #[test]
@@ -114,13 +107,8 @@ mod tests {
     #[test]
     fn ratio_keeps_about_that_fraction() {
         let s = Sampler::from_env(Some("traceidratio"), Some("0.25")).unwrap();
-        let kept = (0..20_000)
-            .filter(|_| s.should_sample(TraceId::random(), None))
-            .count();
-        assert!(
-            (4_400..5_600).contains(&kept),
-            "kept {kept} of 20000 at 0.25"
-        );
+        let kept = (0..20_000).filter(|_| s.should_sample(TraceId::random(), None)).count();
+        assert!((4_400..5_600).contains(&kept), "kept {kept} of 20000 at 0.25");
         let none = Sampler::from_env(Some("parentbased_traceidratio"), Some("0")).unwrap();
         assert!(!none.should_sample(TraceId::random(), None));
         assert!(none.should_sample(TraceId::random(), Some(&parent(true))));
@@ -128,16 +116,9 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_variable() {
-        let e = Sampler::from_env(Some("sometimes"), None)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("OTEL_TRACES_SAMPLER") && e.contains("traceidratio"),
-            "{e}"
-        );
-        let e = Sampler::from_env(Some("traceidratio"), Some("2"))
-            .unwrap_err()
-            .to_string();
+        let e = Sampler::from_env(Some("sometimes"), None).unwrap_err().to_string();
+        assert!(e.contains("OTEL_TRACES_SAMPLER") && e.contains("traceidratio"), "{e}");
+        let e = Sampler::from_env(Some("traceidratio"), Some("2")).unwrap_err().to_string();
         assert!(e.contains("OTEL_TRACES_SAMPLER_ARG"), "{e}");
     }
 }

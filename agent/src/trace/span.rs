@@ -52,10 +52,7 @@ pub struct Attr {
 
 impl Attr {
     pub fn new(key: &'static str, value: impl Into<AttrValue>) -> Self {
-        Self {
-            key,
-            value: value.into(),
-        }
+        Self { key, value: value.into() }
     }
 }
 
@@ -79,9 +76,6 @@ pub struct Span {
 
 impl Span {
     pub fn attr(&self, key: &str) -> Option<&AttrValue> {
-        self.attributes
-            .iter()
-            .find(|a| a.key == key)
-            .map(|a| &a.value)
+        self.attributes.iter().find(|a| a.key == key).map(|a| &a.value)
     }
 }

@@ -119,11 +119,7 @@ pub struct RawSockaddr {
 }
 
 impl RawSockaddr {
-    pub const EMPTY: Self = Self {
-        family: 0,
-        port_be: 0,
-        addr: [0; 16],
-    };
+    pub const EMPTY: Self = Self { family: 0, port_be: 0, addr: [0; 16] };
 }
 
 /// A connection opened (accept/connect) or closed.
@@ -157,6 +153,20 @@ pub struct SocketInfo {
     /// `ROLE_*`.
     pub role: u32,
     pub _pad: u32,
+    /// When the socket was accepted/connected (0: it existed before sonde saw it).
+    pub opened_ns: u64,
+    /// When the process closed it; 0 while open. A process with children keeps closed entries
+    /// so that a child forked while the socket was open still inherits it.
+    pub closed_ns: u64,
+}
+
+/// Value in the parents map: who forked a traced child, and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ParentInfo {
+    pub parent: u32,
+    pub _pad: u32,
+    pub fork_ns: u64,
 }
 
 /// Key of the socket map.
@@ -201,4 +211,5 @@ mod pod {
     unsafe impl aya::Pod for super::SocketInfo {}
     unsafe impl aya::Pod for super::SocketKey {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::ParentInfo {}
 }

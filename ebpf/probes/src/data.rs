@@ -15,7 +15,7 @@ use sonde_common::{
 };
 
 use crate::maps::{
-    Call, DataScratch, EVENTS, INFLIGHT, Inflight, PARENTS, SCRATCH, SOCKETS, count, header, settings,
+    Call, DataScratch, EVENTS, HAS_CHILDREN, INFLIGHT, Inflight, PARENTS, SCRATCH, SOCKETS, count, header, settings,
     submit, traced_current, wakeup_flags,
 };
 
@@ -36,17 +36,22 @@ fn ret(ctx: &TracePointContext) -> i64 {
 }
 
 /// The role of a tracked socket, or None when `fd` is not one. A child of a traced process
-/// inherits the sockets its parent tracked: the entry is copied on first use.
+/// inherits the sockets its parent had open when it forked: the entry is copied on first use.
 #[inline(always)]
 fn socket_role(tgid: u32, fd: u32) -> Option<u32> {
     let key = SocketKey { pid: tgid, fd };
     // SAFETY: read-only lookups; values are copied out.
     if let Some(info) = unsafe { SOCKETS.get(&key) } {
-        return Some(info.role);
+        return (info.closed_ns == 0).then_some(info.role);
     }
     let parent = *unsafe { PARENTS.get(&tgid) }?;
-    let info = *unsafe { SOCKETS.get(&SocketKey { pid: parent, fd }) }?;
-    let _ = SOCKETS.insert(&key, &info, 0);
+    let info = *unsafe { SOCKETS.get(&SocketKey { pid: parent.parent, fd }) }?;
+    let open_at_fork = info.opened_ns <= parent.fork_ns && (info.closed_ns == 0 || info.closed_ns >= parent.fork_ns);
+    if !open_at_fork {
+        return None;
+    }
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    let _ = SOCKETS.insert(&key, &SocketInfo { role: info.role, _pad: 0, opened_ns: now, closed_ns: 0 }, 0);
     Some(info.role)
 }
 
@@ -199,7 +204,8 @@ fn read_sockaddr(ptr: u64) -> RawSockaddr {
 
 #[inline(always)]
 fn track_socket(tgid: u32, tid: u32, fd: u32, role: u32, listen_fd: u32, peer: RawSockaddr) {
-    let _ = SOCKETS.insert(&SocketKey { pid: tgid, fd }, &SocketInfo { role, _pad: 0 }, 0);
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    let _ = SOCKETS.insert(&SocketKey { pid: tgid, fd }, &SocketInfo { role, _pad: 0, opened_ns: now, closed_ns: 0 }, 0);
     submit(&ConnEvent { header: header(EventKind::ConnOpen, tgid, tid), fd, role, listen_fd, _pad: 0, peer });
 }
 
@@ -258,16 +264,27 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     let Some((tgid, tid, _)) = traced_current() else { return 0 };
     let fd = arg(&ctx, 0) as u32;
     let key = SocketKey { pid: tgid, fd };
-    if SOCKETS.remove(&key).is_ok() {
-        submit(&ConnEvent {
-            header: header(EventKind::ConnClose, tgid, tid),
-            fd,
-            role: 0,
-            listen_fd: u32::MAX,
-            _pad: 0,
-            peer: RawSockaddr::EMPTY,
-        });
+    // SAFETY: the value is copied out.
+    let Some(info) = (unsafe { SOCKETS.get(&key) }).copied() else { return 0 };
+    if info.closed_ns != 0 {
+        return 0;
     }
+    // SAFETY: read-only lookup.
+    if unsafe { HAS_CHILDREN.get(&tgid) }.is_some() {
+        // Children forked while it was open may still use it: keep a tombstone.
+        let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+        let _ = SOCKETS.insert(&key, &SocketInfo { closed_ns: now, ..info }, 0);
+    } else {
+        let _ = SOCKETS.remove(&key);
+    }
+    submit(&ConnEvent {
+        header: header(EventKind::ConnClose, tgid, tid),
+        fd,
+        role: 0,
+        listen_fd: u32::MAX,
+        _pad: 0,
+        peer: RawSockaddr::EMPTY,
+    });
     0
 }
 

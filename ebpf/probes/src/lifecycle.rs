@@ -2,9 +2,9 @@
 //! listen are reported so discovery can re-check its selectors at once instead of polling.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use sonde_common::{EventKind, ProcEvent};
+use sonde_common::{EventKind, ParentInfo, ProcEvent};
 
-use crate::maps::{PARENTS, TRACED_PIDS, header, settings, submit, traced_current};
+use crate::maps::{HAS_CHILDREN, PARENTS, TRACED_PIDS, header, settings, submit, traced_current};
 
 #[inline(always)]
 fn current_ids() -> (u32, u32) {
@@ -25,7 +25,10 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let _ = TRACED_PIDS.insert(&child, &1, 0);
-    let _ = PARENTS.insert(&child, &tgid, 0);
+    // SAFETY: helper with no arguments.
+    let fork_ns = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    let _ = PARENTS.insert(&child, &ParentInfo { parent: tgid, _pad: 0, fork_ns }, 0);
+    let _ = HAS_CHILDREN.insert(&tgid, &1, 0);
     submit(&ProcEvent { header: header(EventKind::ProcFork, tgid, tid), other_pid: child, _pad: 0 });
     0
 }
@@ -43,6 +46,9 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current_ids();
     let _ = PARENTS.remove(&tid);
+    if tid == tgid {
+        let _ = HAS_CHILDREN.remove(&tgid);
+    }
     if TRACED_PIDS.remove(&tid).is_ok() && tid == tgid {
         submit(&ProcEvent { header: header(EventKind::ProcExit, tgid, tid), other_pid: 0, _pad: 0 });
     }

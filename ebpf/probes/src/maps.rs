@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use sonde_common::{
-    EventHeader, MAX_INFLIGHT, MAX_SOCKETS, MAX_TRACED_PIDS, SCRATCH_PAYLOAD, Settings, SocketInfo,
+    EventHeader, MAX_INFLIGHT, ParentInfo, MAX_SOCKETS, MAX_TRACED_PIDS, SCRATCH_PAYLOAD, Settings, SocketInfo,
     SocketKey, counter,
 };
 
@@ -22,7 +22,11 @@ pub static SOCKETS: LruHashMap<SocketKey, SocketInfo> = LruHashMap::with_max_ent
 /// child tgid -> parent tgid, for children forked by traced processes: a child inherits its
 /// parent's sockets (fork-after-accept servers), found here on the child's first use of the fd.
 #[map]
-pub static PARENTS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_TRACED_PIDS, 0);
+pub static PARENTS: LruHashMap<u32, ParentInfo> = LruHashMap::with_max_entries(MAX_TRACED_PIDS, 0);
+
+/// tgids of traced processes that have forked: their closed sockets are kept as tombstones.
+#[map]
+pub static HAS_CHILDREN: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_TRACED_PIDS, 0);
 
 /// pid_tgid -> arguments saved at syscall enter, consumed at exit.
 #[map]

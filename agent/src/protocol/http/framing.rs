@@ -66,14 +66,7 @@ pub struct HalfStream {
 
 impl Default for HalfStream {
     fn default() -> Self {
-        Self {
-            state: State::Head,
-            head: Vec::new(),
-            line: Vec::new(),
-            body_bytes: 0,
-            first_byte_ns: 0,
-            first_tid: 0,
-        }
+        Self { state: State::Head, head: Vec::new(), line: Vec::new(), body_bytes: 0, first_byte_ns: 0, first_tid: 0 }
     }
 }
 
@@ -180,11 +173,8 @@ impl HalfStream {
             }
             State::Chunked(Chunk::Data(left)) if n <= left => {
                 self.body_bytes += n;
-                self.state = if n == left {
-                    State::Chunked(Chunk::DataEnd(2))
-                } else {
-                    State::Chunked(Chunk::Data(left - n))
-                };
+                self.state =
+                    if n == left { State::Chunked(Chunk::DataEnd(2)) } else { State::Chunked(Chunk::Data(left - n)) };
                 Step::NeedMore
             }
             State::UntilClose => {
@@ -202,10 +192,7 @@ impl HalfStream {
     fn step_head(&mut self, input: &mut &[u8], ts_ns: u64, tid: u32) -> Step {
         if self.head.is_empty() {
             // Tolerate stray CRLFs between messages (RFC 9112 section 2.2).
-            let skip = input
-                .iter()
-                .take_while(|b| **b == b'\r' || **b == b'\n')
-                .count();
+            let skip = input.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
             *input = &input[skip..];
             if input.is_empty() {
                 return Step::NeedMore;
@@ -246,11 +233,7 @@ impl HalfStream {
                 let take = left.min(input.len() as u64);
                 *input = &input[take as usize..];
                 self.body_bytes += take;
-                self.state = State::Chunked(if take == left {
-                    Chunk::DataEnd(2)
-                } else {
-                    Chunk::Data(left - take)
-                });
+                self.state = State::Chunked(if take == left { Chunk::DataEnd(2) } else { Chunk::Data(left - take) });
                 None
             }
             Chunk::DataEnd(left) => {
@@ -262,11 +245,7 @@ impl HalfStream {
                 }
                 *input = &input[take..];
                 let left = left - take as u8;
-                self.state = State::Chunked(if left == 0 {
-                    Chunk::Size
-                } else {
-                    Chunk::DataEnd(left)
-                });
+                self.state = State::Chunked(if left == 0 { Chunk::Size } else { Chunk::DataEnd(left) });
                 None
             }
             Chunk::Size | Chunk::Trailers => {

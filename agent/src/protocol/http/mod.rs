@@ -10,9 +10,7 @@ use std::collections::VecDeque;
 
 use framing::{BodyFraming, HalfStream, Step};
 
-use super::{
-    Exchange, ExchangeDetail, Protocol, RequestStart, Segment, Session, SessionEvent, Side,
-};
+use super::{Exchange, ExchangeDetail, Protocol, RequestStart, Segment, Session, SessionEvent, Side};
 use crate::trace::context::TraceParent;
 
 /// Requests waiting for a response before the oldest is given up as unmatched.
@@ -23,9 +21,7 @@ const MAX_HEADERS: usize = 128;
 /// A request line longer than this is not taken for HTTP when detecting.
 const MAX_REQUEST_LINE: usize = 8192;
 
-const METHODS: [&[u8]; 9] = [
-    b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE",
-];
+const METHODS: [&[u8]; 9] = [b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE"];
 
 /// Whether `bytes` can begin a message: Some(true) yes, Some(false) no, None: too short to say.
 pub fn classify_start(side: Side, bytes: &[u8]) -> Option<bool> {
@@ -186,19 +182,15 @@ impl HttpSession {
             Ok(httparse::Status::Partial) => return Err("incomplete request head"),
             Err(_) => return Err("malformed request head"),
         }
-        let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version)
-        else {
+        let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
             return Err("malformed request line");
         };
         let mut info = HeadInfo::default();
         for h in req.headers.iter() {
             info.take(h);
         }
-        let framing = if info.chunked {
-            BodyFraming::Chunked
-        } else {
-            BodyFraming::Length(info.content_length.unwrap_or(0))
-        };
+        let framing =
+            if info.chunked { BodyFraming::Chunked } else { BodyFraming::Length(info.content_length.unwrap_or(0)) };
         let seq = self.next_seq;
         self.next_seq += 1;
         out.push(SessionEvent::RequestStarted(RequestStart {
@@ -228,11 +220,7 @@ impl HttpSession {
         Ok(())
     }
 
-    fn on_response_head(
-        &mut self,
-        ts_ns: u64,
-        out: &mut Vec<SessionEvent>,
-    ) -> Result<(), &'static str> {
+    fn on_response_head(&mut self, ts_ns: u64, out: &mut Vec<SessionEvent>) -> Result<(), &'static str> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut headers);
         match resp.parse(self.responses.head()) {
@@ -253,8 +241,7 @@ impl HttpSession {
             info.take(h);
         }
         let request_method = self.pending.front().map(|p| p.method.as_str());
-        let tunnel =
-            status == 101 || (request_method == Some("CONNECT") && (200..300).contains(&status));
+        let tunnel = status == 101 || (request_method == Some("CONNECT") && (200..300).contains(&status));
         let bodiless = request_method == Some("HEAD") || status == 204 || status == 304 || tunnel;
         let framing = if bodiless {
             BodyFraming::None
@@ -333,9 +320,7 @@ impl HeadInfo {
         } else if name.eq_ignore_ascii_case("traceparent") {
             self.traceparent = TraceParent::parse(h.value);
         } else if name.eq_ignore_ascii_case("content-length") {
-            self.content_length = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok());
+            self.content_length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok());
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             // Chunked must be the final coding (RFC 9112 section 6.1).
             self.chunked = h

@@ -4,20 +4,16 @@ use super::*;
 use crate::protocol::{Segment, Session, SessionEvent, Side};
 
 /// Bytes as curl 7.88 sends them and as Python's http.server answers.
-const CURL_GET: &[u8] = b"GET /users/42?x=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n";
+const CURL_GET: &[u8] =
+    b"GET /users/42?x=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n";
 const PY_RESP: &[u8] = b"HTTP/1.0 200 OK\r\nServer: SimpleHTTP/0.6 Python/3.11.7\r\nDate: Mon, 23 Nov 2026 11:00:00 GMT\r\nContent-type: text/plain\r\nContent-Length: 5\r\n\r\nhello";
 const NGINX_CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nContent-Type: text/html\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n";
-const POST_BODY: &[u8] = b"POST /api/items HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\nContent-Type: application/json\r\n\r\n{\"a\":12345}";
+const POST_BODY: &[u8] =
+    b"POST /api/items HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\nContent-Type: application/json\r\n\r\n{\"a\":12345}";
 const CREATED: &[u8] = b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n";
 
 fn seg(side: Side, bytes: &[u8], ts: u64) -> Segment<'_> {
-    Segment {
-        side,
-        bytes,
-        byte_count: bytes.len() as u64,
-        ts_ns: ts,
-        tid: 7,
-    }
+    Segment { side, bytes, byte_count: bytes.len() as u64, ts_ns: ts, tid: 7 }
 }
 
 fn run(parts: &[(Side, &[u8])]) -> Vec<SessionEvent> {
@@ -43,22 +39,15 @@ fn completed(events: &[SessionEvent]) -> Vec<HttpExchange> {
 }
 
 fn errors(events: &[SessionEvent]) -> usize {
-    events
-        .iter()
-        .filter(|e| matches!(e, SessionEvent::ParseError { .. }))
-        .count()
+    events.iter().filter(|e| matches!(e, SessionEvent::ParseError { .. })).count()
 }
 
 #[test]
 fn simple_exchange_with_timestamps_and_sizes() {
     let ev = run(&[(Side::Request, CURL_GET), (Side::Response, PY_RESP)]);
-    let SessionEvent::RequestStarted(start) = &ev[0] else {
-        panic!("{ev:?}")
-    };
+    let SessionEvent::RequestStarted(start) = &ev[0] else { panic!("{ev:?}") };
     assert_eq!((start.seq, start.ts_ns, start.tid), (0, 100, 7));
-    let SessionEvent::Completed(x) = &ev[1] else {
-        panic!("{ev:?}")
-    };
+    let SessionEvent::Completed(x) = &ev[1] else { panic!("{ev:?}") };
     assert_eq!((x.start_ns, x.end_ns), (100, 101));
     let h = &completed(&ev)[0];
     assert_eq!(h.method, "GET");
@@ -71,11 +60,7 @@ fn simple_exchange_with_timestamps_and_sizes() {
 
 #[test]
 fn chunked_body_with_extensions_and_trailers() {
-    let ev = run(&[
-        (Side::Request, CURL_GET),
-        (Side::Response, NGINX_CHUNKED),
-        (Side::Request, CURL_GET),
-    ]);
+    let ev = run(&[(Side::Request, CURL_GET), (Side::Response, NGINX_CHUNKED), (Side::Request, CURL_GET)]);
     let done = completed(&ev);
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].response_body_bytes, 11);
@@ -86,14 +71,7 @@ fn chunked_body_with_extensions_and_trailers() {
 fn request_body_is_framed_and_counted() {
     let ev = run(&[(Side::Request, POST_BODY), (Side::Response, CREATED)]);
     let done = completed(&ev);
-    assert_eq!(
-        (
-            done[0].method.as_str(),
-            done[0].status,
-            done[0].request_body_bytes
-        ),
-        ("POST", 201, 11)
-    );
+    assert_eq!((done[0].method.as_str(), done[0].status, done[0].request_body_bytes), ("POST", 201, 11));
 }
 
 #[test]
@@ -104,12 +82,7 @@ fn pipelined_requests_pair_in_order() {
         reqs.extend_from_slice(format!("GET /p/{i} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes());
         let body = format!("r{i}");
         resps.extend_from_slice(
-            format!(
-                "HTTP/1.1 {} OK\r\nContent-Length: {}\r\n\r\n{body}",
-                200 + i % 3,
-                body.len()
-            )
-            .as_bytes(),
+            format!("HTTP/1.1 {} OK\r\nContent-Length: {}\r\n\r\n{body}", 200 + i % 3, body.len()).as_bytes(),
         );
     }
     let ev = run(&[(Side::Request, &reqs), (Side::Response, &resps)]);
@@ -161,17 +134,11 @@ fn upgrade_turns_the_connection_opaque() {
     let req = b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
     let ev = run(&[
         (Side::Request, req),
-        (
-            Side::Response,
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
-        ),
+        (Side::Response, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"),
         (Side::Request, b"\x81\x85garbage frames"),
         (Side::Response, b"\x81\x05hello"),
     ]);
-    assert_eq!(
-        completed(&ev).iter().map(|h| h.status).collect::<Vec<_>>(),
-        vec![101]
-    );
+    assert_eq!(completed(&ev).iter().map(|h| h.status).collect::<Vec<_>>(), vec![101]);
     assert_eq!(errors(&ev), 0);
 }
 
@@ -180,18 +147,13 @@ fn body_until_close_completes_on_close() {
     let mut s = HttpSession::default();
     let mut out = Vec::new();
     s.feed(&seg(Side::Request, CURL_GET, 1), &mut out);
-    s.feed(
-        &seg(Side::Response, b"HTTP/1.0 200 OK\r\n\r\npart one", 2),
-        &mut out,
-    );
+    s.feed(&seg(Side::Response, b"HTTP/1.0 200 OK\r\n\r\npart one", 2), &mut out);
     s.feed(&seg(Side::Response, b" and two", 3), &mut out);
     assert!(completed(&out).is_empty());
     s.close(9, &mut out);
     let done = completed(&out);
     assert_eq!(done[0].response_body_bytes, 16);
-    let SessionEvent::Completed(x) = out.last().unwrap() else {
-        panic!()
-    };
+    let SessionEvent::Completed(x) = out.last().unwrap() else { panic!() };
     assert_eq!(x.end_ns, 9);
 }
 
@@ -202,28 +164,10 @@ fn uncopied_body_bytes_keep_framing() {
     let mut s = HttpSession::default();
     let mut out = Vec::new();
     s.feed(&seg(Side::Request, CURL_GET, 1), &mut out);
-    s.feed(
-        &Segment {
-            side: Side::Response,
-            bytes: head,
-            byte_count: 4096,
-            ts_ns: 2,
-            tid: 1,
-        },
-        &mut out,
-    );
+    s.feed(&Segment { side: Side::Response, bytes: head, byte_count: 4096, ts_ns: 2, tid: 1 }, &mut out);
     let rest = 1_000_000 - (4096 - (head.len() as u64 - 10));
     // sendfile-style: nothing copied at all.
-    s.feed(
-        &Segment {
-            side: Side::Response,
-            bytes: b"",
-            byte_count: rest,
-            ts_ns: 3,
-            tid: 1,
-        },
-        &mut out,
-    );
+    s.feed(&Segment { side: Side::Response, bytes: b"", byte_count: rest, ts_ns: 3, tid: 1 }, &mut out);
     s.feed(&seg(Side::Request, CURL_GET, 4), &mut out);
     s.feed(&seg(Side::Response, PY_RESP, 5), &mut out);
     let done = completed(&out);
@@ -248,10 +192,7 @@ fn uncopied_head_bytes_desync_then_recover_at_next_message() {
         &mut out,
     );
     assert_eq!(errors(&out), 1);
-    s.feed(
-        &seg(Side::Request, b"more cookie bytes\r\n\r\n", 2),
-        &mut out,
-    );
+    s.feed(&seg(Side::Request, b"more cookie bytes\r\n\r\n", 2), &mut out);
     s.feed(&seg(Side::Request, CURL_GET, 3), &mut out);
     s.feed(&seg(Side::Response, PY_RESP, 4), &mut out);
     assert_eq!(completed(&out).len(), 1);
@@ -259,29 +200,19 @@ fn uncopied_head_bytes_desync_then_recover_at_next_message() {
 
 #[test]
 fn garbage_is_a_parse_error_not_a_span() {
-    let ev = run(&[
-        (Side::Request, b"GET \x00\x01\x02 nonsense\r\n\r\n"),
-        (Side::Response, PY_RESP),
-    ]);
+    let ev = run(&[(Side::Request, b"GET \x00\x01\x02 nonsense\r\n\r\n"), (Side::Response, PY_RESP)]);
     assert_eq!(errors(&ev), 1);
     assert!(completed(&ev).is_empty());
-    assert!(
-        ev.iter()
-            .any(|e| matches!(e, SessionEvent::UnmatchedResponse))
-    );
+    assert!(ev.iter().any(|e| matches!(e, SessionEvent::UnmatchedResponse)));
 }
 
 #[test]
 fn traceparent_is_extracted() {
-    let req = b"GET / HTTP/1.1\r\nHost: h\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n";
+    let req =
+        b"GET / HTTP/1.1\r\nHost: h\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n";
     let ev = run(&[(Side::Request, req)]);
-    let SessionEvent::RequestStarted(s) = &ev[0] else {
-        panic!()
-    };
-    assert_eq!(
-        s.traceparent.unwrap().parent_id.to_string(),
-        "00f067aa0ba902b7"
-    );
+    let SessionEvent::RequestStarted(s) = &ev[0] else { panic!() };
+    assert_eq!(s.traceparent.unwrap().parent_id.to_string(), "00f067aa0ba902b7");
 }
 
 #[test]
@@ -335,20 +266,14 @@ fn one_byte_per_write() {
     }
     let done = completed(&run(&parts));
     assert_eq!(done.len(), 1);
-    assert_eq!(
-        (done[0].request_body_bytes, done[0].response_body_bytes),
-        (11, 11)
-    );
+    assert_eq!((done[0].request_body_bytes, done[0].response_body_bytes), (11, 11));
 }
 
 #[test]
 fn start_classification() {
     assert_eq!(classify_start(Side::Request, b"GE"), None);
     assert_eq!(classify_start(Side::Request, b"GET /"), None);
-    assert_eq!(
-        classify_start(Side::Request, b"GET / HTTP/1.1\r\n"),
-        Some(true)
-    );
+    assert_eq!(classify_start(Side::Request, b"GET / HTTP/1.1\r\n"), Some(true));
     assert_eq!(classify_start(Side::Request, b"GET key\r\n"), Some(false));
     assert_eq!(classify_start(Side::Request, b"GETX"), Some(false));
     assert_eq!(classify_start(Side::Request, b"\x16\x03\x01"), Some(false));

@@ -79,10 +79,7 @@ impl Framer {
 
     /// Feeds captured `bytes` followed by `uncopied` bytes that moved but were not copied.
     /// `keep(tag)` says whether a message's body is needed. Complete messages go to `on_msg`.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one syscall's data plus two callbacks"
-    )]
+    #[expect(clippy::too_many_arguments, reason = "one syscall's data plus two callbacks")]
     pub fn feed(
         &mut self,
         mut bytes: &[u8],
@@ -138,12 +135,7 @@ impl Framer {
                         Expect::Typed => (self.header[0], &self.header[1..5]),
                         _ => (0, &self.header[0..4]),
                     };
-                    let len = u32::from_be_bytes([
-                        len_bytes[0],
-                        len_bytes[1],
-                        len_bytes[2],
-                        len_bytes[3],
-                    ]);
+                    let len = u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]);
                     if !(4..=MAX_MESSAGE_LEN).contains(&len) {
                         self.state = State::Desync;
                         return Fed::Broken("message length out of range");
@@ -152,9 +144,7 @@ impl Framer {
                     self.keep = keep(tag);
                     self.body.clear();
                     self.truncated = false;
-                    self.state = State::Body {
-                        left: (len - 4) as u64,
-                    };
+                    self.state = State::Body { left: (len - 4) as u64 };
                     if len == 4 {
                         self.finish(&mut on_msg);
                     }
@@ -179,9 +169,7 @@ impl Framer {
             match self.state {
                 State::Body { left } if uncopied <= left => {
                     self.truncated = true;
-                    self.state = State::Body {
-                        left: left - uncopied,
-                    };
+                    self.state = State::Body { left: left - uncopied };
                     if left == uncopied {
                         self.finish(&mut on_msg);
                     }

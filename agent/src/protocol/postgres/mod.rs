@@ -12,9 +12,7 @@ use std::collections::{HashMap, VecDeque};
 
 use framing::{Expect, Fed, Framer, Message, cstr};
 
-use super::{
-    Exchange, ExchangeDetail, Protocol, RequestStart, Segment, Session, SessionEvent, Side,
-};
+use super::{Exchange, ExchangeDetail, Protocol, RequestStart, Segment, Session, SessionEvent, Side};
 
 const PROTOCOL_V3: u32 = 196_608;
 const SSL_REQUEST: u32 = 80_877_103;
@@ -30,14 +28,7 @@ const MAX_PENDING: usize = 4096;
 pub fn classify_start(bytes: &[u8]) -> Option<bool> {
     if bytes.len() < 8 {
         // Too short for a startup message; a typed Query needs at least 6 bytes.
-        return if bytes
-            .first()
-            .is_some_and(|b| *b == 0 || *b == b'Q' || *b == b'P')
-        {
-            None
-        } else {
-            Some(false)
-        };
+        return if bytes.first().is_some_and(|b| *b == 0 || *b == b'Q' || *b == b'P') { None } else { Some(false) };
     }
     let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
     let code = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
@@ -62,17 +53,12 @@ fn looks_like_typed_query(b: &[u8]) -> bool {
     }
     let body = &b[5..end];
     body.last() == Some(&0)
-        && body
-            .iter()
-            .filter(|c| **c != 0)
-            .all(|c| c.is_ascii_graphic() || c.is_ascii_whitespace() || *c >= 0x80)
+        && body.iter().filter(|c| **c != 0).all(|c| c.is_ascii_graphic() || c.is_ascii_whitespace() || *c >= 0x80)
 }
 
 /// Plausible start of a typed message, for resynchronizing at a syscall boundary.
 fn plausible_typed(tags: &[u8], b: &[u8]) -> bool {
-    b.len() >= 5
-        && tags.contains(&b[0])
-        && (4..=1 << 24).contains(&u32::from_be_bytes([b[1], b[2], b[3], b[4]]))
+    b.len() >= 5 && tags.contains(&b[0]) && (4..=1 << 24).contains(&u32::from_be_bytes([b[1], b[2], b[3], b[4]]))
 }
 
 const FRONTEND_TAGS: &[u8] = b"QPBEDSCHXdcfF";
@@ -136,16 +122,8 @@ impl PostgresSession {
     /// A session that starts with the startup message (`mid_stream` = false) or in the middle of
     /// an established connection.
     pub fn new(mid_stream: bool) -> Self {
-        let first = if mid_stream {
-            Expect::Typed
-        } else {
-            Expect::Untyped
-        };
-        Self {
-            frontend: Framer::new(first),
-            backend: Framer::new(Expect::Typed),
-            pairing: Pairing::default(),
-        }
+        let first = if mid_stream { Expect::Typed } else { Expect::Untyped };
+        Self { frontend: Framer::new(first), backend: Framer::new(Expect::Typed), pairing: Pairing::default() }
     }
 }
 
@@ -158,11 +136,7 @@ impl Session for PostgresSession {
         if self.pairing.encrypted {
             return;
         }
-        let Self {
-            frontend,
-            backend,
-            pairing,
-        } = self;
+        let Self { frontend, backend, pairing } = self;
         let uncopied = seg.uncopied();
         let fed = match seg.side {
             Side::Request => frontend.feed(
@@ -280,23 +254,11 @@ impl Pairing {
                     ts_ns: msg.first_ts,
                     traceparent: None,
                 }));
-                self.push(
-                    Op::Execute {
-                        seq,
-                        start: msg.first_ts,
-                        query,
-                        truncated,
-                    },
-                    out,
-                );
+                self.push(Op::Execute { seq, start: msg.first_ts, query, truncated }, out);
             }
             b'S' => self.push(Op::Sync, out),
             b'C' => {
-                let (kind, rest) = msg
-                    .body
-                    .split_first()
-                    .map(|(k, r)| (*k, r))
-                    .unwrap_or((0, &[]));
+                let (kind, rest) = msg.body.split_first().map(|(k, r)| (*k, r)).unwrap_or((0, &[]));
                 let (name, _) = cstr(rest);
                 match kind {
                     b'S' => self.statements.remove(name),
@@ -352,11 +314,7 @@ impl Pairing {
                 let (tag, _) = cstr(msg.body);
                 let rows = returned_rows(tag);
                 match self.pending.front_mut() {
-                    Some(Op::Simple {
-                        rows: r,
-                        statements,
-                        ..
-                    }) => {
+                    Some(Op::Simple { rows: r, statements, .. }) => {
                         *statements += 1;
                         if let Some(n) = rows {
                             *r = Some(r.unwrap_or(0) + n);
@@ -389,15 +347,8 @@ impl Pairing {
             }
             b'Z' => match self.pending.front() {
                 Some(Op::Simple { .. }) => {
-                    if let Some(Op::Simple {
-                        seq,
-                        start,
-                        query,
-                        truncated,
-                        rows,
-                        sqlstate,
-                        statements,
-                    }) = self.pending.pop_front()
+                    if let Some(Op::Simple { seq, start, query, truncated, rows, sqlstate, statements }) =
+                        self.pending.pop_front()
                     {
                         out.push(SessionEvent::Completed(Exchange {
                             seq,
@@ -429,20 +380,8 @@ impl Pairing {
         }
     }
 
-    fn complete_execute(
-        &mut self,
-        ts: u64,
-        rows: Option<u64>,
-        sqlstate: Option<String>,
-        out: &mut Vec<SessionEvent>,
-    ) {
-        let Some(Op::Execute {
-            seq,
-            start,
-            query,
-            truncated,
-        }) = self.pending.pop_front()
-        else {
+    fn complete_execute(&mut self, ts: u64, rows: Option<u64>, sqlstate: Option<String>, out: &mut Vec<SessionEvent>) {
+        let Some(Op::Execute { seq, start, query, truncated }) = self.pending.pop_front() else {
             return;
         };
         out.push(SessionEvent::Completed(Exchange {

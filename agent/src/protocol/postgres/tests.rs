@@ -38,15 +38,10 @@ fn psql_simple_queries_multi_statement_and_error() {
     let ev = run(PSQL);
     let done = pg(&ev);
     assert_eq!(done.len(), 3, "{ev:?}");
-    assert_eq!(
-        done[0].statements, 2,
-        "CREATE + INSERT in one Query message"
-    );
+    assert_eq!(done[0].statements, 2, "CREATE + INSERT in one Query message");
     assert_eq!(
         done[0].query.as_deref(),
-        Some(
-            "CREATE TABLE users (id int, name text); INSERT INTO users VALUES (1,'alice'),(2,'bob')"
-        )
+        Some("CREATE TABLE users (id int, name text); INSERT INTO users VALUES (1,'alice'),(2,'bob')")
     );
     assert_eq!(done[1].returned_rows, Some(1));
     assert_eq!(done[1].database.as_deref(), Some("postgres"));
@@ -59,10 +54,7 @@ fn psql_simple_queries_multi_statement_and_error() {
 fn psycopg_prepared_pipelined_and_copy() {
     let ev = run(PSYCOPG);
     let done = pg(&ev);
-    let queries: Vec<&str> = done
-        .iter()
-        .map(|d| d.query.as_deref().unwrap_or("?"))
-        .collect();
+    let queries: Vec<&str> = done.iter().map(|d| d.query.as_deref().unwrap_or("?")).collect();
     assert_eq!(
         queries,
         vec![
@@ -76,11 +68,7 @@ fn psycopg_prepared_pipelined_and_copy() {
             "COMMIT",
         ]
     );
-    assert_eq!(
-        done[1].returned_rows,
-        Some(1),
-        "named statement _pg3_0 executed through a portal"
-    );
+    assert_eq!(done[1].returned_rows, Some(1), "named statement _pg3_0 executed through a portal");
     assert_eq!(errors(&ev), 0);
     // Pipelined: the three Executes were all sent before their results came back.
     let starts: Vec<u64> = ev
@@ -106,10 +94,7 @@ fn ssl_accepted_turns_opaque() {
     let parts = vec![
         (Side::Request, b"\x00\x00\x00\x08\x04\xd2\x16\x2f".to_vec()),
         (Side::Response, b"S".to_vec()),
-        (
-            Side::Request,
-            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec(),
-        ),
+        (Side::Request, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec()),
         (Side::Response, b"\x16\x03\x03\x00\x7a\x02\x00".to_vec()),
     ];
     let ev = replay(&mut s, &parts);
@@ -136,16 +121,7 @@ fn uncopied_data_rows_keep_framing() {
     let mut out = Vec::new();
     let q = b"Q\x00\x00\x00\x1cSELECT big FROM blobs;\x00\x00\x00\x00\x00";
     let q = &q[..1 + 0x1c];
-    s.feed(
-        &Segment {
-            side: Side::Request,
-            bytes: q,
-            byte_count: q.len() as u64,
-            ts_ns: 1,
-            tid: 1,
-        },
-        &mut out,
-    );
+    s.feed(&Segment { side: Side::Request, bytes: q, byte_count: q.len() as u64, ts_ns: 1, tid: 1 }, &mut out);
     let row_len: u32 = 4 + 2 + 4 + 1_000_000;
     let mut head = vec![b'D'];
     head.extend_from_slice(&row_len.to_be_bytes());
@@ -153,37 +129,10 @@ fn uncopied_data_rows_keep_framing() {
     head.extend_from_slice(&1_000_000u32.to_be_bytes());
     head.extend_from_slice(&[b'x'; 100]);
     let total = 1 + row_len as u64;
-    s.feed(
-        &Segment {
-            side: Side::Response,
-            bytes: &head,
-            byte_count: 4096,
-            ts_ns: 2,
-            tid: 1,
-        },
-        &mut out,
-    );
-    s.feed(
-        &Segment {
-            side: Side::Response,
-            bytes: b"",
-            byte_count: total - 4096,
-            ts_ns: 3,
-            tid: 1,
-        },
-        &mut out,
-    );
+    s.feed(&Segment { side: Side::Response, bytes: &head, byte_count: 4096, ts_ns: 2, tid: 1 }, &mut out);
+    s.feed(&Segment { side: Side::Response, bytes: b"", byte_count: total - 4096, ts_ns: 3, tid: 1 }, &mut out);
     let tail = b"C\x00\x00\x00\x0dSELECT 1\x00Z\x00\x00\x00\x05I";
-    s.feed(
-        &Segment {
-            side: Side::Response,
-            bytes: tail,
-            byte_count: tail.len() as u64,
-            ts_ns: 4,
-            tid: 1,
-        },
-        &mut out,
-    );
+    s.feed(&Segment { side: Side::Response, bytes: tail, byte_count: tail.len() as u64, ts_ns: 4, tid: 1 }, &mut out);
     let done = pg(&out);
     assert_eq!(done.len(), 1, "{out:?}");
     assert_eq!(done[0].returned_rows, Some(1));
@@ -215,12 +164,7 @@ fn error_in_a_pipeline_abandons_the_rest_until_sync() {
     assert_eq!(done.len(), 2);
     assert_eq!(done[1].sqlstate.as_deref(), Some("42P01"));
     assert_eq!(done[1].query.as_deref(), Some("SELECT * FROM nope"));
-    assert_eq!(
-        ev.iter()
-            .filter(|e| matches!(e, SessionEvent::Abandoned { .. }))
-            .count(),
-        1
-    );
+    assert_eq!(ev.iter().filter(|e| matches!(e, SessionEvent::Abandoned { .. })).count(), 1);
 }
 
 #[test]

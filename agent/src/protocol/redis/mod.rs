@@ -10,27 +10,19 @@ use std::collections::VecDeque;
 
 use resp::{Fed, Reader, Value};
 
-use super::{
-    Exchange, ExchangeDetail, Protocol, RequestStart, Segment, Session, SessionEvent, Side,
-};
+use super::{Exchange, ExchangeDetail, Protocol, RequestStart, Segment, Session, SessionEvent, Side};
 
 /// Commands waiting for replies before the oldest is given up.
 const MAX_PENDING: usize = 16_384;
 
 /// Commands whose first argument is a subcommand that belongs in the operation name.
 const CONTAINER_COMMANDS: [&str; 16] = [
-    "ACL", "CLIENT", "CLUSTER", "COMMAND", "CONFIG", "DEBUG", "FUNCTION", "LATENCY", "MEMORY",
-    "MODULE", "OBJECT", "PUBSUB", "SCRIPT", "SLOWLOG", "XGROUP", "XINFO",
+    "ACL", "CLIENT", "CLUSTER", "COMMAND", "CONFIG", "DEBUG", "FUNCTION", "LATENCY", "MEMORY", "MODULE", "OBJECT",
+    "PUBSUB", "SCRIPT", "SLOWLOG", "XGROUP", "XINFO",
 ];
 
-const SUBSCRIBE_FAMILY: [&str; 6] = [
-    "SUBSCRIBE",
-    "PSUBSCRIBE",
-    "SSUBSCRIBE",
-    "UNSUBSCRIBE",
-    "PUNSUBSCRIBE",
-    "SUNSUBSCRIBE",
-];
+const SUBSCRIBE_FAMILY: [&str; 6] =
+    ["SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE"];
 
 /// Inline commands recognized when detecting a connection (a plain-text first line).
 const INLINE_FIRST: [&str; 16] = [
@@ -72,9 +64,9 @@ pub fn classify_start(b: &[u8]) -> Option<bool> {
             let Some(line) = text.split('\n').next().filter(|_| text.contains('\n')) else {
                 let word = text.split(' ').next().unwrap_or("");
                 let could_be = b.len() < 64
-                    && INLINE_FIRST.iter().any(|c| {
-                        c.starts_with(word) || (text.starts_with(c) && text.len() > c.len())
-                    });
+                    && INLINE_FIRST
+                        .iter()
+                        .any(|c| c.starts_with(word) || (text.starts_with(c) && text.len() > c.len()));
                 return if could_be { None } else { Some(false) };
             };
             let first = line.split_ascii_whitespace().next().unwrap_or("");
@@ -115,6 +107,8 @@ pub struct RedisSession {
     db: u32,
     /// Subscriptions active on the connection: while any, pushed messages arrive.
     subscribed: bool,
+    /// When the last reply bytes were seen.
+    last_reply_ts: u64,
 }
 
 impl Default for RedisSession {
@@ -126,6 +120,7 @@ impl Default for RedisSession {
             next_seq: 0,
             db: 0,
             subscribed: false,
+            last_reply_ts: 0,
         }
     }
 }
@@ -136,15 +131,15 @@ impl Session for RedisSession {
     }
 
     fn feed(&mut self, seg: &Segment<'_>, out: &mut Vec<SessionEvent>) {
+        if seg.side == Side::Response {
+            self.last_reply_ts = seg.ts_ns;
+        }
         let mut values = Vec::new();
         let reader = match seg.side {
             Side::Request => &mut self.requests,
             Side::Response => &mut self.replies,
         };
-        if let Fed::Broken(reason) =
-            reader.feed(seg.bytes, seg.uncopied(), seg.ts_ns, seg.tid, &mut |v| {
-                values.push(v)
-            })
+        if let Fed::Broken(reason) = reader.feed(seg.bytes, seg.uncopied(), seg.ts_ns, seg.tid, &mut |v| values.push(v))
         {
             out.push(SessionEvent::ParseError { reason });
         }
@@ -165,25 +160,23 @@ impl Session for RedisSession {
 
 impl RedisSession {
     fn on_command(&mut self, v: Value, out: &mut Vec<SessionEvent>) {
+        if self.replies.is_desynced() {
+            self.recover_replies(v.first_ts, out);
+        }
         let Some(name) = v.strings.first().map(|s| s.to_ascii_uppercase()) else {
             return;
         };
         if v.kind != b'*' && v.kind != b'i' {
-            out.push(SessionEvent::ParseError {
-                reason: "a command must be an array or an inline line",
-            });
+            out.push(SessionEvent::ParseError { reason: "a command must be an array or an inline line" });
             return;
         }
         let (operation, args) = match v.strings.get(1) {
-            Some(sub) if CONTAINER_COMMANDS.contains(&name.as_str()) => (
-                format!("{name} {}", sub.to_ascii_uppercase()),
-                v.elements.saturating_sub(2),
-            ),
+            Some(sub) if CONTAINER_COMMANDS.contains(&name.as_str()) => {
+                (format!("{name} {}", sub.to_ascii_uppercase()), v.elements.saturating_sub(2))
+            }
             _ => (name.clone(), v.elements.saturating_sub(1)),
         };
-        let select_db = (name == "SELECT")
-            .then(|| v.strings.get(1).and_then(|s| s.parse().ok()))
-            .flatten();
+        let select_db = (name == "SELECT").then(|| v.strings.get(1).and_then(|s| s.parse().ok())).flatten();
         self.next_seq += 1;
         let seq = self.next_seq;
         out.push(SessionEvent::RequestStarted(RequestStart {
@@ -192,13 +185,7 @@ impl RedisSession {
             ts_ns: v.first_ts,
             traceparent: None,
         }));
-        self.pending.push_back(Pending {
-            seq,
-            start: v.first_ts,
-            operation,
-            args,
-            select_db,
-        });
+        self.pending.push_back(Pending { seq, start: v.first_ts, operation, args, select_db });
         if self.pending.len() > MAX_PENDING {
             self.pending.pop_front();
             out.push(SessionEvent::UnmatchedRequest);
@@ -206,34 +193,19 @@ impl RedisSession {
     }
 
     fn on_reply(&mut self, v: Value, ts: u64, out: &mut Vec<SessionEvent>) {
-        let first = v
-            .strings
-            .first()
-            .map(|s| s.to_ascii_lowercase())
-            .unwrap_or_default();
-        let front_is_subscribe = self
-            .pending
-            .front()
-            .is_some_and(|p| SUBSCRIBE_FAMILY.contains(&p.operation.as_str()));
-        let is_confirmation = (v.kind == b'*' || v.kind == b'>')
-            && SUBSCRIBE_FAMILY
-                .iter()
-                .any(|c| c.eq_ignore_ascii_case(&first));
+        let first = v.strings.first().map(|s| s.to_ascii_lowercase()).unwrap_or_default();
+        let front_is_subscribe = self.pending.front().is_some_and(|p| SUBSCRIBE_FAMILY.contains(&p.operation.as_str()));
+        let is_confirmation =
+            (v.kind == b'*' || v.kind == b'>') && SUBSCRIBE_FAMILY.iter().any(|c| c.eq_ignore_ascii_case(&first));
         if is_confirmation {
             // The remaining subscription count tells whether pushes can still arrive.
-            self.subscribed = v
-                .strings
-                .get(2)
-                .and_then(|n| n.parse::<u64>().ok())
-                .is_none_or(|n| n > 0);
+            self.subscribed = v.strings.get(2).and_then(|n| n.parse::<u64>().ok()).is_none_or(|n| n > 0);
             if !front_is_subscribe {
                 // Further confirmations of a multi-channel (UN)SUBSCRIBE: not a reply.
                 return;
             }
         } else if v.kind == b'>'
-            || (self.subscribed
-                && v.kind == b'*'
-                && matches!(first.as_str(), "message" | "pmessage" | "smessage"))
+            || (self.subscribed && v.kind == b'*' && matches!(first.as_str(), "message" | "pmessage" | "smessage"))
         {
             // Pushed data is not an answer to any command.
             return;
@@ -243,9 +215,7 @@ impl RedisSession {
             return;
         };
         let error = match v.kind {
-            b'-' | b'!' => Some(first_word(
-                v.strings.first().map(String::as_str).unwrap_or("ERR"),
-            )),
+            b'-' | b'!' => Some(first_word(v.strings.first().map(String::as_str).unwrap_or("ERR"))),
             _ => None,
         };
         if error.is_none()
@@ -258,19 +228,39 @@ impl RedisSession {
             seq: p.seq,
             start_ns: p.start,
             end_ns: ts.max(p.start),
-            detail: ExchangeDetail::Redis(RedisExchange {
-                operation: p.operation,
-                args: p.args,
-                db,
-                error,
-            }),
+            detail: ExchangeDetail::Redis(RedisExchange { operation: p.operation, args: p.args, db, error }),
         }));
     }
 }
 
+impl RedisSession {
+    /// The reply side lost framing (a large aggregate reply was not fully copied) and the client
+    /// sent its next command. A client that waited for its answer has it by now: with one
+    /// command outstanding, that command completes here; with several (pipelining) the split
+    /// is unknowable and they are counted as unmatched. Replies resume at the next reply.
+    fn recover_replies(&mut self, ts: u64, out: &mut Vec<SessionEvent>) {
+        if self.pending.len() == 1
+            && let Some(p) = self.pending.pop_front()
+        {
+            out.push(SessionEvent::Completed(Exchange {
+                seq: p.seq,
+                start_ns: p.start,
+                end_ns: self.last_reply_ts.clamp(p.start, ts.max(p.start)),
+                detail: ExchangeDetail::Redis(RedisExchange {
+                    operation: p.operation,
+                    args: p.args,
+                    db: self.db,
+                    error: None,
+                }),
+            }));
+        }
+        for _ in self.pending.drain(..) {
+            out.push(SessionEvent::UnmatchedRequest);
+        }
+        self.replies.restart();
+    }
+}
+
 fn first_word(s: &str) -> String {
-    s.split_ascii_whitespace()
-        .next()
-        .unwrap_or("ERR")
-        .to_owned()
+    s.split_ascii_whitespace().next().unwrap_or("ERR").to_owned()
 }

@@ -77,14 +77,7 @@ impl Reader {
     }
 
     /// Feeds one syscall's captured bytes and its uncopied count; complete values go to `emit`.
-    pub fn feed(
-        &mut self,
-        mut b: &[u8],
-        uncopied: u64,
-        ts: u64,
-        tid: u32,
-        emit: &mut impl FnMut(Value),
-    ) -> Fed {
+    pub fn feed(&mut self, mut b: &[u8], uncopied: u64, ts: u64, tid: u32, emit: &mut impl FnMut(Value)) -> Fed {
         if self.state == State::Desync {
             // Resynchronize where a syscall starts a new command or reply.
             if b.first().is_some_and(|c| is_type_byte(*c)) {
@@ -109,11 +102,7 @@ impl Reader {
                             self.current.kind = c;
                         }
                         b = &b[1..];
-                    } else if self.stack.is_empty()
-                        && self.inline_allowed
-                        && c != b'\r'
-                        && c != b'\n'
-                    {
+                    } else if self.stack.is_empty() && self.inline_allowed && c != b'\r' && c != b'\n' {
                         self.current.kind = b'i';
                         self.state = State::Inline;
                     } else if self.stack.is_empty() && (c == b'\r' || c == b'\n') {
@@ -147,11 +136,7 @@ impl Reader {
                     let room = KEPT_STRING_BYTES.saturating_sub(self.bulk.len());
                     self.bulk.extend_from_slice(&b[..take.min(room)]);
                     b = &b[take..];
-                    self.state = if left == take as u64 {
-                        State::BulkEnd(2)
-                    } else {
-                        State::Bulk(left - take as u64)
-                    };
+                    self.state = if left == take as u64 { State::BulkEnd(2) } else { State::Bulk(left - take as u64) };
                 }
                 State::BulkEnd(left) => {
                     let expected: &[u8] = if left == 2 { b"\r\n" } else { b"\n" };
@@ -179,11 +164,7 @@ impl Reader {
                 State::Bulk(left) => {
                     let take = gap.min(left);
                     gap -= take;
-                    self.state = if take == left {
-                        State::BulkEnd(2)
-                    } else {
-                        State::Bulk(left - take)
-                    };
+                    self.state = if take == left { State::BulkEnd(2) } else { State::Bulk(left - take) };
                 }
                 State::BulkEnd(left) => {
                     let take = gap.min(left as u64) as u8;
@@ -207,6 +188,15 @@ impl Reader {
         Fed::Ok
     }
 
+    pub fn is_desynced(&self) -> bool {
+        self.state == State::Desync
+    }
+
+    /// Gives up on the value being read and expects a new one at the next byte.
+    pub fn restart(&mut self) {
+        self.reset();
+    }
+
     fn push_line(&mut self, part: &[u8]) {
         let room = (MAX_LINE + 1).saturating_sub(self.line.len());
         self.line.extend_from_slice(&part[..part.len().min(room)]);
@@ -221,10 +211,7 @@ impl Reader {
         self.state = State::Type;
         match state {
             State::Inline => {
-                let words: Vec<&[u8]> = line
-                    .split(|c| c.is_ascii_whitespace())
-                    .filter(|w| !w.is_empty())
-                    .collect();
+                let words: Vec<&[u8]> = line.split(|c| c.is_ascii_whitespace()).filter(|w| !w.is_empty()).collect();
                 self.current.elements = words.len() as u64;
                 self.current.strings = words.iter().take(KEPT_STRINGS).map(|w| keep(w)).collect();
                 self.finish_top(emit);
@@ -243,11 +230,7 @@ impl Reader {
                 }
                 b'*' | b'~' | b'>' | b'%' | b'|' => {
                     let n = parse_len(&line)?;
-                    let elements = if kind == b'%' || kind == b'|' {
-                        n.saturating_mul(2)
-                    } else {
-                        n
-                    };
+                    let elements = if kind == b'%' || kind == b'|' { n.saturating_mul(2) } else { n };
                     if self.stack.is_empty() && kind != b'|' {
                         self.current.elements = n.max(0) as u64;
                     }
@@ -265,10 +248,7 @@ impl Reader {
                     }
                 }
                 _ => self.element_done(
-                    Some(
-                        String::from_utf8_lossy(&line[..line.len().min(KEPT_STRING_BYTES)])
-                            .into_owned(),
-                    ),
+                    Some(String::from_utf8_lossy(&line[..line.len().min(KEPT_STRING_BYTES)]).into_owned()),
                     emit,
                 ),
             },
@@ -327,9 +307,5 @@ fn keep(w: &[u8]) -> String {
 }
 
 fn parse_len(line: &[u8]) -> Result<i64, &'static str> {
-    std::str::from_utf8(line)
-        .ok()
-        .and_then(|s| s.trim().parse::<i64>().ok())
-        .filter(|n| *n >= -1)
-        .ok_or("bad length")
+    std::str::from_utf8(line).ok().and_then(|s| s.trim().parse::<i64>().ok()).filter(|n| *n >= -1).ok_or("bad length")
 }

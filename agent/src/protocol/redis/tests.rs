@@ -37,10 +37,7 @@ fn detection() {
     assert_eq!(classify_start(b"PING\r\n"), Some(true));
     assert_eq!(classify_start(b"PI"), None);
     assert_eq!(classify_start(b"GET / HTTP/1.1\r\n"), Some(false));
-    assert_eq!(
-        classify_start(b"\x00\x00\x00\x08\x04\xd2\x16\x2f"),
-        Some(false)
-    );
+    assert_eq!(classify_start(b"\x00\x00\x00\x08\x04\xd2\x16\x2f"), Some(false));
 }
 
 #[test]
@@ -53,10 +50,7 @@ fn resp2_pipeline_with_select_inline_and_auth() {
     assert_eq!(done[1].args, 2);
     assert_eq!(done[2].args, 0, "inline PING");
     assert_eq!(done[4].error.as_deref(), Some("ERR"));
-    assert!(
-        !format!("{done:?}").contains("hunter22"),
-        "AUTH arguments are never kept"
-    );
+    assert!(!format!("{done:?}").contains("hunter22"), "AUTH arguments are never kept");
     assert_eq!(errors(&ev), 0);
 }
 
@@ -93,35 +87,22 @@ fn resp3_maps_sets_nulls_multi_exec_and_wrongtype() {
 fn subscribe_pairs_once_and_pushes_are_not_replies() {
     let ev = run(SUBSCRIBE);
     assert_eq!(ops(&ev), vec!["SUBSCRIBE"]);
-    assert!(
-        !ev.iter()
-            .any(|e| matches!(e, SessionEvent::UnmatchedResponse)),
-        "{ev:?}"
-    );
+    assert!(!ev.iter().any(|e| matches!(e, SessionEvent::UnmatchedResponse)), "{ev:?}");
     // In subscribed mode a PING still pairs.
     let mut s = RedisSession::default();
     let mut parts = load(SUBSCRIBE);
     parts.push((Side::Request, b"*1\r\n$4\r\nPING\r\n".to_vec()));
     parts.push((Side::Response, b"*2\r\n$4\r\npong\r\n$0\r\n\r\n".to_vec()));
-    parts.push((
-        Side::Response,
-        b">3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$1\r\nx\r\n".to_vec(),
-    ));
+    parts.push((Side::Response, b">3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$1\r\nx\r\n".to_vec()));
     let ev = replay(&mut s, &parts);
     assert_eq!(ops(&ev), vec!["SUBSCRIBE", "PING"]);
-    assert!(
-        !ev.iter()
-            .any(|e| matches!(e, SessionEvent::UnmatchedResponse))
-    );
+    assert!(!ev.iter().any(|e| matches!(e, SessionEvent::UnmatchedResponse)));
 }
 
 #[test]
 fn attributes_nested_aggregates_and_big_numbers() {
     let reply = b"|1\r\n+key-popularity\r\n%1\r\n$1\r\na\r\n,0.19\r\n*2\r\n*2\r\n(3492890328409238509324850943850943825024385\r\n=15\r\ntxt:Some string\r\n#t\r\n".to_vec();
-    let parts = vec![
-        (Side::Request, b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n".to_vec()),
-        (Side::Response, reply),
-    ];
+    let parts = vec![(Side::Request, b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n".to_vec()), (Side::Response, reply)];
     let ev = replay(&mut RedisSession::default(), &parts);
     assert_eq!(ops(&ev), vec!["GET"]);
     assert_eq!(errors(&ev), 0);
@@ -149,51 +130,42 @@ fn uncopied_bulk_values_keep_framing() {
     let mut first = head.clone().into_bytes();
     first.extend_from_slice(&[b'v'; 100]);
     let first_count = 4096u64;
-    s.feed(
-        &Segment {
-            side: Side::Request,
-            bytes: &first,
-            byte_count: first_count,
-            ts_ns: 1,
-            tid: 1,
-        },
-        &mut out,
-    );
+    s.feed(&Segment { side: Side::Request, bytes: &first, byte_count: first_count, ts_ns: 1, tid: 1 }, &mut out);
     let rest = head.len() as u64 + n + 2 - first_count;
-    s.feed(
-        &Segment {
-            side: Side::Request,
-            bytes: b"",
-            byte_count: rest,
-            ts_ns: 2,
-            tid: 1,
-        },
-        &mut out,
-    );
+    s.feed(&Segment { side: Side::Request, bytes: b"", byte_count: rest, ts_ns: 2, tid: 1 }, &mut out);
     let ping = b"*1\r\n$4\r\nPING\r\n";
-    s.feed(
-        &Segment {
-            side: Side::Request,
-            bytes: ping,
-            byte_count: ping.len() as u64,
-            ts_ns: 3,
-            tid: 1,
-        },
-        &mut out,
-    );
+    s.feed(&Segment { side: Side::Request, bytes: ping, byte_count: ping.len() as u64, ts_ns: 3, tid: 1 }, &mut out);
     let replies = b"+OK\r\n+PONG\r\n";
     s.feed(
-        &Segment {
-            side: Side::Response,
-            bytes: replies,
-            byte_count: replies.len() as u64,
-            ts_ns: 4,
-            tid: 1,
-        },
+        &Segment { side: Side::Response, bytes: replies, byte_count: replies.len() as u64, ts_ns: 4, tid: 1 },
         &mut out,
     );
     assert_eq!(ops(&out), vec!["SET", "PING"]);
     assert_eq!(errors(&out), 0);
+}
+
+#[test]
+fn a_large_reply_beyond_the_capture_completes_at_the_next_command() {
+    let mut s = RedisSession::default();
+    let mut out = Vec::new();
+    let cmd = b"*2\r\n$7\r\nCOMMAND\r\n$4\r\nDOCS\r\n";
+    s.feed(&Segment { side: Side::Request, bytes: cmd, byte_count: cmd.len() as u64, ts_ns: 1, tid: 1 }, &mut out);
+    // A nested reply read in 16 KiB chunks of which 4 KiB were copied: framing is lost.
+    let reply = b"%200\r\n$3\r\nget\r\n%7\r\n$7\r\nsummary\r\n$20\r\nGet the value of a k";
+    s.feed(&Segment { side: Side::Response, bytes: reply, byte_count: 16384, ts_ns: 2, tid: 1 }, &mut out);
+    s.feed(
+        &Segment { side: Side::Response, bytes: b"ey\r\n$5\r\nsince", byte_count: 16384, ts_ns: 3, tid: 1 },
+        &mut out,
+    );
+    assert_eq!(errors(&out), 1, "the loss is counted");
+    let ping = b"*1\r\n$4\r\nPING\r\n";
+    s.feed(&Segment { side: Side::Request, bytes: ping, byte_count: ping.len() as u64, ts_ns: 4, tid: 1 }, &mut out);
+    s.feed(&Segment { side: Side::Response, bytes: b"+PONG\r\n", byte_count: 7, ts_ns: 5, tid: 1 }, &mut out);
+    assert_eq!(ops(&out), vec!["COMMAND DOCS", "PING"]);
+    let SessionEvent::Completed(docs) = out.iter().find(|e| matches!(e, SessionEvent::Completed(_))).unwrap() else {
+        panic!()
+    };
+    assert_eq!(docs.end_ns, 3, "ends at the last reply bytes seen");
 }
 
 proptest::proptest! {
