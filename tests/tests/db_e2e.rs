@@ -202,3 +202,57 @@ fn privileged_redis_client_and_server_spans() {
     assert_eq!(finished.counter("unmatched_responses"), Some(0), "pushed messages are not replies");
     drop(redis);
 }
+
+#[test]
+fn privileged_http_service_with_database_children_in_one_trace() {
+    let Some(_guard) = privileged_test("application trace") else { return };
+    let (app_port, pg_port, redis_port) = (free_port(), free_port(), free_port());
+    let pg = servers::postgres(pg_port);
+    let redis = servers::redis(redis_port);
+    let app = std::process::Command::new("python3")
+        .arg(fixture("app.py"))
+        .args([app_port.to_string(), pg_port.to_string(), redis_port.to_string(), PG_PASSWORD.to_string()])
+        .spawn()
+        .expect("start app.py");
+    let app = KillOnDrop(app);
+    sonde_e2e::wait_listening(app_port);
+    let receiver = HttpReceiver::start();
+    let cfg = test_config(&format!("discovery:\n  - service.name: orders\n    open_ports: {app_port}\n"));
+    let sonde = Sonde::start(&[], &cfg, &env(&receiver));
+    const N: usize = 10;
+    let urls: Vec<String> = (1..=N).map(|i| format!("http://127.0.0.1:{app_port}/order/{i}")).collect();
+    sonde_e2e::clients::curl(&["-o", "/dev/null"], &urls);
+    let spans = receiver.collected.wait_for(4 * N, WAIT);
+    let finished = sonde.stop();
+    dump(&spans);
+    let servers: Vec<&TestSpan> = spans.iter().filter(|s| s.kind == "SERVER").collect();
+    assert_eq!(servers.len(), N);
+    assert_eq!(spans.len(), 4 * N, "a server span, a PostgreSQL span and two Redis spans per request");
+    for server in &servers {
+        assert_eq!(server.name, "GET /order/{id}");
+        let children: Vec<&TestSpan> = spans.iter().filter(|c| c.parent_id.as_ref() == Some(&server.span_id)).collect();
+        let mut names: Vec<&str> = children.iter().map(|c| c.name.as_str()).collect();
+        names.sort();
+        assert_eq!(names, vec!["GET", "INCRBY", "SELECT customers"], "children of {}", server.span_id);
+        for c in children {
+            assert_eq!(c.kind, "CLIENT");
+            assert_eq!(c.trace_id, server.trace_id, "one trace");
+            assert!(c.start_ns >= server.start_ns && c.end_ns <= server.end_ns, "child within its parent");
+            assert_eq!(c.service(), Some("orders"));
+        }
+    }
+    let select = spans.iter().find(|s| s.name == "SELECT customers").unwrap();
+    assert_eq!(select.s("db.query.text"), Some("SELECT name FROM customers WHERE id = $1"));
+    assert_eq!(select.i("server.port"), Some(pg_port as i64), "connection opened before sonde: addresses from /proc");
+    assert_eq!(finished.counter("events_lost"), Some(0));
+    drop((app, pg, redis));
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

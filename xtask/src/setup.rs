@@ -78,7 +78,9 @@ fn python_modules() -> Result<()> {
         return Ok(());
     }
     println!("==> installing Python packages: {}", missing.join(" "));
-    crate::run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(&missing))
+    crate::run(
+        Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(&missing),
+    )
 }
 
 fn rust_src() -> Result<()> {

@@ -41,19 +41,32 @@ pub fn classify_start(bytes: &[u8]) -> Option<bool> {
     Some(startup || looks_like_typed_query(bytes))
 }
 
-/// A whole `Q` or `P` message with a NUL-terminated text: how a pooled connection looks mid-stream.
+/// A whole Query (`Q text\0`) or Parse (`P name\0 text\0 int16 n, n x int32`) message: how a
+/// connection opened before sonde looks when its next statement arrives.
 fn looks_like_typed_query(b: &[u8]) -> bool {
-    if !(b[0] == b'Q' || b[0] == b'P') || b.len() < 6 {
+    if b.len() < 6 {
         return false;
     }
     let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
-    let end = 1 + len;
-    if !(6..=MAX_NAMED * 1024).contains(&len) || end > b.len() {
+    if !(5..=framing::MAX_KEPT_BODY).contains(&len) || 1 + len > b.len() {
         return false;
     }
-    let body = &b[5..end];
-    body.last() == Some(&0)
-        && body.iter().filter(|c| **c != 0).all(|c| c.is_ascii_graphic() || c.is_ascii_whitespace() || *c >= 0x80)
+    let body = &b[5..1 + len];
+    let is_text =
+        |t: &[u8]| !t.is_empty() && t.iter().all(|c| c.is_ascii_graphic() || c.is_ascii_whitespace() || *c >= 0x80);
+    match b[0] {
+        b'Q' => body.last() == Some(&0) && is_text(&body[..body.len() - 1]),
+        b'P' => {
+            let Some(name_end) = body.iter().position(|c| *c == 0) else { return false };
+            let rest = &body[name_end + 1..];
+            let Some(text_end) = rest.iter().position(|c| *c == 0) else { return false };
+            let params = &rest[text_end + 1..];
+            is_text(&rest[..text_end])
+                && params.len() >= 2
+                && params.len() == 2 + 4 * u16::from_be_bytes([params[0], params[1]]) as usize
+        }
+        _ => false,
+    }
 }
 
 /// Plausible start of a typed message, for resynchronizing at a syscall boundary.

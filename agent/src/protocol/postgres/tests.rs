@@ -28,6 +28,10 @@ fn detects_startup_ssl_and_mid_stream_queries() {
         assert_eq!(classify_start(&load(f)[0].1), Some(true));
     }
     assert_eq!(classify_start(b"Q\x00\x00\x00\x0dSELECT 1\x00"), Some(true));
+    // psycopg's Parse (with one parameter type) + Bind + Execute + Sync, mid-stream.
+    let psycopg = &load(PSYCOPG)[4].1;
+    assert_eq!(psycopg[0], b'P');
+    assert_eq!(classify_start(psycopg), Some(true));
     assert_eq!(classify_start(b"\x00\x00"), None);
     assert_eq!(classify_start(b"GET / HTTP/1.1\r\n"), Some(false));
     assert_eq!(classify_start(b"*1\r\n$4\r\nPING\r\n"), Some(false));
