@@ -87,7 +87,7 @@ pub struct Launcher {
 impl Launcher {
     pub fn start() -> Self {
         use std::process::Stdio;
-        let mut child = Command::new("bash")
+        let mut child = std::os::unix::process::CommandExt::process_group(&mut Command::new("bash"), 0)
             .args(["-c", "while IFS= read -r cmd; do bash -c \"$cmd\" >/dev/null 2>&1; echo \"rc=$?\"; done"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -114,7 +114,6 @@ impl Launcher {
 
 impl Drop for Launcher {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::servers::stop_group(&mut self.child);
     }
 }

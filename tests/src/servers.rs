@@ -1,8 +1,10 @@
 //! Real servers for the tests, each on a loopback port in a temp directory, stopped on drop.
 
 use std::{
+    os::unix::process::CommandExt,
     path::PathBuf,
     process::{Child, Command, Stdio},
+    time::Duration,
 };
 
 use crate::{TempDir, wait_listening};
@@ -25,9 +27,20 @@ impl Server {
 }
 
 impl Drop for Server {
+    /// Stops the whole process group (nginx workers, PostgreSQL under runuser): SIGTERM, then
+    /// SIGKILL if it has not exited within five seconds.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_group(&mut self.child);
+    }
+}
+
+pub fn stop_group(child: &mut Child) {
+    let group = format!("-{}", child.id());
+    let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+    let exited = crate::wait_for(Duration::from_secs(5), || child.try_wait().ok().flatten());
+    let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
+    if exited.is_none() {
+        let _ = child.wait();
     }
 }
 
@@ -38,7 +51,8 @@ pub fn python_http(port: u16, backend: Option<u16>) -> Server {
     if let Some(b) = backend {
         cmd.arg("--backend").arg(b.to_string());
     }
-    let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).spawn().expect("start python3 http server");
+    let child =
+        cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::null()).spawn().expect("start python3 http server");
     wait_listening(port);
     Server { child, port, _dir: None }
 }
@@ -63,6 +77,7 @@ pub fn nginx(port: u16) -> Server {
         .arg(&conf_path)
         .arg("-p")
         .arg(dir.path())
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -111,6 +126,7 @@ pub fn postgres(port: u16) -> Server {
         .arg(&data)
         .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-k"])
         .arg(dir.path())
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -132,6 +148,7 @@ pub fn postgres(port: u16) -> Server {
 pub fn redis(port: u16) -> Server {
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()

@@ -209,7 +209,7 @@ fn privileged_http_service_with_database_children_in_one_trace() {
     let (app_port, pg_port, redis_port) = (free_port(), free_port(), free_port());
     let pg = servers::postgres(pg_port);
     let redis = servers::redis(redis_port);
-    let app = std::process::Command::new("python3")
+    let app = std::os::unix::process::CommandExt::process_group(&mut std::process::Command::new("python3"), 0)
         .arg(fixture("app.py"))
         .args([app_port.to_string(), pg_port.to_string(), redis_port.to_string(), PG_PASSWORD.to_string()])
         .spawn()
@@ -252,7 +252,6 @@ struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        servers::stop_group(&mut self.0);
     }
 }

@@ -3,6 +3,7 @@
 
 use std::{
     net::{TcpListener, TcpStream},
+    os::unix::process::CommandExt,
     process::{Child, Command, Stdio},
     thread::sleep,
     time::{Duration, Instant},
@@ -13,8 +14,15 @@ use anyhow::{Context, Result, bail};
 struct Killed(Child);
 
 impl Drop for Killed {
+    /// Stops the child's whole process group: SIGTERM, then SIGKILL after a grace period.
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).stderr(Stdio::null()).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && self.0.try_wait().ok().flatten().is_none() {
+            sleep(Duration::from_millis(50));
+        }
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
         let _ = self.0.wait();
     }
 }
@@ -34,38 +42,80 @@ fn wait_listening(port: u16) -> Result<()> {
     Ok(())
 }
 
+/// A throwaway PostgreSQL 15 cluster (it refuses to run as root: it runs as `postgres`).
+fn start_postgres(dir: &std::path::Path, port: u16) -> Result<Killed> {
+    let bin = "/usr/lib/postgresql/15/bin";
+    std::fs::create_dir_all(dir)?;
+    crate::run(Command::new("chown").arg("postgres").arg(dir))?;
+    let data = dir.join("data");
+    crate::run(
+        Command::new("runuser")
+            .args(["-u", "postgres", "--", &format!("{bin}/initdb"), "-A", "trust", "-U", "postgres", "-D"])
+            .arg(&data)
+            .stdout(Stdio::null()),
+    )?;
+    let child = Command::new("runuser")
+        .args(["-u", "postgres", "--", &format!("{bin}/postgres"), "-D"])
+        .arg(&data)
+        .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-k"])
+        .arg(dir)
+        .process_group(0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting postgres")?;
+    Ok(Killed(child))
+}
+
 pub fn run(seconds: u64) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { geteuid() } != 0 {
         bail!("the demo loads eBPF programs: run it as root (sudo -E cargo xtask demo)");
     }
     let root = crate::root();
-    let server = root.join("tests/fixtures/http_server.py");
-    let (backend_port, frontend_port) = (free_port()?, free_port()?);
-    let python = |args: Vec<String>| -> Result<Killed> {
+    let fixtures = root.join("tests/fixtures");
+    let [frontend_port, orders_port, pg_port, redis_port] = [free_port()?, free_port()?, free_port()?, free_port()?];
+    let work = std::env::temp_dir().join(format!("sonde-demo-{}", std::process::id()));
+    let _pg = start_postgres(&work.join("pg"), pg_port)?;
+    let _redis = Killed(
+        Command::new("redis-server")
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .process_group(0)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting redis-server")?,
+    );
+    wait_listening(pg_port)?;
+    wait_listening(redis_port)?;
+    let python = |script: &str, args: Vec<String>| -> Result<Killed> {
         Ok(Killed(
             Command::new("python3")
-                .arg(&server)
+                .arg(fixtures.join(script))
                 .args(args)
+                .process_group(0)
                 .stdout(Stdio::null())
                 .spawn()
                 .context("starting python3")?,
         ))
     };
-    let _backend = python(vec![backend_port.to_string()])?;
-    let _frontend = python(vec![frontend_port.to_string(), "--backend".into(), backend_port.to_string()])?;
-    wait_listening(backend_port)?;
+    let _orders = python(
+        "app.py",
+        vec![orders_port.to_string(), pg_port.to_string(), redis_port.to_string(), "unused-with-trust-auth".into()],
+    )?;
+    let _frontend =
+        python("http_server.py", vec![frontend_port.to_string(), "--backend".into(), orders_port.to_string()])?;
+    wait_listening(orders_port)?;
     wait_listening(frontend_port)?;
 
-    let config = std::env::temp_dir().join(format!("sonde-demo-{}.yaml", std::process::id()));
+    let config = work.join("sonde.yaml");
     std::fs::write(
         &config,
         format!(
-            "discovery:\n  - service.name: frontend\n    open_ports: {frontend_port}\n  - service.name: backend\n    open_ports: {backend_port}\n"
+            "discovery:\n  - service.name: frontend\n    open_ports: {frontend_port}\n  - service.name: orders\n    open_ports: {orders_port}\n  - service.name: postgres\n    open_ports: {pg_port}\n  - service.name: redis\n    open_ports: {redis_port}\n"
         ),
     )?;
     println!(
-        "==> demo: frontend on 127.0.0.1:{frontend_port} calls backend on 127.0.0.1:{backend_port}; sonde traces both for {seconds}s\n"
+        "==> demo: frontend :{frontend_port} -> orders :{orders_port} -> PostgreSQL :{pg_port} + Redis :{redis_port}; sonde traces all four for {seconds}s\n"
     );
     let mut sonde = Killed(
         Command::new(root.join("target/release/sonde"))
@@ -84,9 +134,8 @@ pub fn run(seconds: u64) -> Result<()> {
     let mut i = 0u64;
     while Instant::now() < deadline {
         let path = match i % 4 {
-            0 => format!("/call/{i}"),
-            1 => format!("/users/{i}?session=secret{i}"),
-            2 => "/status/404".to_string(),
+            0 | 1 => format!("/call/{}", i % 100 + 1),
+            2 => format!("/users/{i}?session=secret{i}"),
             _ => "/status/503".to_string(),
         };
         let traceparent = format!("traceparent: 00-{:032x}-{:016x}-01", 0xdecaf_u128 << 64 | i as u128, i + 1);
@@ -100,10 +149,11 @@ pub fn run(seconds: u64) -> Result<()> {
     let pid = sonde.0.id();
     let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status();
     let _ = sonde.0.wait();
-    let _ = std::fs::remove_file(&config);
     println!(
         "\n==> demo done: {i} requests made. Run it against your own services with `target/release/sonde run --open-ports PORT`."
     );
+    drop((_frontend, _orders, _redis, _pg));
+    let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
 
