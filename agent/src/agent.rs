@@ -1,7 +1,11 @@
 //! `sonde run`: wires capture, discovery, the pipeline and the exporters, and runs until a
 //! shutdown signal. On shutdown it drains the ring buffer, detaches, and flushes exports.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
@@ -10,7 +14,7 @@ use crate::{
     capture::{Capture, Event, events::decode, loader::CaptureOptions},
     config::{AgentConfig, PrintMode},
     conn::table::DataIn,
-    discovery::{Action, Discovery},
+    discovery::{Action, Discovery, tls},
     export::{otlp, print::Printer},
     pipeline::{Pipeline, Sinks},
     stats::Stats,
@@ -23,8 +27,15 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 /// How long to wait for the exporter to flush on shutdown.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Safety net behind the mmap events: how often traced processes are re-checked for TLS libraries.
+const TLS_RESCAN_INTERVAL: Duration = Duration::from_secs(10);
+
 struct Agent {
     capture: Capture,
+    /// TLS files probed so far, by (device, inode): Some(what was attached) or None (no OpenSSL).
+    tls_files: HashMap<(u64, u64), Option<String>>,
+    /// Processes whose TLS situation was already logged.
+    tls_reported: HashSet<u32>,
     discovery: Discovery,
     pipeline: Pipeline,
     stats: Arc<Stats>,
@@ -56,6 +67,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
 
     let mut agent = Agent {
         capture,
+        tls_files: HashMap::new(),
+        tls_reported: HashSet::new(),
         discovery: Discovery::new(cfg.selectors, cfg.resource_attributes, cfg.service_name),
         pipeline: Pipeline::new(cfg.sampler, stats.clone(), sinks),
         stats: stats.clone(),
@@ -72,6 +85,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
     rescan.tick().await;
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    let mut tls_rescan = tokio::time::interval(TLS_RESCAN_INTERVAL);
     let mut ticks: u64 = 0;
     tokio::pin!(shutdown);
 
@@ -91,6 +105,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                     agent.forget_process(pid);
                 }
             }
+            _ = tls_rescan.tick() => agent.attach_tls_everywhere(),
             _ = housekeeping.tick() => {
                 ticks += 1;
                 agent.refresh_counters();
@@ -134,8 +149,12 @@ impl Agent {
 
     fn handle(&mut self, ev: Event<'_>) {
         match ev {
-            Event::Data { pid, tid, fd, ts_ns, direction, byte_count, payload, uncopied: _, role } => {
-                let data = DataIn { dir: direction, payload, byte_count, ts_ns, tid };
+            Event::Data { pid, tid, fd, ts_ns, direction, byte_count, payload, uncopied: _, role, tls } => {
+                log::trace!(
+                    "data pid={pid} tid={tid} fd={fd} {direction:?} tls={tls} bytes={byte_count} {:?}",
+                    String::from_utf8_lossy(&payload[..payload.len().min(48)])
+                );
+                let data = DataIn { dir: direction, payload, byte_count, ts_ns, tid, tls };
                 self.pipeline.on_data(pid, fd, role, data);
             }
             Event::ConnOpen { pid, fd, ts_ns, role, listen_fd, peer, .. } => {
@@ -160,6 +179,9 @@ impl Agent {
                 }
             }
             Event::ProcExit { pid } => self.forget_process(pid),
+            // A library was mapped: it may be (a copy of) libssl. The mapping exists by the time
+            // this event is read.
+            Event::ExecMapping { pid } => self.attach_tls(pid),
         }
     }
 
@@ -169,7 +191,10 @@ impl Agent {
                 Action::Trace { pid, resource, sockets } => (pid, resource, sockets, false),
                 Action::Adopt { pid, resource, sockets } => (pid, resource, sockets, true),
                 Action::Refresh { pid, resource } => {
+                    // A new image may bring its own TLS library.
                     self.pipeline.set_resource(pid, resource);
+                    self.tls_reported.remove(&pid);
+                    self.attach_tls(pid);
                     continue;
                 }
             };
@@ -190,10 +215,50 @@ impl Agent {
                 sockets.len()
             );
             self.pipeline.set_resource(pid, resource);
+            self.attach_tls(pid);
+        }
+    }
+
+    fn attach_tls_everywhere(&mut self) {
+        for pid in self.discovery.traced_pids() {
+            self.attach_tls(pid);
+        }
+    }
+
+    /// Attaches the TLS uprobes to the OpenSSL the process uses (each file once), and says per
+    /// process what was found.
+    fn attach_tls(&mut self, pid: u32) {
+        let mut found = Vec::new();
+        for c in tls::candidates(pid) {
+            let outcome = match self.tls_files.get(&c.id) {
+                Some(known) => known.clone(),
+                None => {
+                    let result = self.capture.attach_tls(&c.path).ok().map(|symbols| {
+                        let kind = if c.is_executable { "OpenSSL linked statically into" } else { "OpenSSL" };
+                        format!("{kind} {} ({})", c.shown, symbols.join(", "))
+                    });
+                    if let Some(what) = &result {
+                        log::info!("TLS: attached uprobes to {what}");
+                    }
+                    self.tls_files.insert(c.id, result.clone());
+                    result
+                }
+            };
+            if let Some(what) = outcome {
+                found.push(what);
+            }
+        }
+        if self.tls_reported.insert(pid) {
+            match (found.is_empty(), tls::unsupported_stack(pid)) {
+                (false, _) => log::info!("pid {pid}: TLS traced through {}", found.join("; ")),
+                (true, Some(stack)) => log::warn!("pid {pid}: TLS by {stack}: its encrypted traffic is not traced"),
+                (true, None) => log::debug!("pid {pid}: no TLS library found (plaintext traffic is traced)"),
+            }
         }
     }
 
     fn forget_process(&mut self, pid: u32) {
+        self.tls_reported.remove(&pid);
         self.discovery.on_exit(pid);
         self.pipeline.remove_process(pid);
         self.capture.untrace_pid(pid);
@@ -207,6 +272,8 @@ impl Agent {
         let s = &self.stats;
         s.kernel_ringbuf_drops.store(k.ringbuf_drops, std::sync::atomic::Ordering::Relaxed);
         s.kernel_bytes_captured.store(k.bytes_captured, std::sync::atomic::Ordering::Relaxed);
+        s.kernel_tls_events.store(k.tls_events, std::sync::atomic::Ordering::Relaxed);
+        s.kernel_tls_no_fd.store(k.tls_no_fd, std::sync::atomic::Ordering::Relaxed);
         s.traced_processes.store(self.discovery.traced_count() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 }

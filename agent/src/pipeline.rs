@@ -224,7 +224,7 @@ impl Tracer {
                     let resource =
                         self.resources.get(&key.pid).cloned().unwrap_or_else(|| Arc::new(unknown_resource(key.pid)));
                     let clock = self.clock;
-                    let span = assemble(&ex, kind, ctx, &conn.addrs, resource, |t| clock.to_unix_ns(t));
+                    let span = assemble(&ex, kind, ctx, &conn.addrs, conn.tls, resource, |t| clock.to_unix_ns(t));
                     self.sinks.emit(span);
                 }
                 SessionEvent::Abandoned { seq } => conn.contexts.retain(|(s, _, _)| *s != seq),

@@ -21,6 +21,9 @@ pub struct Stats {
     /// Copied from the kernel's per-CPU counters.
     pub kernel_ringbuf_drops: AtomicU64,
     pub kernel_bytes_captured: AtomicU64,
+    pub kernel_tls_events: AtomicU64,
+    /// TLS plaintext dropped because its socket was unknown.
+    pub kernel_tls_no_fd: AtomicU64,
     pub traced_processes: AtomicU64,
 }
 
@@ -37,11 +40,13 @@ impl Stats {
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Relaxed);
         format!(
-            "events_read={} events_lost={} events_undecodable={} bytes_captured={} http_parse_errors={} postgres_parse_errors={} redis_parse_errors={} unmatched_requests={} unmatched_responses={} spans_created={} spans_unsampled={} spans_exported={} spans_dropped_queue_full={} spans_dropped_export_failed={} export_errors={} traced_processes={}",
+            "events_read={} events_lost={} events_undecodable={} bytes_captured={} tls_events={} tls_unattributed={} http_parse_errors={} postgres_parse_errors={} redis_parse_errors={} unmatched_requests={} unmatched_responses={} spans_created={} spans_unsampled={} spans_exported={} spans_dropped_queue_full={} spans_dropped_export_failed={} export_errors={} traced_processes={}",
             g(&self.events_read),
             g(&self.kernel_ringbuf_drops),
             g(&self.events_undecodable),
             g(&self.kernel_bytes_captured),
+            g(&self.kernel_tls_events),
+            g(&self.kernel_tls_no_fd),
             g(&self.http_parse_errors),
             g(&self.postgres_parse_errors),
             g(&self.redis_parse_errors),

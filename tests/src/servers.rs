@@ -57,17 +57,86 @@ pub fn python_http(port: u16, backend: Option<u16>) -> Server {
     Server { child, port, _dir: None }
 }
 
+/// tests/fixtures/http_server.py serving HTTPS (Python's ssl module, libssl.so.3).
+pub fn python_https(port: u16) -> Server {
+    let dir = TempDir::new("pyhttps");
+    let (cert, key) = tls_cert(dir.path());
+    let child = Command::new("python3")
+        .arg(fixture("http_server.py"))
+        .arg(port.to_string())
+        .arg("--tls")
+        .arg(&cert)
+        .arg(&key)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start python3 https server");
+    wait_listening(port);
+    Server { child, port, _dir: Some(dir) }
+}
+
+/// A Node.js HTTPS server (OpenSSL linked statically into node).
+pub fn node_https(port: u16) -> Server {
+    let dir = TempDir::new("nodehttps");
+    let (cert, key) = tls_cert(dir.path());
+    let child = Command::new("node")
+        .arg(fixture("node_https.js"))
+        .args(["server", &port.to_string()])
+        .arg(&cert)
+        .arg(&key)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start node");
+    wait_listening(port);
+    Server { child, port, _dir: Some(dir) }
+}
+
 /// nginx (master + 2 workers) serving a temp docroot on `port`: `/index.html` (a small file),
 /// `/big.bin` (1 MiB, sent with sendfile), `/missing` (404), `/teapot` (418 from `return`).
 pub fn nginx(port: u16) -> Server {
+    nginx_with(port, None)
+}
+
+/// A self-signed certificate and key for `localhost`, made by the openssl CLI in `dir`.
+pub fn tls_cert(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl (apt-get install openssl, or cargo xtask setup)");
+    assert!(status.success(), "openssl req failed");
+    (cert, key)
+}
+
+/// nginx as above; with `tls` it serves HTTPS with a fresh self-signed certificate.
+pub fn nginx_with(port: u16, tls: Option<()>) -> Server {
     let dir = TempDir::new("nginx");
     let root = dir.path().join("www");
     std::fs::create_dir_all(&root).expect("docroot");
     std::fs::write(root.join("index.html"), b"<html>hello from nginx</html>\n").expect("index");
     std::fs::write(root.join("big.bin"), vec![b'x'; 1 << 20]).expect("big file");
     let d = dir.path().display();
+    let listen = match tls {
+        Some(()) => {
+            let (cert, key) = tls_cert(dir.path());
+            format!(
+                "listen 127.0.0.1:{port} ssl;\n    ssl_certificate {};\n    ssl_certificate_key {};",
+                cert.display(),
+                key.display()
+            )
+        }
+        None => format!("listen 127.0.0.1:{port};"),
+    };
     let conf = format!(
-        "daemon off;\nmaster_process on;\nworker_processes 2;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  sendfile on;\n  keepalive_requests 100000;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    listen 127.0.0.1:{port};\n    root {root};\n    location /teapot {{ return 418 \"short and stout\"; }}\n  }}\n}}\n",
+        "daemon off;\nmaster_process on;\nworker_processes 2;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  sendfile on;\n  keepalive_requests 100000;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    {listen}\n    root {root};\n    location /teapot {{ return 418 \"short and stout\"; }}\n  }}\n}}\n",
         root = root.display()
     );
     let conf_path = dir.path().join("nginx.conf");
@@ -94,6 +163,11 @@ pub const PG_PASSWORD: &str = "pgS3cretPass";
 /// PostgreSQL 15 in a temp directory on `port`, run as the `postgres` user (it refuses root),
 /// md5 authentication, with pgbench tables initialized (scale 1).
 pub fn postgres(port: u16) -> Server {
+    postgres_with(port, false)
+}
+
+/// PostgreSQL as above; with `ssl` it also accepts TLS (self-signed certificate).
+pub fn postgres_with(port: u16, ssl: bool) -> Server {
     let dir = TempDir::new("pg");
     let run_as = |args: &[&str]| {
         let status = Command::new("runuser")
@@ -121,10 +195,26 @@ pub fn postgres(port: u16) -> Server {
         "--pwfile",
         pwfile.to_str().unwrap_or(""),
     ]);
+    let mut ssl_args: Vec<String> = Vec::new();
+    if ssl {
+        let (cert, key) = tls_cert(dir.path());
+        let _ = Command::new("chown").arg("postgres").arg(&cert).arg(&key).status();
+        let _ = Command::new("chmod").arg("600").arg(&key).status();
+        ssl_args = vec![
+            "-c".into(),
+            "ssl=on".into(),
+            "-c".into(),
+            format!("ssl_cert_file={}", cert.display()),
+            "-c".into(),
+            format!("ssl_key_file={}", key.display()),
+        ];
+    }
     let child = Command::new("runuser")
         .args(["-u", "postgres", "--", &format!("{bin}/postgres"), "-D"])
         .arg(&data)
-        .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-k"])
+        .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+        .args(&ssl_args)
+        .arg("-k")
         .arg(dir.path())
         .process_group(0)
         .stdin(Stdio::null())

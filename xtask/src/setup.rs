@@ -17,6 +17,7 @@ const PACKAGES: &[&str] = &[
     "postgresql-client-15",
     "redis-server",
     "redis-tools",
+    "openssl",
 ];
 /// Python client libraries the end-to-end tests drive real servers with.
 const PYTHON_MODULES: &[(&str, &str)] = &[("psycopg", "psycopg[binary]"), ("redis", "redis")];

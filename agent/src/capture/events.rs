@@ -4,8 +4,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use sonde_common::{
-    ConnEvent, DATA_FLAG_UNCOPIED, DIR_INGRESS, DataEvent, EventHeader, EventKind, ProcEvent, ROLE_CLIENT, ROLE_SERVER,
-    RawSockaddr,
+    ConnEvent, DATA_FLAG_TLS, DATA_FLAG_UNCOPIED, DIR_INGRESS, DataEvent, EventHeader, EventKind, ProcEvent,
+    ROLE_CLIENT, ROLE_SERVER, RawSockaddr,
 };
 
 use crate::conn::{Role, table::Direction};
@@ -23,6 +23,8 @@ pub enum Event<'a> {
         /// sendfile/splice: bytes moved, nothing copied.
         uncopied: bool,
         role: Role,
+        /// Plaintext from the TLS library boundary.
+        tls: bool,
     },
     ConnOpen {
         pid: u32,
@@ -49,6 +51,10 @@ pub enum Event<'a> {
         pid: u32,
     },
     Listen {
+        pid: u32,
+    },
+    /// A library (or other file) mapped executable by a traced process.
+    ExecMapping {
         pid: u32,
     },
 }
@@ -89,6 +95,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 payload: &bytes[start..end],
                 uncopied: d.flags & DATA_FLAG_UNCOPIED != 0,
                 role: role_of(d.role),
+                tls: d.flags & DATA_FLAG_TLS != 0,
             }
         }
         EventKind::ConnOpen => {
@@ -105,6 +112,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         EventKind::ProcExec => Event::ProcExec { pid },
         EventKind::ProcExit => Event::ProcExit { pid },
         EventKind::Listen => Event::Listen { pid },
+        EventKind::ExecMapping => Event::ExecMapping { pid },
     })
 }
 

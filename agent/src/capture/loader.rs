@@ -7,7 +7,7 @@
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{TracePoint, UProbe, uprobe::UProbeScope},
 };
 use sonde_common::{
     MAX_CAPTURE, ROLE_CLIENT, ROLE_SERVER, Settings, SocketInfo, SocketKey,
@@ -16,6 +16,20 @@ use sonde_common::{
 
 use super::tracefs;
 use crate::conn::Role;
+
+/// (OpenSSL symbol, sonde program): entry probes record the call, return probes emit the data.
+const TLS_ATTACHMENTS: &[(&str, &str)] = &[
+    ("SSL_read", "ssl_read_enter"),
+    ("SSL_read", "ssl_rw_exit"),
+    ("SSL_read_ex", "ssl_read_ex_enter"),
+    ("SSL_read_ex", "ssl_rw_exit"),
+    ("SSL_write", "ssl_write_enter"),
+    ("SSL_write", "ssl_rw_exit"),
+    ("SSL_write_ex", "ssl_write_ex_enter"),
+    ("SSL_write_ex", "ssl_rw_exit"),
+    ("SSL_do_handshake", "ssl_handshake_enter"),
+    ("SSL_do_handshake", "ssl_handshake_exit"),
+];
 
 static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sonde-probes"));
 
@@ -57,11 +71,13 @@ pub struct KernelCounters {
     pub data_events: u64,
     pub bytes_captured: u64,
     pub missed_enters: u64,
+    pub tls_events: u64,
+    pub tls_no_fd: u64,
 }
 
 pub struct Capture {
-    // Keeps the programs (and so their attachments) alive.
-    _ebpf: Ebpf,
+    // Owns the programs (and so their attachments).
+    ebpf: Ebpf,
     traced: HashMap<MapData, u32, u32>,
     sockets: HashMap<MapData, SocketKey, SocketInfo>,
     counters: PerCpuArray<MapData, u64>,
@@ -112,7 +128,27 @@ impl Capture {
 
         let mut attached = 0;
         for (name, program) in ebpf.programs_mut() {
-            let category = if name.starts_with("sys_") { "syscalls" } else { "sched" };
+            let category = if name.starts_with("sys_") {
+                "syscalls"
+            } else if name.starts_with("sched_") {
+                "sched"
+            } else {
+                // TLS uprobes: loaded now, attached per library file as processes are found.
+                let probe: &mut UProbe =
+                    program.try_into().map_err(|e: aya::programs::ProgramError| CaptureError::Attach {
+                        program: name.to_owned(),
+                        category: "uprobe",
+                        name: name.to_owned(),
+                        detail: e.to_string(),
+                    })?;
+                probe.load().map_err(|e| CaptureError::Attach {
+                    program: name.to_owned(),
+                    category: "uprobe",
+                    name: name.to_owned(),
+                    detail: shorten_verifier_log(&e.to_string()),
+                })?;
+                continue;
+            };
             let attach_err = |detail: String| CaptureError::Attach {
                 program: name.to_owned(),
                 category,
@@ -125,7 +161,28 @@ impl Capture {
             tp.attach(category, name).map_err(|e| attach_err(e.to_string()))?;
             attached += 1;
         }
-        Ok(Self { _ebpf: ebpf, traced, sockets, counters, ring: Some(ring), attached })
+        Ok(Self { ebpf, traced, sockets, counters, ring: Some(ring), attached })
+    }
+
+    /// Attaches the TLS uprobes to one file that has OpenSSL's SSL_* symbols (a libssl, or an
+    /// executable that links OpenSSL statically). Symbols the file lacks are skipped; an error
+    /// means not even SSL_read/SSL_write could be attached.
+    pub fn attach_tls(&mut self, path: &std::path::Path) -> Result<Vec<&'static str>, String> {
+        let mut attached = Vec::new();
+        let mut last_error = String::new();
+        for (symbol, program) in TLS_ATTACHMENTS {
+            let Some(prog) = self.ebpf.program_mut(program) else { return Err(format!("program {program} missing")) };
+            let probe: &mut UProbe = prog.try_into().map_err(|e: aya::programs::ProgramError| e.to_string())?;
+            match probe.attach(*symbol, path, UProbeScope::AllProcesses) {
+                Ok(_) => {
+                    if !attached.contains(symbol) {
+                        attached.push(*symbol);
+                    }
+                }
+                Err(e) => last_error = format!("{symbol}: {e}"),
+            }
+        }
+        if attached.contains(&"SSL_read") || attached.contains(&"SSL_read_ex") { Ok(attached) } else { Err(last_error) }
     }
 
     /// The ring buffer, handed to the reader once.
@@ -157,7 +214,7 @@ impl Capture {
             Role::Unknown => 0,
         };
         self.sockets
-            .insert(SocketKey { pid, fd }, SocketInfo { role, _pad: 0, opened_ns: 0, closed_ns: 0 }, 0)
+            .insert(SocketKey { pid, fd }, SocketInfo { role, flags: 0, opened_ns: 0, closed_ns: 0 }, 0)
             .map_err(|e| CaptureError::Update { name: "SOCKETS", detail: e.to_string() })
     }
 
@@ -176,12 +233,14 @@ impl Capture {
 
     pub fn counters(&self) -> KernelCounters {
         let sum = |index: u32| -> u64 { self.counters.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0) };
-        debug_assert_eq!(COUNT, 4);
+        debug_assert_eq!(COUNT, 6);
         KernelCounters {
             ringbuf_drops: sum(counter::RINGBUF_DROPS),
             data_events: sum(counter::DATA_EVENTS),
             bytes_captured: sum(counter::BYTES_CAPTURED),
             missed_enters: sum(counter::MISSED_ENTERS),
+            tls_events: sum(counter::TLS_EVENTS),
+            tls_no_fd: sum(counter::TLS_NO_FD),
         }
     }
 }

@@ -52,6 +52,8 @@ pub struct Conn {
     /// Span contexts of requests seen and not yet answered, by session sequence number,
     /// with the thread that made the request.
     pub contexts: VecDeque<(u64, u32, SpanContext)>,
+    /// The connection carries TLS: only plaintext from the TLS library is parsed.
+    pub tls: bool,
 }
 
 impl Conn {
@@ -61,6 +63,7 @@ impl Conn {
             addrs,
             parser: Parser::Undecided { buffered: Vec::new(), side: None, first_ts: 0, first_tid: 0, attempts: 0 },
             contexts: VecDeque::new(),
+            tls: false,
         }
     }
 
@@ -88,6 +91,8 @@ pub struct DataIn<'a> {
     pub byte_count: u64,
     pub ts_ns: u64,
     pub tid: u32,
+    /// Plaintext captured at the TLS library (the socket's own bytes are ciphertext).
+    pub tls: bool,
 }
 
 /// Direction of bytes as the traced process saw them.
@@ -156,8 +161,17 @@ impl ConnTable {
 
     /// Routes one syscall's bytes. Unknown connections are created with [`Role::Unknown`].
     pub fn on_data(&mut self, key: ConnKey, data: DataIn<'_>, out: &mut Vec<SessionEvent>) {
-        let DataIn { dir, payload: bytes, byte_count, ts_ns, tid } = data;
+        let DataIn { dir, payload: bytes, byte_count, ts_ns, tid, tls } = data;
         let conn = self.conns.entry(key).or_insert_with(|| Conn::new(Role::Unknown, ConnAddrs::default()));
+        if tls && !conn.tls {
+            // Plaintext from the TLS library from now on: whatever was parsed so far was the
+            // handshake (or a protocol's own TLS negotiation), so start over.
+            conn.tls = true;
+            conn.parser =
+                Parser::Undecided { buffered: Vec::new(), side: None, first_ts: 0, first_tid: 0, attempts: 0 };
+        } else if !tls && conn.tls {
+            return;
+        }
         if conn.role == Role::Unknown {
             // The side that starts with a request tells the role.
             let as_request = matches!(detect(Side::Request, bytes), Detection::Matched(_));
@@ -244,13 +258,21 @@ mod tests {
         t.open(key, Role::Server, ConnAddrs::default(), 0, &mut out);
         t.on_data(
             key,
-            DataIn { dir: Direction::Ingress, payload: b"GET / HTTP/1.1\r\n\r\n", byte_count: 18, ts_ns: 1, tid: 1 },
+            DataIn {
+                dir: Direction::Ingress,
+                tls: false,
+                payload: b"GET / HTTP/1.1\r\n\r\n",
+                byte_count: 18,
+                ts_ns: 1,
+                tid: 1,
+            },
             &mut out,
         );
         t.on_data(
             key,
             DataIn {
                 dir: Direction::Egress,
+                tls: false,
                 payload: b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
                 byte_count: 38,
                 ts_ns: 2,
@@ -271,14 +293,21 @@ mod tests {
         for b in b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n" {
             t.on_data(
                 key,
-                DataIn { dir: Direction::Egress, payload: &[*b], byte_count: 1, ts_ns: 1, tid: 1 },
+                DataIn { dir: Direction::Egress, tls: false, payload: &[*b], byte_count: 1, ts_ns: 1, tid: 1 },
                 &mut out,
             );
         }
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
         t.on_data(
             key,
-            DataIn { dir: Direction::Ingress, payload: resp, byte_count: resp.len() as u64, ts_ns: 2, tid: 1 },
+            DataIn {
+                dir: Direction::Ingress,
+                tls: false,
+                payload: resp,
+                byte_count: resp.len() as u64,
+                ts_ns: 2,
+                tid: 1,
+            },
             &mut out,
         );
         assert_eq!(completed(&out), 1, "{out:?}");
@@ -292,18 +321,26 @@ mod tests {
         // Mid-stream: a response body tail first, then a request.
         t.on_data(
             key,
-            DataIn { dir: Direction::Egress, payload: b"tail of a body", byte_count: 14, ts_ns: 1, tid: 1 },
+            DataIn { dir: Direction::Egress, tls: false, payload: b"tail of a body", byte_count: 14, ts_ns: 1, tid: 1 },
             &mut out,
         );
         t.on_data(
             key,
-            DataIn { dir: Direction::Ingress, payload: b"GET / HTTP/1.1\r\n\r\n", byte_count: 18, ts_ns: 2, tid: 1 },
+            DataIn {
+                dir: Direction::Ingress,
+                tls: false,
+                payload: b"GET / HTTP/1.1\r\n\r\n",
+                byte_count: 18,
+                ts_ns: 2,
+                tid: 1,
+            },
             &mut out,
         );
         t.on_data(
             key,
             DataIn {
                 dir: Direction::Egress,
+                tls: false,
                 payload: b"HTTP/1.1 204 No Content\r\n\r\n",
                 byte_count: 27,
                 ts_ns: 3,
@@ -316,6 +353,31 @@ mod tests {
     }
 
     #[test]
+    fn tls_plaintext_replaces_the_ciphertext_stream() {
+        let mut t = ConnTable::default();
+        let key = ConnKey { pid: 1, fd: 5 };
+        let mut out = Vec::new();
+        t.open(key, Role::Server, ConnAddrs::default(), 0, &mut out);
+        let data = |dir, payload: &'static [u8], tls| DataIn {
+            dir,
+            payload,
+            byte_count: payload.len() as u64,
+            ts_ns: 1,
+            tid: 1,
+            tls,
+        };
+        // The handshake arrives through the syscalls before the TLS library is seen.
+        t.on_data(key, data(Direction::Ingress, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc", false), &mut out);
+        t.on_data(key, data(Direction::Ingress, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", true), &mut out);
+        // Ciphertext after the switch is ignored.
+        t.on_data(key, data(Direction::Egress, b"\x17\x03\x03\x00\x20garbage", false), &mut out);
+        t.on_data(key, data(Direction::Egress, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", true), &mut out);
+        assert_eq!(completed(&out), 1, "{out:?}");
+        assert!(t.get(&key).unwrap().tls);
+        assert!(!out.iter().any(|e| matches!(e, SessionEvent::ParseError { .. })));
+    }
+
+    #[test]
     fn non_http_connections_turn_opaque() {
         let mut t = ConnTable::default();
         let key = ConnKey { pid: 1, fd: 5 };
@@ -324,13 +386,27 @@ mod tests {
         for _ in 0..DETECT_ATTEMPTS {
             t.on_data(
                 key,
-                DataIn { dir: Direction::Egress, payload: b"\x16\x03\x01\x02\x00", byte_count: 5, ts_ns: 1, tid: 1 },
+                DataIn {
+                    dir: Direction::Egress,
+                    tls: false,
+                    payload: b"\x16\x03\x01\x02\x00",
+                    byte_count: 5,
+                    ts_ns: 1,
+                    tid: 1,
+                },
                 &mut out,
             );
         }
         t.on_data(
             key,
-            DataIn { dir: Direction::Egress, payload: b"GET / HTTP/1.1\r\n\r\n", byte_count: 18, ts_ns: 1, tid: 1 },
+            DataIn {
+                dir: Direction::Egress,
+                tls: false,
+                payload: b"GET / HTTP/1.1\r\n\r\n",
+                byte_count: 18,
+                ts_ns: 1,
+                tid: 1,
+            },
             &mut out,
         );
         assert_eq!(t.get(&key).unwrap().protocol(), None);

@@ -3,6 +3,7 @@
 
 pub mod procfs;
 pub mod selector;
+pub mod tls;
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
@@ -61,6 +62,10 @@ impl Discovery {
 
     pub fn traced_count(&self) -> usize {
         self.traced.len()
+    }
+
+    pub fn traced_pids(&self) -> Vec<u32> {
+        self.traced.keys().copied().collect()
     }
 
     pub fn resource(&self, pid: u32) -> Option<&Arc<Resource>> {

@@ -17,11 +17,12 @@ pub fn assemble(
     kind: SpanKind,
     context: SpanContext,
     addrs: &ConnAddrs,
+    tls: bool,
     resource: Arc<Resource>,
     to_unix: impl Fn(u64) -> u64,
 ) -> Span {
     let mapped = match &ex.detail {
-        ExchangeDetail::Http(h) => http_attrs::map(h, kind, addrs, "http"),
+        ExchangeDetail::Http(h) => http_attrs::map(h, kind, addrs, if tls { "https" } else { "http" }),
         ExchangeDetail::Postgres(p) => db_attrs::map_postgres(p, kind, addrs),
         ExchangeDetail::Redis(r) => db_attrs::map_redis(r, kind, addrs),
     };

@@ -40,6 +40,9 @@ pub enum EventKind {
     ProcExit = 6,
     /// Any process started listening on a socket: a [`ProcEvent`] (discovery re-checks `open_ports`).
     Listen = 7,
+    /// A traced process mapped a file executable (a library loading, dlopen included): a
+    /// [`ProcEvent`]; user space looks for a TLS library to probe.
+    ExecMapping = 8,
 }
 
 impl EventKind {
@@ -52,6 +55,7 @@ impl EventKind {
             5 => Self::ProcExec,
             6 => Self::ProcExit,
             7 => Self::Listen,
+            8 => Self::ExecMapping,
             _ => return None,
         })
     }
@@ -70,6 +74,11 @@ pub const ROLE_CLIENT: u32 = 2;
 
 /// Data event flag: bytes moved by sendfile/splice; the count is real, nothing was copied.
 pub const DATA_FLAG_UNCOPIED: u32 = 1;
+/// Data event flag: plaintext captured at the TLS library boundary (SSL_read/SSL_write).
+pub const DATA_FLAG_TLS: u32 = 2;
+
+/// Socket flag: the socket carries TLS; its syscall-level bytes are ciphertext and not emitted.
+pub const SOCKET_FLAG_TLS: u32 = 1;
 
 /// Header common to every ring buffer record.
 #[repr(C)]
@@ -152,7 +161,8 @@ pub struct ProcEvent {
 pub struct SocketInfo {
     /// `ROLE_*`.
     pub role: u32,
-    pub _pad: u32,
+    /// `SOCKET_FLAG_*` bits.
+    pub flags: u32,
     /// When the socket was accepted/connected (0: it existed before sonde saw it).
     pub opened_ns: u64,
     /// When the process closed it; 0 while open. A process with children keeps closed entries
@@ -187,8 +197,12 @@ pub mod counter {
     pub const BYTES_CAPTURED: u32 = 2;
     /// Syscall exits whose enter record was missing (e.g. in-flight map full).
     pub const MISSED_ENTERS: u32 = 3;
+    /// TLS plaintext whose socket could not be identified (dropped).
+    pub const TLS_NO_FD: u32 = 4;
+    /// TLS plaintext events emitted.
+    pub const TLS_EVENTS: u32 = 5;
     /// Number of counters.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 6;
 }
 
 /// Runtime settings user space writes into the `SETTINGS` array (index 0) before attaching.

@@ -10,12 +10,12 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use sonde_common::{
-    ConnEvent, DATA_FLAG_UNCOPIED, DIR_EGRESS, DIR_INGRESS, EventKind, MAX_CAPTURE, MAX_IOVECS,
+    ConnEvent, DATA_FLAG_TLS, DATA_FLAG_UNCOPIED, SOCKET_FLAG_TLS, DIR_EGRESS, DIR_INGRESS, EventKind, MAX_CAPTURE, MAX_IOVECS,
     ROLE_CLIENT, ROLE_SERVER, RawSockaddr, SocketInfo, SocketKey, counter,
 };
 
 use crate::maps::{
-    Call, DataScratch, EVENTS, HAS_CHILDREN, INFLIGHT, Inflight, PARENTS, SCRATCH, SOCKETS, count, header, settings,
+    Call, DataScratch, EVENTS, HAS_CHILDREN, INFLIGHT, Inflight, LAST_READ_FD, PARENTS, SCRATCH, SOCKETS, count, header, settings,
     submit, traced_current, wakeup_flags,
 };
 
@@ -38,11 +38,11 @@ fn ret(ctx: &TracePointContext) -> i64 {
 /// The role of a tracked socket, or None when `fd` is not one. A child of a traced process
 /// inherits the sockets its parent had open when it forked: the entry is copied on first use.
 #[inline(always)]
-fn socket_role(tgid: u32, fd: u32) -> Option<u32> {
+pub(crate) fn socket_info(tgid: u32, fd: u32) -> Option<SocketInfo> {
     let key = SocketKey { pid: tgid, fd };
     // SAFETY: read-only lookups; values are copied out.
     if let Some(info) = unsafe { SOCKETS.get(&key) } {
-        return (info.closed_ns == 0).then_some(info.role);
+        return (info.closed_ns == 0).then_some(*info);
     }
     let parent = *unsafe { PARENTS.get(&tgid) }?;
     let info = *unsafe { SOCKETS.get(&SocketKey { pid: parent.parent, fd }) }?;
@@ -51,8 +51,14 @@ fn socket_role(tgid: u32, fd: u32) -> Option<u32> {
         return None;
     }
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-    let _ = SOCKETS.insert(&key, &SocketInfo { role: info.role, _pad: 0, opened_ns: now, closed_ns: 0 }, 0);
-    Some(info.role)
+    let copy = SocketInfo { role: info.role, flags: info.flags, opened_ns: now, closed_ns: 0 };
+    let _ = SOCKETS.insert(&key, &copy, 0);
+    Some(copy)
+}
+
+#[inline(always)]
+fn socket_role(tgid: u32, fd: u32) -> Option<u32> {
+    socket_info(tgid, fd).map(|i| i.role)
 }
 
 /// Enter of a syscall that moves data on `fd_slot`: remember its arguments if fd is a socket.
@@ -60,7 +66,17 @@ fn socket_role(tgid: u32, fd: u32) -> Option<u32> {
 fn enter_data(ctx: &TracePointContext, call: Call, fd_slot: usize, ptr_slot: usize, len_slot: usize) -> u32 {
     let Some((tgid, _, pid_tgid)) = traced_current() else { return 0 };
     let fd = arg(ctx, fd_slot) as u32;
-    let Some(role) = socket_role(tgid, fd) else { return 0 };
+    let Some(info) = socket_info(tgid, fd) else { return 0 };
+    let role = info.role;
+    let reading = matches!(call, Call::ReadBuf | Call::ReadVec | Call::ReadMsg);
+    if reading {
+        let _ = LAST_READ_FD.insert(&pid_tgid, &fd, 0);
+    }
+    // Inside SSL_read/SSL_write (or a handshake) this syscall moves ciphertext: it tells which
+    // socket the TLS session uses, and is not emitted.
+    if crate::tls::note_inner_syscall(tgid, pid_tgid, fd) || info.flags & SOCKET_FLAG_TLS != 0 {
+        return 0;
+    }
     let rec = Inflight { call, fd, ptr: arg(ctx, ptr_slot), len: arg(ctx, len_slot), role, _pad: 0 };
     let _ = INFLIGHT.insert(&pid_tgid, &rec, 0);
     0
@@ -77,14 +93,14 @@ fn exit_call(ctx: &TracePointContext) -> u32 {
     match rec.call {
         Call::Accept => on_accepted(tgid, tid, &rec, ret),
         Call::Connect => on_connected(tgid, tid, &rec, ret),
-        _ if ret > 0 => emit_data(tgid, tid, &rec, ret as u64),
+        _ if ret > 0 => emit_data(tgid, tid, &rec, ret as u64, 0),
         _ => {}
     }
     0
 }
 
 #[inline(always)]
-fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64) {
+pub(crate) fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64, extra_flags: u32) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return };
     // SAFETY: per-CPU scratch, exclusively ours while this program runs.
     let scratch: &mut DataScratch = unsafe { &mut *scratch };
@@ -116,7 +132,7 @@ fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64) {
     scratch.event.direction = direction;
     scratch.event.byte_count = byte_count;
     scratch.event.captured_len = captured as u32;
-    scratch.event.flags = flags;
+    scratch.event.flags = flags | extra_flags;
     scratch.event.role = rec.role;
 
     let size = (size_of::<sonde_common::DataEvent>() as u64) + (captured & (2 * MAX_CAPTURE as u64 - 1));
@@ -132,6 +148,9 @@ fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64) {
     if rc < 0 {
         count(counter::RINGBUF_DROPS, 1);
     } else {
+        if extra_flags & DATA_FLAG_TLS != 0 {
+            count(counter::TLS_EVENTS, 1);
+        }
         count(counter::DATA_EVENTS, 1);
         count(counter::BYTES_CAPTURED, captured);
     }
@@ -205,7 +224,7 @@ fn read_sockaddr(ptr: u64) -> RawSockaddr {
 #[inline(always)]
 fn track_socket(tgid: u32, tid: u32, fd: u32, role: u32, listen_fd: u32, peer: RawSockaddr) {
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-    let _ = SOCKETS.insert(&SocketKey { pid: tgid, fd }, &SocketInfo { role, _pad: 0, opened_ns: now, closed_ns: 0 }, 0);
+    let _ = SOCKETS.insert(&SocketKey { pid: tgid, fd }, &SocketInfo { role, flags: 0, opened_ns: now, closed_ns: 0 }, 0);
     submit(&ConnEvent { header: header(EventKind::ConnOpen, tgid, tid), fd, role, listen_fd, _pad: 0, peer });
 }
 

@@ -66,3 +66,19 @@ pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
     }
     0
 }
+
+const PROT_EXEC: u64 = 4;
+
+/// mmap(addr, len, prot, flags, fd, off) of a file with PROT_EXEC by a traced process: a library
+/// is being loaded (at start or by dlopen). Rare, so each one is reported.
+#[tracepoint]
+pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
+    let Some((tgid, tid, _)) = traced_current() else { return 0 };
+    // SAFETY: syscall enter records hold six 8-byte argument slots from offset 16.
+    let prot = unsafe { ctx.read_at::<u64>(16 + 8 * 2) }.unwrap_or(0);
+    let fd = unsafe { ctx.read_at::<i64>(16 + 8 * 4) }.unwrap_or(-1);
+    if prot & PROT_EXEC != 0 && fd >= 0 {
+        submit(&ProcEvent { header: header(EventKind::ExecMapping, tgid, tid), other_pid: fd as u32, _pad: 0 });
+    }
+    0
+}

@@ -9,6 +9,7 @@
 mod data;
 mod lifecycle;
 mod maps;
+mod tls;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -32,6 +32,11 @@ pub static HAS_CHILDREN: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX
 #[map]
 pub static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
 
+/// pid_tgid -> the socket fd this thread last read from (for TLS libraries that do their I/O
+/// outside SSL_read, like Node.js with memory BIOs).
+#[map]
+pub static LAST_READ_FD: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+
 /// Every record for user space. Size set by the agent at load time.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);

@@ -1,0 +1,181 @@
+//! TLS end to end, privileged: plaintext captured at OpenSSL's SSL_read/SSL_write through uprobes
+//! (libssl.so.3 for nginx, curl, Python and PostgreSQL; OpenSSL linked statically into node),
+//! tied to its connection, parsed by the same parsers. No span may come from ciphertext.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use sonde_e2e::{
+    TempDir,
+    clients::Launcher,
+    free_port,
+    otlp::HttpReceiver,
+    privileged_test,
+    servers::{self, PG_PASSWORD, fixture},
+    sonde::{Finished, Sonde, test_config},
+    span::TestSpan,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn env(r: &HttpReceiver) -> Vec<(&'static str, String)> {
+    vec![("OTEL_EXPORTER_OTLP_ENDPOINT", r.endpoint())]
+}
+
+fn config(server_port: u16, launcher: &Launcher) -> String {
+    test_config(&format!(
+        "discovery:\n  - service.name: tls-server\n    open_ports: {server_port}\n  - service.name: tls-client\n    pid: [{}]\n",
+        launcher.pid()
+    ))
+}
+
+fn by_kind(spans: &[TestSpan], kind: &str) -> Vec<TestSpan> {
+    spans.iter().filter(|s| s.kind == kind).cloned().collect()
+}
+
+/// Every HTTP span is well formed (no garbage from ciphertext), and nothing failed to parse.
+fn assert_clean_http(spans: &[TestSpan], finished: &Finished) {
+    for s in spans {
+        assert_eq!(s.s("http.request.method"), Some("GET"), "{s:?}");
+        assert_eq!(s.i("http.response.status_code"), Some(200), "{s:?}");
+    }
+    assert_eq!(finished.counter("http_parse_errors"), Some(0), "{}", finished.stderr);
+    assert_eq!(finished.counter("tls_unattributed"), Some(0), "{}", finished.stderr);
+    assert_eq!(finished.counter("events_lost"), Some(0));
+}
+
+fn assert_https_pairs(spans: &[TestSpan], port: u16, n: usize, path_prefix: &str) {
+    let servers = by_kind(spans, "SERVER");
+    let clients = by_kind(spans, "CLIENT");
+    assert_eq!((servers.len(), clients.len()), (n, n), "{:?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>());
+    for s in &servers {
+        assert_eq!(s.s("url.scheme"), Some("https"));
+        assert!(s.s("url.path").is_some_and(|p| p.starts_with(path_prefix)), "{s:?}");
+        assert_eq!(s.i("server.port"), Some(port as i64));
+        assert_eq!(s.service(), Some("tls-server"));
+    }
+    for c in &clients {
+        assert!(
+            c.s("url.full").is_some_and(|u| u.starts_with(&format!("https://127.0.0.1:{port}{path_prefix}"))),
+            "{c:?}"
+        );
+        assert_eq!(c.i("network.peer.port"), Some(port as i64));
+        assert_eq!(c.service(), Some("tls-client"));
+    }
+}
+
+#[test]
+fn privileged_nginx_https_with_curl() {
+    let Some(_guard) = privileged_test("nginx HTTPS") else { return };
+    let port = free_port();
+    let nginx = servers::nginx_with(port, Some(()));
+    let mut launcher = Launcher::start();
+    let receiver = HttpReceiver::start();
+    let sonde = Sonde::start(&[], &config(port, &launcher), &env(&receiver));
+    let urls: Vec<String> = (0..10).map(|_| format!("https://127.0.0.1:{port}/index.html")).collect();
+    assert_eq!(launcher.run(&format!("curl -sk -o /dev/null {}", urls.join(" -o /dev/null "))), 0);
+    let spans = receiver.collected.wait_for(20, WAIT);
+    let finished = sonde.stop();
+    assert_https_pairs(&spans, port, 10, "/index.html");
+    assert_clean_http(&spans, &finished);
+    assert!(finished.stderr.contains("TLS traced through OpenSSL"), "{}", finished.stderr);
+    drop(nginx);
+}
+
+#[test]
+fn privileged_python_https_server_and_client() {
+    let Some(_guard) = privileged_test("Python HTTPS") else { return };
+    let port = free_port();
+    let server = servers::python_https(port);
+    let mut launcher = Launcher::start();
+    let receiver = HttpReceiver::start();
+    let sonde = Sonde::start(&[], &config(port, &launcher), &env(&receiver));
+    assert_eq!(launcher.run(&format!("python3 {} {port} 8", fixture("https_client.py").display())), 0);
+    let spans = receiver.collected.wait_for(16, WAIT);
+    let finished = sonde.stop();
+    assert_https_pairs(&spans, port, 8, "/py/");
+    assert_clean_http(&spans, &finished);
+    drop(server);
+}
+
+#[test]
+fn privileged_node_https_server_and_client() {
+    let Some(_guard) = privileged_test("Node.js HTTPS") else { return };
+    let port = free_port();
+    let server = servers::node_https(port);
+    let mut launcher = Launcher::start();
+    let receiver = HttpReceiver::start();
+    let sonde = Sonde::start(&[], &config(port, &launcher), &env(&receiver));
+    assert_eq!(launcher.run(&format!("node {} client {port} 6", fixture("node_https.js").display())), 0);
+    let spans = receiver.collected.wait_for(12, WAIT);
+    let finished = sonde.stop();
+    assert_https_pairs(&spans, port, 6, "/node/");
+    assert_clean_http(&spans, &finished);
+    assert!(finished.stderr.contains("OpenSSL linked statically into /usr/bin/node"), "{}", finished.stderr);
+    drop(server);
+}
+
+#[test]
+fn privileged_client_with_libssl_at_an_unusual_path() {
+    let Some(_guard) = privileged_test("libssl via LD_LIBRARY_PATH") else { return };
+    let port = free_port();
+    let server = servers::python_https(port);
+    let libdir = TempDir::new("libssl-copy");
+    std::fs::copy("/usr/lib/x86_64-linux-gnu/libssl.so.3", libdir.path().join("libssl.so.3")).expect("copy libssl");
+    let mut launcher = Launcher::start();
+    let receiver = HttpReceiver::start();
+    // Only the client is selected: its libssl is the copy, a file no other process maps, loaded
+    // when Python imports ssl (after exec: found through the mmap event).
+    let cfg = test_config(&format!("discovery:\n  - service.name: tls-client\n    pid: [{}]\n", launcher.pid()));
+    let sonde = Sonde::start(&[], &cfg, &env(&receiver));
+    let cmd = format!(
+        "LD_LIBRARY_PATH={} python3 {} {port} 4",
+        libdir.path().display(),
+        fixture("https_client.py").display()
+    );
+    assert_eq!(launcher.run(&cmd), 0);
+    let spans = receiver.collected.wait_for(4, WAIT);
+    let finished = sonde.stop();
+    let copy = format!("{}/libssl.so.3", libdir.path().display());
+    assert!(finished.stderr.contains(&copy), "the copy at {copy} is found and probed:\n{}", finished.stderr);
+    assert_eq!(spans.len(), 4);
+    assert!(spans.iter().all(|s| s.kind == "CLIENT" && s.s("url.full").is_some_and(|u| u.starts_with("https://"))));
+    assert_clean_http(&spans, &finished);
+    drop(server);
+}
+
+#[test]
+fn privileged_psql_over_tls() {
+    let Some(_guard) = privileged_test("PostgreSQL over TLS") else { return };
+    let port = free_port();
+    let pg = servers::postgres_with(port, true);
+    let mut launcher = Launcher::start();
+    let receiver = HttpReceiver::start();
+    let sonde = Sonde::start(&[], &config(port, &launcher), &env(&receiver));
+    let psql = format!(
+        "PGPASSWORD={PG_PASSWORD} psql 'host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=require'"
+    );
+    for i in 0..3 {
+        assert_eq!(
+            launcher.run(&format!("{psql} -c 'SELECT abalance FROM pgbench_accounts WHERE aid = {}'", 7000 + i)),
+            0
+        );
+    }
+    let spans = receiver.collected.wait_for(6, WAIT);
+    let finished = sonde.stop();
+    let mut by: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for s in &spans {
+        *by.entry((s.kind.clone(), s.name.clone())).or_default() += 1;
+    }
+    let expected: BTreeMap<(String, String), usize> = [
+        (("CLIENT".to_string(), "SELECT pgbench_accounts".to_string()), 3),
+        (("SERVER".to_string(), "SELECT pgbench_accounts".to_string()), 3),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(by, expected, "{}", finished.stderr);
+    assert!(spans.iter().all(|s| s.s("db.query.text") == Some("SELECT abalance FROM pgbench_accounts WHERE aid = ?")));
+    assert!(spans.iter().all(|s| s.s("db.namespace") == Some("postgres")));
+    assert!(!format!("{spans:?}").contains(PG_PASSWORD));
+    assert_eq!(finished.counter("postgres_parse_errors"), Some(0), "{}", finished.stderr);
+    drop(pg);
+}
