@@ -2,7 +2,10 @@
 
 use std::path::Path;
 
-use crate::capture::{Capture, loader::CaptureOptions, tracefs};
+use crate::{
+    capture::{Capture, loader::CaptureOptions, tracefs},
+    discovery::tls,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -41,7 +44,8 @@ const CAPS: [(u32, &str, &str); 5] = [
     (21, "CAP_SYS_ADMIN", "mount tracefs when it is missing; older kernels need it for BPF"),
 ];
 
-pub fn run_checks() -> Vec<Finding> {
+/// Host checks, then a TLS finding per process in `selected`.
+pub fn run_checks(selected: &[u32]) -> Vec<Finding> {
     let mut out = Vec::new();
     let caps = effective_caps();
     for (bit, name, why) in CAPS {
@@ -107,14 +111,40 @@ pub fn run_checks() -> Vec<Finding> {
 
     // The definitive test: load and attach sonde's own programs, tracing nothing.
     match Capture::load(CaptureOptions { capture_bytes: 256, ring_buffer_bytes: 1 << 16, wakeup_bytes: 1 << 12 }) {
-        Ok(c) => out.push(finding(
-            "BPF + ring buffer",
-            Verdict::Ok,
-            format!("sonde's {} programs load and attach; ring buffer created", c.attached),
-        )),
+        Ok(mut c) => {
+            out.push(finding(
+                "BPF + ring buffer",
+                Verdict::Ok,
+                format!("sonde's {} programs load and attach; ring buffer created", c.attached),
+            ));
+            for pid in selected {
+                out.push(tls_finding(&mut c, *pid));
+            }
+        }
         Err(e) => out.push(finding("BPF + ring buffer", Verdict::Fatal, e.to_string())),
     }
     out
+}
+
+/// Which TLS library a selected process uses and whether sonde can trace it (the uprobes are
+/// attached for real, then detached when the check ends).
+fn tls_finding(capture: &mut Capture, pid: u32) -> Finding {
+    let exe = crate::discovery::procfs::exe_path(pid).unwrap_or_default();
+    let mut traced = Vec::new();
+    for c in tls::candidates(pid) {
+        if let Ok(symbols) = capture.attach_tls(&c.path) {
+            let how = if c.is_executable { "OpenSSL linked statically into" } else { "OpenSSL" };
+            traced.push(format!("{how} {} ({})", c.shown, symbols.join(", ")));
+        }
+    }
+    let detail = match (traced.is_empty(), tls::unsupported_stack(pid)) {
+        (false, _) => format!("pid {pid} ({exe}): TLS traced through {}", traced.join("; ")),
+        (true, Some(stack)) => format!("pid {pid} ({exe}): TLS by {stack}; plaintext traffic is traced"),
+        (true, None) => format!("pid {pid} ({exe}): no TLS library loaded; plaintext traffic is traced"),
+    };
+    let verdict =
+        if traced.is_empty() && tls::unsupported_stack(pid).is_some() { Verdict::Degraded } else { Verdict::Ok };
+    finding("TLS", verdict, detail)
 }
 
 /// Prints the findings; returns the process exit code (1 when sonde cannot run here).

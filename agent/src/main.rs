@@ -36,8 +36,18 @@ enum Command {
         #[arg(long, value_enum)]
         print: Option<PrintMode>,
     },
-    /// Report what this host offers sonde; exits non-zero when sonde cannot run here.
-    Check,
+    /// Report what this host offers sonde; exits non-zero when sonde cannot run here. With
+    /// selectors, also say which TLS library each selected process uses and whether it is traced.
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        open_ports: Option<String>,
+        #[arg(long)]
+        exe_path: Option<String>,
+        #[arg(long = "pid")]
+        pids: Vec<u32>,
+    },
 }
 
 /// Exit code for bad configuration (distinct from runtime failures).
@@ -49,7 +59,18 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Check => sonde::check::report(&sonde::check::run_checks()),
+        Command::Check { config, open_ports, exe_path, pids } => {
+            let any = config.is_some() || open_ports.is_some() || exe_path.is_some() || !pids.is_empty();
+            let selected = if any {
+                match load_config(config, CliSelection { open_ports, exe_path, pids, print: None }) {
+                    Ok(cfg) => sonde::discovery::Discovery::new(cfg.selectors, Vec::new(), None).selected_pids(),
+                    Err(code) => std::process::exit(code),
+                }
+            } else {
+                Vec::new()
+            };
+            sonde::check::report(&sonde::check::run_checks(&selected))
+        }
         Command::Run { config, open_ports, exe_path, pids, print } => {
             run(config, CliSelection { open_ports, exe_path, pids, print })
         }
@@ -57,20 +78,22 @@ fn main() {
     std::process::exit(code);
 }
 
+/// The validated configuration, or the exit code for a bad one (after saying why).
+fn load_config(config_path: Option<PathBuf>, cli: CliSelection) -> Result<config::AgentConfig, i32> {
+    let file = config_path.as_deref().map(config::load_file).transpose().map_err(|e| {
+        log::error!("bad configuration: {e}");
+        EXIT_CONFIG
+    })?;
+    config::build(file.unwrap_or_default(), cli, &|k| std::env::var(k).ok()).map_err(|e| {
+        log::error!("bad configuration: {e}");
+        EXIT_CONFIG
+    })
+}
+
 fn run(config_path: Option<PathBuf>, cli: CliSelection) -> i32 {
-    let file = match config_path.as_deref().map(config::load_file).transpose() {
-        Ok(f) => f.unwrap_or_default(),
-        Err(e) => {
-            log::error!("bad configuration: {e}");
-            return EXIT_CONFIG;
-        }
-    };
-    let cfg = match config::build(file, cli, &|k| std::env::var(k).ok()) {
+    let cfg = match load_config(config_path, cli) {
         Ok(c) => c,
-        Err(e) => {
-            log::error!("bad configuration: {e}");
-            return EXIT_CONFIG;
-        }
+        Err(code) => return code,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,

@@ -111,6 +111,16 @@ fn privileged_node_https_server_and_client() {
     assert_https_pairs(&spans, port, 6, "/node/");
     assert_clean_http(&spans, &finished);
     assert!(finished.stderr.contains("OpenSSL linked statically into /usr/bin/node"), "{}", finished.stderr);
+    // `sonde check` says the same for the selected process.
+    let check = std::process::Command::new(sonde_e2e::sonde::binary())
+        .args(["check", "--open-ports", &port.to_string()])
+        .output()
+        .expect("sonde check");
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        text.contains(&format!("pid {} (/usr/bin/node): TLS traced through OpenSSL linked statically", server.pid())),
+        "{text}"
+    );
     drop(server);
 }
 

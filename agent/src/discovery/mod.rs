@@ -64,6 +64,19 @@ impl Discovery {
         self.traced.len()
     }
 
+    /// The processes the selectors match now (with their descendants), without tracing them.
+    pub fn selected_pids(mut self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .scan_all()
+            .into_iter()
+            .map(|a| match a {
+                Action::Trace { pid, .. } | Action::Adopt { pid, .. } | Action::Refresh { pid, .. } => pid,
+            })
+            .collect();
+        pids.sort_unstable();
+        pids
+    }
+
     pub fn traced_pids(&self) -> Vec<u32> {
         self.traced.keys().copied().collect()
     }
