@@ -15,7 +15,8 @@ use crate::{
     config::{AgentConfig, PrintMode},
     conn::table::DataIn,
     discovery::{Action, Discovery, tls},
-    export::{otlp, print::Printer},
+    export::{otlp, otlp_metrics, print::Printer},
+    metrics::{MetricsStore, prometheus},
     pipeline::{Pipeline, Sinks},
     stats::Stats,
 };
@@ -65,12 +66,35 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         PrintMode::None => {}
     }
 
+    let metrics = Arc::new(MetricsStore::new(cfg.max_series));
+    let mut metrics_tasks = Vec::new();
+    if let Some(addr) = cfg.prometheus {
+        let registry = Arc::new(prometheus::registry(metrics.clone(), stats.clone()));
+        // Bind now so a bad address or a taken port is an error at start, not a silent log line.
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+            anyhow::anyhow!("metrics.prometheus: cannot listen on {addr}: {e}; choose another port or address")
+        })?;
+        drop(listener);
+        metrics_tasks.push(tokio::spawn(async move {
+            if let Err(e) = prometheus::serve(addr, registry).await {
+                log::error!("Prometheus endpoint on {addr} stopped: {e}");
+            }
+        }));
+    }
+    let mut metrics_flush = None;
+    if let Some((settings, interval)) = cfg.otlp_metrics.clone() {
+        log::info!("exporting metrics over OTLP ({:?}) to {} every {interval:?}", settings.protocol, settings.endpoint);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        metrics_flush =
+            Some((tx, tokio::spawn(otlp_metrics::run(settings, interval, metrics.clone(), stats.clone(), rx))));
+    }
+
     let mut agent = Agent {
         capture,
         tls_files: HashMap::new(),
         tls_reported: HashSet::new(),
         discovery: Discovery::new(cfg.selectors, cfg.resource_attributes, cfg.service_name),
-        pipeline: Pipeline::new(cfg.sampler, stats.clone(), sinks),
+        pipeline: Pipeline::new(cfg.sampler, stats.clone(), sinks, metrics.clone()),
         stats: stats.clone(),
     };
     let actions = agent.discovery.scan_all();
@@ -128,6 +152,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         && tokio::time::timeout(FLUSH_TIMEOUT, task).await.is_err()
     {
         log::warn!("exporter did not flush within {FLUSH_TIMEOUT:?}; remaining spans dropped");
+    }
+    if let Some((tx, task)) = metrics_flush {
+        let _ = tx.send(());
+        let _ = tokio::time::timeout(FLUSH_TIMEOUT, task).await;
+    }
+    for t in metrics_tasks {
+        t.abort();
     }
     log::info!("final counters: {}", stats.summary());
     Ok(())

@@ -44,6 +44,37 @@ pub struct FileConfig {
     pub capture: CaptureConfig,
     #[serde(default)]
     pub export: ExportConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Distinct attribute sets per metric; beyond, measurements go to one overflow series.
+    pub max_series: usize,
+    pub prometheus: PrometheusConfig,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { max_series: 2000, prometheus: PrometheusConfig::default() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrometheusConfig {
+    /// Serve GET /metrics on this port; none: no endpoint.
+    pub port: Option<u16>,
+    /// Address to bind; loopback unless configured otherwise.
+    pub address: std::net::IpAddr,
+}
+
+impl Default for PrometheusConfig {
+    fn default() -> Self {
+        Self { port: None, address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST) }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -111,6 +142,7 @@ pub struct CliSelection {
     pub exe_path: Option<String>,
     pub pids: Vec<u32>,
     pub print: Option<PrintMode>,
+    pub prometheus_port: Option<u16>,
 }
 
 /// Everything the agent needs, validated.
@@ -123,6 +155,11 @@ pub struct AgentConfig {
     pub sampler: Sampler,
     pub resource_attributes: Vec<(String, String)>,
     pub service_name: Option<String>,
+    pub max_series: usize,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub prometheus: Option<std::net::SocketAddr>,
+    /// OTLP metrics export and its interval, if an endpoint is configured.
+    pub otlp_metrics: Option<(OtlpSettings, std::time::Duration)>,
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -232,7 +269,34 @@ pub fn build(file: FileConfig, cli: CliSelection, env: Env<'_>) -> Result<AgentC
         None => Vec::new(),
     };
     let service_name = env("OTEL_SERVICE_NAME").filter(|s| !s.is_empty());
-    Ok(AgentConfig { selectors, capture: file.capture, print, otlp, sampler, resource_attributes, service_name })
+    if file.metrics.max_series == 0 {
+        return Err(ConfigError::new("metrics.max_series", "must be at least 1, e.g. 2000"));
+    }
+    let prometheus = cli
+        .prometheus_port
+        .or(file.metrics.prometheus.port)
+        .map(|port| std::net::SocketAddr::new(file.metrics.prometheus.address, port));
+    let otlp_metrics = OtlpSettings::for_signal(crate::export::otlp::Signal::Metrics, &file.export.otlp, env)
+        .map_err(|e: OtlpSettingsError| ConfigError::new(e.key, e.message))?;
+    let interval_ms = match env("OTEL_METRIC_EXPORT_INTERVAL") {
+        Some(v) => v.trim().parse::<u64>().ok().filter(|ms| *ms > 0).ok_or_else(|| {
+            ConfigError::new("OTEL_METRIC_EXPORT_INTERVAL", format!("{v:?} must be milliseconds above 0, e.g. 60000"))
+        })?,
+        None => 60_000,
+    };
+    let otlp_metrics = otlp_metrics.map(|s| (s, std::time::Duration::from_millis(interval_ms)));
+    Ok(AgentConfig {
+        selectors,
+        capture: file.capture,
+        print,
+        otlp,
+        sampler,
+        resource_attributes,
+        service_name,
+        max_series: file.metrics.max_series,
+        prometheus,
+        otlp_metrics,
+    })
 }
 
 #[cfg(test)]

@@ -35,6 +35,9 @@ enum Command {
         /// Print finished spans on stdout. Default: text without an OTLP endpoint, else none.
         #[arg(long, value_enum)]
         print: Option<PrintMode>,
+        /// Serve Prometheus metrics on this port (127.0.0.1 unless the config says otherwise).
+        #[arg(long)]
+        prometheus_port: Option<u16>,
     },
     /// Report what this host offers sonde; exits non-zero when sonde cannot run here. With
     /// selectors, also say which TLS library each selected process uses and whether it is traced.
@@ -62,7 +65,10 @@ fn main() {
         Command::Check { config, open_ports, exe_path, pids } => {
             let any = config.is_some() || open_ports.is_some() || exe_path.is_some() || !pids.is_empty();
             let selected = if any {
-                match load_config(config, CliSelection { open_ports, exe_path, pids, print: None }) {
+                match load_config(
+                    config,
+                    CliSelection { open_ports, exe_path, pids, print: None, prometheus_port: None },
+                ) {
                     Ok(cfg) => sonde::discovery::Discovery::new(cfg.selectors, Vec::new(), None).selected_pids(),
                     Err(code) => std::process::exit(code),
                 }
@@ -71,8 +77,8 @@ fn main() {
             };
             sonde::check::report(&sonde::check::run_checks(&selected))
         }
-        Command::Run { config, open_ports, exe_path, pids, print } => {
-            run(config, CliSelection { open_ports, exe_path, pids, print })
+        Command::Run { config, open_ports, exe_path, pids, print, prometheus_port } => {
+            run(config, CliSelection { open_ports, exe_path, pids, print, prometheus_port })
         }
     };
     std::process::exit(code);

@@ -11,6 +11,7 @@ use crate::{
     },
     discovery::{SeededSocket, socket_addrs},
     export::{otlp::SpanQueue, print::Printer},
+    metrics::MetricsStore,
     protocol::{Protocol, SessionEvent},
     stats::Stats,
     trace::{
@@ -56,6 +57,7 @@ struct Tracer {
     clock: Clock,
     stats: Arc<Stats>,
     sinks: Sinks,
+    metrics: Arc<MetricsStore>,
 }
 
 pub struct Pipeline {
@@ -67,7 +69,7 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(sampler: Sampler, stats: Arc<Stats>, sinks: Sinks) -> Self {
+    pub fn new(sampler: Sampler, stats: Arc<Stats>, sinks: Sinks, metrics: Arc<MetricsStore>) -> Self {
         Self {
             conns: ConnTable::default(),
             tracer: Tracer {
@@ -77,6 +79,7 @@ impl Pipeline {
                 clock: Clock::calibrated(),
                 stats,
                 sinks,
+                metrics,
             },
             listen_addrs: HashMap::new(),
             events: Vec::new(),
@@ -216,15 +219,17 @@ impl Tracer {
                         self.threads.remove(&(key.pid, tid));
                     }
                     Stats::add(&self.stats.spans_created, 1);
-                    if !ctx.sampled {
-                        Stats::add(&self.stats.spans_unsampled, 1);
-                        continue;
-                    }
                     let kind = if conn.role == Role::Client { SpanKind::Client } else { SpanKind::Server };
                     let resource =
                         self.resources.get(&key.pid).cloned().unwrap_or_else(|| Arc::new(unknown_resource(key.pid)));
                     let clock = self.clock;
                     let span = assemble(&ex, kind, ctx, &conn.addrs, conn.tls, resource, |t| clock.to_unix_ns(t));
+                    // Metrics count every request; sampling only decides what is exported.
+                    self.metrics.record(&span);
+                    if !ctx.sampled {
+                        Stats::add(&self.stats.spans_unsampled, 1);
+                        continue;
+                    }
                     self.sinks.emit(span);
                 }
                 SessionEvent::Abandoned { seq } => conn.contexts.retain(|(s, _, _)| *s != seq),

@@ -2,4 +2,5 @@
 
 pub mod otlp;
 pub mod otlp_encode;
+pub mod otlp_metrics;
 pub mod print;

@@ -19,6 +19,13 @@ pub enum OtlpProtocol {
     HttpProtobuf,
 }
 
+/// Which OTLP signal settings are for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    Traces,
+    Metrics,
+}
+
 #[derive(Clone, Debug)]
 pub struct OtlpSettings {
     pub protocol: OtlpProtocol,
@@ -43,8 +50,24 @@ fn err(key: &str, message: impl Into<String>) -> OtlpSettingsError {
 
 impl OtlpSettings {
     /// None when no endpoint is configured anywhere (then sonde only prints).
+    /// Settings for traces.
     pub fn from_env(file: &OtlpFileConfig, env: crate::config::Env<'_>) -> Result<Option<Self>, OtlpSettingsError> {
-        let (proto_key, proto) = ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]
+        Self::for_signal(Signal::Traces, file, env)
+    }
+
+    /// Settings for one signal: its own variables (`OTEL_EXPORTER_OTLP_<SIGNAL>_*`) win over the
+    /// shared ones, and the HTTP path is `/v1/<signal>`.
+    pub fn for_signal(
+        signal: Signal,
+        file: &OtlpFileConfig,
+        env: crate::config::Env<'_>,
+    ) -> Result<Option<Self>, OtlpSettingsError> {
+        let (upper, path) = match signal {
+            Signal::Traces => ("TRACES", "v1/traces"),
+            Signal::Metrics => ("METRICS", "v1/metrics"),
+        };
+        let own = |what: &str| format!("OTEL_EXPORTER_OTLP_{upper}_{what}");
+        let (proto_key, proto) = [own("PROTOCOL"), "OTEL_EXPORTER_OTLP_PROTOCOL".to_string()]
             .iter()
             .find_map(|k| env(k).map(|v| (k.to_string(), v)))
             .or_else(|| file.protocol.clone().map(|p| ("export.otlp.protocol".to_string(), p)))
@@ -56,8 +79,9 @@ impl OtlpSettings {
                 return Err(err(&proto_key, format!("{other:?} is not supported; use grpc or http/protobuf")));
             }
         };
-        let (endpoint_key, endpoint) = if let Some(e) = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
-            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", e)
+        let own_endpoint = own("ENDPOINT");
+        let (endpoint_key, endpoint) = if let Some(e) = env(&own_endpoint) {
+            (own_endpoint.as_str(), e)
         } else {
             let base = env("OTEL_EXPORTER_OTLP_ENDPOINT")
                 .map(|e| ("OTEL_EXPORTER_OTLP_ENDPOINT", e))
@@ -66,7 +90,7 @@ impl OtlpSettings {
                 return Ok(None);
             };
             let e = match protocol {
-                OtlpProtocol::HttpProtobuf => format!("{}/v1/traces", base.trim_end_matches('/')),
+                OtlpProtocol::HttpProtobuf => format!("{}/{path}", base.trim_end_matches('/')),
                 OtlpProtocol::Grpc => base,
             };
             (key, e)
@@ -93,9 +117,9 @@ impl OtlpSettings {
             return Err(err(endpoint_key, format!("{endpoint:?} has no host; write e.g. http://localhost:4318")));
         }
         let headers_key =
-            ["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"].into_iter().find(|k| env(k).is_some());
+            [own("HEADERS"), "OTEL_EXPORTER_OTLP_HEADERS".to_string()].into_iter().find(|k| env(k).is_some());
         let headers = match headers_key {
-            Some(k) => parse_headers(&env(k).unwrap_or_default()).map_err(|m| err(k, m))?,
+            Some(k) => parse_headers(&env(&k).unwrap_or_default()).map_err(|m| err(&k, m))?,
             None => Vec::new(),
         };
         let timeout_ms = match env("OTEL_EXPORTER_OTLP_TIMEOUT") {

@@ -1,0 +1,160 @@
+//! OTLP metrics: the RED histograms, cumulative, every `OTEL_METRIC_EXPORT_INTERVAL`, over gRPC or
+//! HTTP/protobuf (same environment variables as traces, with `_METRICS_` variants).
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use opentelemetry_proto::tonic::{
+    collector::metrics::v1::{ExportMetricsServiceRequest, metrics_service_client::MetricsServiceClient},
+    common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
+    metrics::v1::{
+        AggregationTemporality, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics, metric::Data,
+    },
+    resource::v1::Resource as OtlpResource,
+};
+use prost::Message;
+
+use super::otlp::{OtlpProtocol, OtlpSettings};
+use crate::{
+    metrics::{
+        MetricsStore,
+        instruments::{INSTRUMENTS, Unit},
+    },
+    stats::Stats,
+    trace::span::AttrValue,
+};
+
+fn any(v: &AttrValue) -> AnyValue {
+    AnyValue {
+        value: Some(match v {
+            AttrValue::Str(s) => any_value::Value::StringValue(s.clone()),
+            AttrValue::Int(i) => any_value::Value::IntValue(*i),
+            AttrValue::Bool(b) => any_value::Value::BoolValue(*b),
+        }),
+    }
+}
+
+/// One request with every series: one ResourceMetrics per process, one Metric per instrument.
+pub fn encode(store: &MetricsStore, now_unix_ns: u64) -> ExportMetricsServiceRequest {
+    let mut by_resource: Vec<(Arc<crate::trace::resource::Resource>, Vec<Metric>)> = Vec::new();
+    for s in store.snapshot() {
+        let spec = &INSTRUMENTS[s.instrument];
+        let point = HistogramDataPoint {
+            attributes: s
+                .attributes
+                .iter()
+                .map(|(k, v)| KeyValue { key: (*k).to_owned(), value: Some(any(&AttrValue::Str(v.clone()))) })
+                .collect(),
+            start_time_unix_nano: s.point.start_unix_ns,
+            time_unix_nano: now_unix_ns,
+            count: s.point.count,
+            sum: Some(s.point.sum),
+            bucket_counts: s.point.bucket_counts.clone(),
+            explicit_bounds: spec.bounds.to_vec(),
+            ..Default::default()
+        };
+        let group = match by_resource.iter_mut().find(|(r, _)| Arc::ptr_eq(r, &s.resource) || **r == *s.resource) {
+            Some(g) => &mut g.1,
+            None => {
+                by_resource.push((s.resource.clone(), Vec::new()));
+                &mut by_resource.last_mut().expect("just pushed").1
+            }
+        };
+        match group.iter_mut().find(|m| m.name == spec.name) {
+            Some(Metric { data: Some(Data::Histogram(h)), .. }) => h.data_points.push(point),
+            _ => group.push(Metric {
+                name: spec.name.to_owned(),
+                description: spec.description.to_owned(),
+                unit: match spec.unit {
+                    Unit::Seconds => "s".into(),
+                    Unit::Bytes => "By".into(),
+                },
+                data: Some(Data::Histogram(Histogram {
+                    data_points: vec![point],
+                    aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                })),
+                ..Default::default()
+            }),
+        }
+    }
+    let scope =
+        InstrumentationScope { name: "sonde".into(), version: env!("CARGO_PKG_VERSION").into(), ..Default::default() };
+    ExportMetricsServiceRequest {
+        resource_metrics: by_resource
+            .into_iter()
+            .map(|(r, metrics)| ResourceMetrics {
+                resource: Some(OtlpResource {
+                    attributes: r
+                        .attributes
+                        .iter()
+                        .map(|(k, v)| KeyValue { key: k.clone(), value: Some(any(v)) })
+                        .collect(),
+                    ..Default::default()
+                }),
+                scope_metrics: vec![ScopeMetrics { scope: Some(scope.clone()), metrics, schema_url: String::new() }],
+                schema_url: String::new(),
+            })
+            .collect(),
+    }
+}
+
+/// Exports every `interval` until the task is aborted; a final export runs on `flush`.
+pub async fn run(
+    settings: OtlpSettings,
+    interval: Duration,
+    store: Arc<MetricsStore>,
+    stats: Arc<Stats>,
+    mut flush: tokio::sync::oneshot::Receiver<()>,
+) {
+    let http =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut grpc = match settings.protocol {
+        OtlpProtocol::Grpc => tonic::transport::Endpoint::from_shared(settings.endpoint.clone())
+            .ok()
+            .map(|e| MetricsServiceClient::new(e.timeout(settings.timeout).connect_lazy())),
+        OtlpProtocol::HttpProtobuf => None,
+    };
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
+    loop {
+        let last = tokio::select! {
+            _ = ticker.tick() => false,
+            _ = &mut flush => true,
+        };
+        let now = crate::clock::Clock::calibrated().to_unix_ns(crate::clock::Clock::monotonic_now());
+        let request = encode(&store, now);
+        if !request.resource_metrics.is_empty() {
+            let result = match &mut grpc {
+                Some(client) => client.export(request).await.map(|_| ()).map_err(|e| e.message().to_owned()),
+                None => post(&http, &settings, request.encode_to_vec()).await,
+            };
+            if let Err(e) = result {
+                Stats::add(&stats.export_errors, 1);
+                log::warn!("metrics export to {} failed: {e}", settings.endpoint);
+            }
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+async fn post(
+    client: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    settings: &OtlpSettings,
+    body: Vec<u8>,
+) -> Result<(), String> {
+    let mut builder = hyper::Request::post(&settings.endpoint).header("content-type", "application/x-protobuf");
+    for (k, v) in &settings.headers {
+        builder = builder.header(k.as_str(), v.as_str());
+    }
+    let req = builder.body(Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(settings.timeout, client.request(req))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let _ = resp.into_body().collect().await;
+    if status.is_success() { Ok(()) } else { Err(format!("collector answered {status}")) }
+}

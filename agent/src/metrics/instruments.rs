@@ -1,0 +1,158 @@
+//! The instruments sonde records and which span attributes each keeps (low-cardinality only:
+//! no `url.path`, query text or client addresses).
+
+use crate::trace::span::SpanKind;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    Seconds,
+    Bytes,
+}
+
+#[derive(Debug)]
+pub struct Instrument {
+    /// OpenTelemetry name.
+    pub name: &'static str,
+    /// Prometheus name without the unit suffix the exposition adds.
+    pub prometheus_base: &'static str,
+    pub unit: Unit,
+    pub description: &'static str,
+    pub bounds: &'static [f64],
+    /// Span attributes that become metric attributes.
+    pub attributes: &'static [&'static str],
+}
+
+/// Duration buckets the HTTP semantic conventions advise (seconds).
+pub const DURATION_BOUNDS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0];
+/// Body sizes (bytes), powers of four from 64 B to 64 MiB.
+pub const SIZE_BOUNDS: &[f64] =
+    &[64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262_144.0, 1_048_576.0, 4_194_304.0, 16_777_216.0, 67_108_864.0];
+
+const HTTP_SERVER_ATTRS: &[&str] = &[
+    "http.request.method",
+    "http.response.status_code",
+    "http.route",
+    "url.scheme",
+    "network.protocol.version",
+    "error.type",
+];
+const HTTP_CLIENT_ATTRS: &[&str] = &[
+    "http.request.method",
+    "http.response.status_code",
+    "server.address",
+    "server.port",
+    "url.scheme",
+    "network.protocol.version",
+    "error.type",
+];
+const DB_ATTRS: &[&str] = &[
+    "db.system.name",
+    "db.operation.name",
+    "db.namespace",
+    "db.collection.name",
+    "db.response.status_code",
+    "error.type",
+    "server.address",
+    "server.port",
+];
+
+const fn instrument(
+    name: &'static str,
+    prometheus_base: &'static str,
+    unit: Unit,
+    description: &'static str,
+    attributes: &'static [&'static str],
+) -> Instrument {
+    let bounds = match unit {
+        Unit::Seconds => DURATION_BOUNDS,
+        Unit::Bytes => SIZE_BOUNDS,
+    };
+    Instrument { name, prometheus_base, unit, description, bounds, attributes }
+}
+
+pub const HTTP_SERVER_DURATION: usize = 0;
+pub const HTTP_CLIENT_DURATION: usize = 1;
+pub const DB_CLIENT_DURATION: usize = 2;
+pub const HTTP_SERVER_REQUEST_BODY: usize = 3;
+pub const HTTP_SERVER_RESPONSE_BODY: usize = 4;
+pub const HTTP_CLIENT_REQUEST_BODY: usize = 5;
+pub const HTTP_CLIENT_RESPONSE_BODY: usize = 6;
+
+pub static INSTRUMENTS: [Instrument; 7] = [
+    instrument(
+        "http.server.request.duration",
+        "http_server_request_duration",
+        Unit::Seconds,
+        "Duration of HTTP server requests.",
+        HTTP_SERVER_ATTRS,
+    ),
+    instrument(
+        "http.client.request.duration",
+        "http_client_request_duration",
+        Unit::Seconds,
+        "Duration of HTTP client requests.",
+        HTTP_CLIENT_ATTRS,
+    ),
+    instrument(
+        "db.client.operation.duration",
+        "db_client_operation_duration",
+        Unit::Seconds,
+        "Duration of database client operations.",
+        DB_ATTRS,
+    ),
+    instrument(
+        "http.server.request.body.size",
+        "http_server_request_body_size",
+        Unit::Bytes,
+        "Size of HTTP server request bodies.",
+        HTTP_SERVER_ATTRS,
+    ),
+    instrument(
+        "http.server.response.body.size",
+        "http_server_response_body_size",
+        Unit::Bytes,
+        "Size of HTTP server response bodies.",
+        HTTP_SERVER_ATTRS,
+    ),
+    instrument(
+        "http.client.request.body.size",
+        "http_client_request_body_size",
+        Unit::Bytes,
+        "Size of HTTP client request bodies.",
+        HTTP_CLIENT_ATTRS,
+    ),
+    instrument(
+        "http.client.response.body.size",
+        "http_client_response_body_size",
+        Unit::Bytes,
+        "Size of HTTP client response bodies.",
+        HTTP_CLIENT_ATTRS,
+    ),
+];
+
+/// (instrument, value) pairs a finished span contributes to.
+pub fn measurements(
+    kind: SpanKind,
+    is_http: bool,
+    is_db: bool,
+    seconds: f64,
+    request_body: i64,
+    response_body: i64,
+) -> Vec<(usize, f64)> {
+    match (is_http, is_db, kind) {
+        (true, _, SpanKind::Server) => vec![
+            (HTTP_SERVER_DURATION, seconds),
+            (HTTP_SERVER_REQUEST_BODY, request_body as f64),
+            (HTTP_SERVER_RESPONSE_BODY, response_body as f64),
+        ],
+        (true, _, SpanKind::Client) => vec![
+            (HTTP_CLIENT_DURATION, seconds),
+            (HTTP_CLIENT_REQUEST_BODY, request_body as f64),
+            (HTTP_CLIENT_RESPONSE_BODY, response_body as f64),
+        ],
+        // Database servers traced from their own side get spans; the conventions define
+        // client-side operation metrics only.
+        (false, true, SpanKind::Client) => vec![(DB_CLIENT_DURATION, seconds)],
+        _ => Vec::new(),
+    }
+}

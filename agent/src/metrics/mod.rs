@@ -1,0 +1,9 @@
+//! RED metrics from every finished request (sampled or not): OpenTelemetry semantic-convention
+//! histograms, with a per-metric cap on series. Exposed to Prometheus ([`prometheus`]) and
+//! exported over OTLP ([`crate::export::otlp_metrics`]) from the same store.
+
+pub mod instruments;
+pub mod prometheus;
+mod store;
+
+pub use store::{HistogramPoint, MetricsStore, SeriesSnapshot};

@@ -1,0 +1,178 @@
+//! Prometheus text exposition (through the maintained `prometheus-client` encoder) of the RED
+//! histograms and sonde's own counters, served read-only on GET /metrics.
+
+use std::{borrow::Cow, net::SocketAddr, sync::Arc};
+
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::{Registry, Unit},
+};
+
+use super::{
+    MetricsStore,
+    instruments::{INSTRUMENTS, Unit as OurUnit},
+};
+use crate::{stats::Stats, trace::span::AttrValue};
+
+/// OpenTelemetry attribute name -> Prometheus label name.
+fn label(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
+}
+
+#[derive(Debug)]
+struct Exposition {
+    store: Arc<MetricsStore>,
+    stats: Arc<Stats>,
+}
+
+impl Collector for Exposition {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshot = self.store.snapshot();
+        for (index, spec) in INSTRUMENTS.iter().enumerate() {
+            let unit = match spec.unit {
+                OurUnit::Seconds => Unit::Seconds,
+                OurUnit::Bytes => Unit::Bytes,
+            };
+            let mut metric = encoder.encode_descriptor(
+                spec.prometheus_base,
+                spec.description,
+                Some(&unit),
+                MetricType::Histogram,
+            )?;
+            for s in snapshot.iter().filter(|s| s.instrument == index) {
+                let mut labels: Vec<(String, String)> = vec![("service_name".into(), s.resource.service_name.clone())];
+                if let Some((_, AttrValue::Str(id))) =
+                    s.resource.attributes.iter().find(|(k, _)| k == "service.instance.id")
+                {
+                    labels.push(("service_instance_id".into(), id.clone()));
+                }
+                labels.extend(s.attributes.iter().map(|(k, v)| (label(k), v.clone())));
+                let mut buckets: Vec<(f64, u64)> =
+                    spec.bounds.iter().copied().zip(s.point.bucket_counts.iter().copied()).collect();
+                buckets.push((f64::MAX, s.point.bucket_counts.last().copied().unwrap_or(0)));
+                let family = metric.encode_family(&labels)?;
+                let mut family = family;
+                family.encode_histogram::<Vec<(String, String)>>(s.point.sum, s.point.count, &buckets, None)?;
+            }
+        }
+        self.encode_self_metrics(&mut encoder)
+    }
+}
+
+impl Exposition {
+    fn encode_self_metrics(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let st = &self.stats;
+        let g = Stats::get;
+        let counters: [(&str, &str, u64); 9] = [
+            ("sonde_events_read", "Records read from the kernel ring buffer.", g(&st.events_read)),
+            (
+                "sonde_events_lost",
+                "Records the kernel could not queue (ring buffer full).",
+                g(&st.kernel_ringbuf_drops),
+            ),
+            ("sonde_bytes_captured", "Payload bytes copied by the kernel side.", g(&st.kernel_bytes_captured)),
+            ("sonde_unmatched_requests", "Requests that never got a response.", g(&st.unmatched_requests)),
+            ("sonde_unmatched_responses", "Responses without a request.", g(&st.unmatched_responses)),
+            ("sonde_spans_exported", "Spans accepted by the OTLP backend.", g(&st.spans_exported)),
+            ("sonde_export_errors", "Failed OTLP export requests.", g(&st.export_errors)),
+            ("sonde_tls_unattributed", "TLS plaintext whose socket could not be identified.", g(&st.kernel_tls_no_fd)),
+            (
+                "sonde_metric_overflow",
+                "Measurements recorded in an overflow series (cardinality cap).",
+                self.store.overflowed(),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        let labelled: [(&str, &str, &str, [(&str, u64); 3]); 2] = [
+            (
+                "sonde_parse_errors",
+                "Bytes a protocol parser could not frame, by protocol.",
+                "protocol",
+                [
+                    ("http", g(&st.http_parse_errors)),
+                    ("postgresql", g(&st.postgres_parse_errors)),
+                    ("redis", g(&st.redis_parse_errors)),
+                ],
+            ),
+            (
+                "sonde_spans_dropped",
+                "Spans dropped before export, by reason.",
+                "reason",
+                [
+                    ("queue_full", g(&st.spans_dropped_queue_full)),
+                    ("export_failed", g(&st.spans_dropped_export_failed)),
+                    ("unsampled", g(&st.spans_unsampled)),
+                ],
+            ),
+        ];
+        for (name, help, key, values) in labelled {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (value_label, value) in values {
+                let labels = vec![(Cow::Borrowed(key), Cow::Borrowed(value_label))];
+                let family = metric.encode_family(&labels)?;
+                ConstCounter::new(value).encode(family)?;
+            }
+        }
+        let gauge = ConstGauge::new(g(&st.traced_processes) as i64);
+        let metric = encoder.encode_descriptor(
+            "sonde_traced_processes",
+            "Processes sonde traces now.",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)
+    }
+}
+
+/// The registry serving sonde's metrics.
+pub fn registry(store: Arc<MetricsStore>, stats: Arc<Stats>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Exposition { store, stats }));
+    registry
+}
+
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
+        out.clear();
+    }
+    out
+}
+
+/// Serves GET /metrics on `addr` until the task is dropped. Nothing else is accepted: the
+/// endpoint takes no commands.
+pub async fn serve(addr: SocketAddr, registry: Arc<Registry>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    log::info!("Prometheus metrics on http://{addr}/metrics");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let registry = registry.clone();
+                async move {
+                    let response = if req.method() == Method::GET && req.uri().path() == "/metrics" {
+                        Response::builder()
+                            .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                            .body(Full::new(Bytes::from(render(&registry))))
+                    } else {
+                        Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Full::new(Bytes::from_static(b"only GET /metrics\n")))
+                    };
+                    response.map_err(std::io::Error::other)
+                }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
