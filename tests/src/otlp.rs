@@ -8,9 +8,12 @@ use std::{
     time::Duration,
 };
 
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-    trace_service_server::{TraceService, TraceServiceServer},
+use opentelemetry_proto::tonic::collector::{
+    metrics::v1::ExportMetricsServiceRequest,
+    trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
 };
 use prost::Message;
 
@@ -47,10 +50,12 @@ impl Collected {
     }
 }
 
-/// OTLP/HTTP receiver: POST /v1/traces with a protobuf body.
+/// OTLP/HTTP receiver: POST /v1/traces and /v1/metrics with protobuf bodies.
 pub struct HttpReceiver {
     pub port: u16,
     pub collected: Collected,
+    /// Every metrics request received, newest last.
+    pub metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
 }
 
 impl HttpReceiver {
@@ -58,14 +63,20 @@ impl HttpReceiver {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind receiver");
         let port = listener.local_addr().expect("addr").port();
         let collected = Collected::default();
-        let c = collected.clone();
+        let metrics = Arc::new(Mutex::new(Vec::new()));
+        let (c, m) = (collected.clone(), metrics.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let c = c.clone();
-                std::thread::spawn(move || serve_http(stream, &c));
+                let (c, m) = (c.clone(), m.clone());
+                std::thread::spawn(move || serve_http(stream, &c, &m));
             }
         });
-        Self { port, collected }
+        Self { port, collected, metrics }
+    }
+
+    /// The newest metrics request, if any.
+    pub fn latest_metrics(&self) -> Option<ExportMetricsServiceRequest> {
+        self.metrics.lock().ok().and_then(|v| v.last().cloned())
     }
 
     pub fn endpoint(&self) -> String {
@@ -73,7 +84,7 @@ impl HttpReceiver {
     }
 }
 
-fn serve_http(stream: TcpStream, collected: &Collected) {
+fn serve_http(stream: TcpStream, collected: &Collected, metrics: &Mutex<Vec<ExportMetricsServiceRequest>>) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
     let mut writer = stream;
     loop {
@@ -100,13 +111,26 @@ fn serve_http(stream: TcpStream, collected: &Collected) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        let ok = request_line.starts_with("POST /v1/traces ");
-        let status = match ExportTraceServiceRequest::decode(body.as_slice()) {
-            Ok(req) if ok => {
-                collected.add(&req);
-                "200 OK"
+        let status = if request_line.starts_with("POST /v1/traces ") {
+            match ExportTraceServiceRequest::decode(body.as_slice()) {
+                Ok(req) => {
+                    collected.add(&req);
+                    "200 OK"
+                }
+                Err(_) => "400 Bad Request",
             }
-            _ => "400 Bad Request",
+        } else if request_line.starts_with("POST /v1/metrics ") {
+            match ExportMetricsServiceRequest::decode(body.as_slice()) {
+                Ok(req) => {
+                    if let Ok(mut m) = metrics.lock() {
+                        m.push(req);
+                    }
+                    "200 OK"
+                }
+                Err(_) => "400 Bad Request",
+            }
+        } else {
+            "404 Not Found"
         };
         let reply = ExportTraceServiceResponse::default().encode_to_vec();
         let head = format!(

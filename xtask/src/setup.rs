@@ -18,6 +18,7 @@ const PACKAGES: &[&str] = &[
     "redis-server",
     "redis-tools",
     "openssl",
+    "prometheus",
 ];
 /// Python client libraries the end-to-end tests drive real servers with.
 const PYTHON_MODULES: &[(&str, &str)] = &[("psycopg", "psycopg[binary]"), ("redis", "redis")];
