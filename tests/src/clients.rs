@@ -117,3 +117,29 @@ impl Drop for Launcher {
         crate::servers::stop_group(&mut self.child);
     }
 }
+
+/// Prometheus's HTTP API: GET `path` (e.g. `/api/v1/query?...`) on `port`, parsed JSON.
+pub fn prometheus_api(port: u16, path: &str, params: &[(&str, &str)]) -> serde_json::Value {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-G", &format!("http://127.0.0.1:{port}{path}")]);
+    for (k, v) in params {
+        cmd.arg("--data-urlencode").arg(format!("{k}={v}"));
+    }
+    let out = cmd.output().expect("run curl");
+    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("Prometheus answered non-JSON ({e})"))
+}
+
+/// An instant PromQL query: (labels, value) for each element of the vector result.
+pub fn prometheus_query(port: u16, expr: &str) -> Vec<(serde_json::Value, f64)> {
+    let v = prometheus_api(port, "/api/v1/query", &[("query", expr)]);
+    assert_eq!(v["status"], "success", "query {expr} failed: {v}");
+    v["data"]["result"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .map(|e| (e["metric"].clone(), e["value"][1].as_str().and_then(|s| s.parse().ok()).unwrap_or(f64::NAN)))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -246,3 +246,30 @@ pub fn redis(port: u16) -> Server {
     wait_listening(port);
     Server { child, port, _dir: None }
 }
+
+/// Debian's Prometheus on `port`, scraping `targets` every second, with `rule_files` loaded.
+pub fn prometheus(port: u16, targets: &[String], rule_files: &[PathBuf]) -> Server {
+    let dir = TempDir::new("prometheus");
+    let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+    let rules: Vec<String> = rule_files.iter().map(|r| format!("  - '{}'\n", r.display())).collect();
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n{}scrape_configs:\n  - job_name: sonde\n    static_configs:\n      - targets: [{}]\n",
+        rules.concat(),
+        targets.join(", ")
+    );
+    let path = dir.path().join("prometheus.yml");
+    std::fs::write(&path, config).expect("write prometheus.yml");
+    let log = std::fs::File::create(dir.path().join("log")).expect("prometheus log");
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", path.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start prometheus (apt-get install prometheus, or cargo xtask setup)");
+    wait_listening(port);
+    Server { child, port, _dir: Some(dir) }
+}

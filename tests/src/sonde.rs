@@ -61,6 +61,8 @@ impl Sonde {
             "OTEL_EXPORTER_OTLP_PROTOCOL",
             "OTEL_SERVICE_NAME",
             "OTEL_TRACES_SAMPLER",
+            "OTEL_METRIC_EXPORT_INTERVAL",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
         ] {
             cmd.env_remove(k);
         }

@@ -44,7 +44,7 @@ pub fn encode(store: &MetricsStore, now_unix_ns: u64) -> ExportMetricsServiceReq
             attributes: s
                 .attributes
                 .iter()
-                .map(|(k, v)| KeyValue { key: (*k).to_owned(), value: Some(any(&AttrValue::Str(v.clone()))) })
+                .map(|(k, v)| KeyValue { key: (*k).to_owned(), value: Some(any(v)) })
                 .collect(),
             start_time_unix_nano: s.point.start_unix_ns,
             time_unix_nano: now_unix_ns,

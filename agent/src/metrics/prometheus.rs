@@ -16,8 +16,12 @@ use prometheus_client::{
 use super::{
     MetricsStore,
     instruments::{INSTRUMENTS, Unit as OurUnit},
+    store::attr_text,
 };
 use crate::{stats::Stats, trace::span::AttrValue};
+
+/// A counter family: name, help, label key, and (label value, count) per series.
+type LabelledCounter = (&'static str, &'static str, &'static str, [(&'static str, u64); 3]);
 
 /// OpenTelemetry attribute name -> Prometheus label name.
 fn label(name: &str) -> String {
@@ -51,7 +55,7 @@ impl Collector for Exposition {
                 {
                     labels.push(("service_instance_id".into(), id.clone()));
                 }
-                labels.extend(s.attributes.iter().map(|(k, v)| (label(k), v.clone())));
+                labels.extend(s.attributes.iter().map(|(k, v)| (label(k), attr_text(v))));
                 let mut buckets: Vec<(f64, u64)> =
                     spec.bounds.iter().copied().zip(s.point.bucket_counts.iter().copied()).collect();
                 buckets.push((f64::MAX, s.point.bucket_counts.last().copied().unwrap_or(0)));
@@ -92,7 +96,7 @@ impl Exposition {
             let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
             counter.encode(metric)?;
         }
-        let labelled: [(&str, &str, &str, [(&str, u64); 3]); 2] = [
+        let labelled: [LabelledCounter; 2] = [
             (
                 "sonde_parse_errors",
                 "Bytes a protocol parser could not frame, by protocol.",

@@ -44,17 +44,17 @@ impl HistogramPoint {
 pub struct SeriesSnapshot {
     pub instrument: usize,
     pub resource: Arc<Resource>,
-    pub attributes: Vec<(&'static str, String)>,
+    pub attributes: Vec<(&'static str, AttrValue)>,
     pub point: HistogramPoint,
 }
 
-type SeriesKey = (String, Vec<(&'static str, String)>);
+type SeriesKey = (String, Vec<(&'static str, AttrValue)>);
 
 #[derive(Default)]
 struct InstrumentSeries {
     points: HashMap<SeriesKey, (Arc<Resource>, HistogramPoint)>,
     /// Distinct attribute sets admitted (the cap counts these, across resources).
-    admitted: std::collections::HashSet<Vec<(&'static str, String)>>,
+    admitted: std::collections::HashSet<Vec<(&'static str, AttrValue)>>,
 }
 
 pub struct MetricsStore {
@@ -64,7 +64,7 @@ pub struct MetricsStore {
     pub overflowed: AtomicU64,
 }
 
-fn attr_text(v: &AttrValue) -> String {
+pub fn attr_text(v: &AttrValue) -> String {
     match v {
         AttrValue::Str(s) => s.clone(),
         AttrValue::Int(i) => i.to_string(),
@@ -111,15 +111,15 @@ impl MetricsStore {
         let Ok(mut all) = self.instruments.lock() else { return };
         for (index, value) in values {
             let spec = &INSTRUMENTS[index];
-            let attrs: Vec<(&'static str, String)> =
-                spec.attributes.iter().filter_map(|k| span.attr(k).map(|v| (*k, attr_text(v)))).collect();
+            let attrs: Vec<(&'static str, AttrValue)> =
+                spec.attributes.iter().filter_map(|k| span.attr(k).map(|v| (*k, v.clone()))).collect();
             let series = &mut all[index];
             let attrs = if series.admitted.contains(&attrs) || series.admitted.len() < self.max_series {
                 series.admitted.insert(attrs.clone());
                 attrs
             } else {
                 self.overflowed.fetch_add(1, Relaxed);
-                vec![(OVERFLOW_ATTRIBUTE, "true".to_owned())]
+                vec![(OVERFLOW_ATTRIBUTE, AttrValue::Bool(true))]
             };
             let instance =
                 span.resource.attributes.iter().find(|(k, _)| k == "service.instance.id").map(|(_, v)| attr_text(v));
@@ -238,7 +238,8 @@ mod tests {
         let overflow = snap
             .iter()
             .find(|s| {
-                s.instrument == HTTP_SERVER_DURATION && s.attributes == vec![(OVERFLOW_ATTRIBUTE, "true".to_string())]
+                s.instrument == HTTP_SERVER_DURATION
+                    && s.attributes == vec![(OVERFLOW_ATTRIBUTE, AttrValue::Bool(true))]
             })
             .unwrap();
         assert_eq!(overflow.point.count, 990);

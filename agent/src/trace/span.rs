@@ -19,7 +19,7 @@ impl SpanKind {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum AttrValue {
     Str(String),
     Int(i64),
