@@ -284,6 +284,19 @@ pub fn build(file: FileConfig, cli: CliSelection, env: Env<'_>) -> Result<AgentC
         })?,
         None => 60_000,
     };
+    // OTEL_METRICS_EXPORTER=none keeps metrics on the Prometheus endpoint only.
+    let otlp_metrics = match env("OTEL_METRICS_EXPORTER").as_deref().map(str::trim) {
+        None | Some("otlp") => otlp_metrics,
+        Some("none") => None,
+        Some(other) => {
+            return Err(ConfigError::new(
+                "OTEL_METRICS_EXPORTER",
+                format!(
+                    "{other:?} is not supported; use otlp (default) or none (use --prometheus-port for Prometheus)"
+                ),
+            ));
+        }
+    };
     let otlp_metrics = otlp_metrics.map(|s| (s, std::time::Duration::from_millis(interval_ms)));
     Ok(AgentConfig {
         selectors,
@@ -297,6 +310,50 @@ pub fn build(file: FileConfig, cli: CliSelection, env: Env<'_>) -> Result<AgentC
         prometheus,
         otlp_metrics,
     })
+}
+
+/// What a validated configuration resolves to, for `sonde config`. Header values are never
+/// shown (they often carry API keys).
+pub fn describe(c: &AgentConfig) -> String {
+    use std::fmt::Write;
+    let mut out = String::from("configuration is valid\n");
+    let _ = writeln!(out, "selectors: {}", c.selectors.len());
+    for (i, s) in c.selectors.iter().enumerate() {
+        let mut parts = Vec::new();
+        if let Some(name) = &s.service_name {
+            parts.push(format!("service.name={name}"));
+        }
+        if let Some(ports) = &s.open_ports {
+            parts.push(format!("open_ports={ports}"));
+        }
+        if let Some(glob) = &s.exe_path {
+            parts.push(format!("exe_path={}", glob.glob()));
+        }
+        if !s.pids.is_empty() {
+            parts.push(format!("pid={:?}", s.pids));
+        }
+        let _ = writeln!(out, "  {}. {}", i + 1, parts.join(" "));
+    }
+    let _ = writeln!(out, "print: {:?}", c.print);
+    let otlp = |o: &OtlpSettings| format!("{} ({:?}, {} headers)", o.endpoint, o.protocol, o.headers.len());
+    let _ = writeln!(out, "traces: {}", c.otlp.as_ref().map(otlp).unwrap_or_else(|| "not exported".into()));
+    let _ = writeln!(
+        out,
+        "otlp metrics: {}",
+        c.otlp_metrics
+            .as_ref()
+            .map(|(o, every)| format!("{} every {}s", otlp(o), every.as_secs_f64()))
+            .unwrap_or_else(|| "not exported".into())
+    );
+    let _ = writeln!(
+        out,
+        "prometheus: {}",
+        c.prometheus.map(|a| format!("http://{a}/metrics")).unwrap_or_else(|| "no endpoint".into())
+    );
+    let _ = writeln!(out, "metrics.max_series: {}", c.max_series);
+    let _ =
+        writeln!(out, "capture: max_bytes={} ring_buffer_bytes={}", c.capture.max_bytes, c.capture.ring_buffer_bytes);
+    out
 }
 
 #[cfg(test)]
@@ -348,5 +405,27 @@ mod tests {
         let env = |k: &str| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://collector:4317".to_owned());
         let cli = CliSelection { pids: vec![1], ..Default::default() };
         assert_eq!(build(FileConfig::default(), cli, &env).unwrap().print, PrintMode::None);
+    }
+
+    #[test]
+    fn metrics_follow_the_traces_endpoint_unless_disabled() {
+        let cli = || CliSelection { pids: vec![1], ..Default::default() };
+        let base = |k: &str| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://collector:4318".to_owned());
+        let (m, every) = build(FileConfig::default(), cli(), &base).unwrap().otlp_metrics.unwrap();
+        assert_eq!(m.endpoint, "http://collector:4318/v1/metrics");
+        assert_eq!(every, std::time::Duration::from_secs(60));
+        let off = |k: &str| match k {
+            "OTEL_METRICS_EXPORTER" => Some("none".to_owned()),
+            _ => base(k),
+        };
+        assert!(build(FileConfig::default(), cli(), &off).unwrap().otlp_metrics.is_none());
+        let bad = |k: &str| match k {
+            "OTEL_METRICS_EXPORTER" => Some("console".to_owned()),
+            _ => base(k),
+        };
+        assert_eq!(build(FileConfig::default(), cli(), &bad).unwrap_err().key, "OTEL_METRICS_EXPORTER");
+        let traces_only =
+            |k: &str| (k == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").then(|| "http://c:4318/v1/traces".to_owned());
+        assert!(build(FileConfig::default(), cli(), &traces_only).unwrap().otlp_metrics.is_none());
     }
 }

@@ -39,6 +39,22 @@ enum Command {
         #[arg(long)]
         prometheus_port: Option<u16>,
     },
+    /// Validate the configuration (file, command line, environment) and print what it resolves
+    /// to; exits 2 naming the key when it is bad. Loads nothing into the kernel.
+    Config {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        open_ports: Option<String>,
+        #[arg(long)]
+        exe_path: Option<String>,
+        #[arg(long = "pid")]
+        pids: Vec<u32>,
+        #[arg(long, value_enum)]
+        print: Option<PrintMode>,
+        #[arg(long)]
+        prometheus_port: Option<u16>,
+    },
     /// Report what this host offers sonde; exits non-zero when sonde cannot run here. With
     /// selectors, also say which TLS library each selected process uses and whether it is traced.
     Check {
@@ -76,6 +92,15 @@ fn main() {
                 Vec::new()
             };
             sonde::check::report(&sonde::check::run_checks(&selected))
+        }
+        Command::Config { config, open_ports, exe_path, pids, print, prometheus_port } => {
+            match load_config(config, CliSelection { open_ports, exe_path, pids, print, prometheus_port }) {
+                Ok(cfg) => {
+                    print!("{}", config::describe(&cfg));
+                    0
+                }
+                Err(code) => code,
+            }
         }
         Command::Run { config, open_ports, exe_path, pids, print, prometheus_port } => {
             run(config, CliSelection { open_ports, exe_path, pids, print, prometheus_port })

@@ -6,6 +6,15 @@ use globset::{Glob, GlobMatcher};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortSet(Vec<(u16, u16)>);
 
+impl std::fmt::Display for PortSet {
+    /// The same `8080,9000-9100` form it was parsed from.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> =
+            self.0.iter().map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
 impl PortSet {
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut ranges = Vec::new();
