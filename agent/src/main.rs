@@ -133,7 +133,11 @@ fn run(config_path: Option<PathBuf>, cli: CliSelection) -> i32 {
             return 1;
         }
     };
-    match runtime.block_on(sonde::agent::run(cfg, shutdown_signal())) {
+    let result = runtime.block_on(async {
+        let shutdown = shutdown_signal().map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
+        sonde::agent::run(cfg, shutdown).await
+    });
+    match result {
         Ok(()) => 0,
         Err(e) => {
             log::error!("{e:#}");
@@ -142,14 +146,16 @@ fn run(config_path: Option<PathBuf>, cli: CliSelection) -> i32 {
     }
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM/SIGINT handlers now (so a signal during startup stops sonde cleanly
+/// instead of killing it) and returns the future that completes on the first of them.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        log::error!("cannot install signal handlers; stop sonde with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => log::info!("SIGTERM received"),
-        _ = int.recv() => log::info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM received"),
+            _ = int.recv() => log::info!("SIGINT received"),
+        }
+    })
 }

@@ -3,6 +3,7 @@
 
 pub mod clients;
 pub mod otlp;
+pub mod promql;
 pub mod servers;
 pub mod sonde;
 pub mod span;

