@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | test | demo`.
+//! Project tasks: `cargo xtask setup | build | test | demo | bench`.
 //!
 //! Every task runs `setup` first; setup installs only what is missing, so it is quick when
 //! everything is there.
@@ -10,12 +10,13 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str = "usage: cargo xtask <setup|build|test|demo [--seconds N]>
+const USAGE: &str = "usage: cargo xtask <setup|build|test|demo [--seconds N]|bench [--pairs N] [--seconds S]>
 
   setup   install what is missing: Debian packages, the nightly's rust-src, bpf-linker (LLVM 22)
   build   setup, then build the release binary target/release/sonde
   test    setup, build, then run every test (unit, parser sweeps, end-to-end as root)
-  demo    setup, build, start two HTTP services on loopback, trace them and print spans live";
+  demo    setup, build, start two HTTP services on loopback, trace them and print spans live
+  bench   setup, build, measure sonde against no agent (nginx, redis, pgbench, HTTPS); writes BENCHMARKS.md";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -38,6 +39,12 @@ fn main() -> Result<()> {
                 None => 30,
             };
             demo::run(seconds)
+        }
+        Some("bench") => {
+            setup::run()?;
+            build()?;
+            println!("==> benchmarks: off/on pairs per scenario (about 10 minutes with the defaults)");
+            run(cargo().args(["run", "--release", "-p", "sonde-e2e", "--bin", "bench", "--"]).args(&args[1..]))
         }
         _ => {
             eprintln!("{USAGE}");

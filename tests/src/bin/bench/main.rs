@@ -1,0 +1,218 @@
+//! `cargo xtask bench`: sonde's overhead against no agent, measured in the same run.
+//!
+//! Every scenario runs its load alternately without sonde and with sonde tracing the server
+//! (off, on, off, on, ...), same binaries, same machine, and reports medians. Results go to
+//! BENCHMARKS.md. Needs root (eBPF, kernel.bpf_stats_enabled).
+
+mod load;
+mod micro;
+mod probe;
+mod report;
+mod sink;
+
+use std::time::Duration;
+
+use load::LoadResult;
+use sonde_e2e::{TempDir, free_port, servers, sonde::Sonde};
+
+/// One measured run of a scenario with sonde attached.
+#[derive(Clone, Debug, Default)]
+pub struct OnRun {
+    pub load: LoadResult,
+    pub sonde_cpu_seconds: f64,
+    pub peak_rss_mib: f64,
+    pub bpf_ns: u64,
+    pub bpf_runs: u64,
+    pub events_lost: u64,
+    pub spans_exported: u64,
+    pub spans_dropped: u64,
+}
+
+pub struct Outcome {
+    pub name: String,
+    pub command: String,
+    pub off: Vec<LoadResult>,
+    pub on: Vec<OnRun>,
+    pub tls: bool,
+}
+
+pub struct Options {
+    pub pairs: usize,
+    pub seconds: u32,
+}
+
+fn options() -> Options {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let value = |flag: &str, default: u32| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    Options { pairs: value("--pairs", 5) as usize, seconds: value("--seconds", 5) }
+}
+
+/// Runs `load` `pairs` times without and with sonde (`sonde_args` select the server).
+fn measure(
+    name: &str,
+    command: String,
+    tls: bool,
+    opts: &Options,
+    sink: &sink::Sink,
+    sonde_args: &[String],
+    mut load: impl FnMut() -> LoadResult,
+) -> Outcome {
+    println!("==> {name}: {} pairs of {}s runs", opts.pairs, opts.seconds);
+    let mut out = Outcome { name: name.into(), command, off: Vec::new(), on: Vec::new(), tls };
+    let args: Vec<&str> = sonde_args.iter().map(String::as_str).collect();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
+        ("OTEL_METRICS_EXPORTER", "none".to_owned()),
+    ];
+    for pair in 0..opts.pairs {
+        let off = load();
+        println!("    pair {pair}: off {:>9.0}/s p50 {:.3} ms p99 {:.3} ms", off.per_second, off.p50_ms, off.p99_ms);
+        out.off.push(off);
+
+        let sonde = Sonde::start(&args, "", &env);
+        let pid = sonde.pid();
+        let (cpu0, (ns0, runs0)) = (probe::cpu_seconds(pid), probe::bpf_run_time(pid));
+        let on = load();
+        // Let sonde finish what the kernel queued before reading its costs.
+        std::thread::sleep(Duration::from_millis(500));
+        let (cpu1, (ns1, runs1)) = (probe::cpu_seconds(pid), probe::bpf_run_time(pid));
+        let rss = probe::peak_rss_mib(pid);
+        let finished = sonde.stop();
+        assert!(finished.status.success(), "sonde failed:\n{}", finished.stderr);
+        let c = |k: &str| finished.counter(k).unwrap_or(0);
+        let run = OnRun {
+            load: on,
+            sonde_cpu_seconds: cpu1 - cpu0,
+            peak_rss_mib: rss,
+            bpf_ns: ns1 - ns0,
+            bpf_runs: runs1 - runs0,
+            events_lost: c("events_lost"),
+            spans_exported: c("spans_exported"),
+            spans_dropped: c("spans_dropped_queue_full") + c("spans_dropped_export_failed"),
+        };
+        println!(
+            "    pair {pair}: on  {:>9.0}/s p50 {:.3} ms p99 {:.3} ms; sonde {:.2} CPU s, {:.1} MiB, {} ns/req in kernel, {} spans / {} requests, {} lost",
+            run.load.per_second,
+            run.load.p50_ms,
+            run.load.p99_ms,
+            run.sonde_cpu_seconds,
+            run.peak_rss_mib,
+            run.bpf_ns / run.load.requests.max(1),
+            run.spans_exported,
+            run.load.requests,
+            run.events_lost
+        );
+        out.on.push(run);
+    }
+    out
+}
+
+fn main() {
+    let opts = options();
+    // SAFETY: geteuid has no preconditions.
+    assert!(unsafe { geteuid() } == 0, "the benchmark loads eBPF programs: run it as root (cargo xtask bench)");
+    println!("==> user-space micro-benchmarks: {}", micro::COMMAND);
+    let micro = micro::run();
+    for (name, per_second) in &micro {
+        println!("    {name}: {per_second:.0}/s");
+    }
+    let _stats = probe::BpfStats::enable();
+    let sink = sink::Sink::start();
+    let secs = opts.seconds;
+    let mut outcomes = Vec::new();
+
+    // 1. nginx, small static file, wrk at saturation.
+    let nginx = servers::nginx(free_port());
+    let url = format!("http://127.0.0.1:{}/index.html", nginx.port);
+    let select = vec!["--open-ports".to_owned(), nginx.port.to_string()];
+    outcomes.push(measure(
+        "nginx, small file, wrk saturation (keep-alive, 32 connections)",
+        format!("wrk -t 1 -c 32 -d {secs}s --latency {url}"),
+        false,
+        &opts,
+        &sink,
+        &select,
+        || load::wrk(&url, 32, secs),
+    ));
+
+    // 2. The same server at half the baseline's maximum, open loop.
+    let baseline = report::median(outcomes[0].off.iter().map(|r| r.per_second).collect());
+    let rate = (baseline / 2.0).round();
+    let port = nginx.port;
+    outcomes.push(measure(
+        "nginx, small file, fixed rate at half the baseline maximum",
+        format!("open-loop client (bench/load.rs): {rate} req/s over 16 keep-alive connections for {secs}s"),
+        false,
+        &opts,
+        &sink,
+        &select,
+        || load::fixed_rate(port, "/index.html", rate, 16, secs),
+    ));
+    drop(nginx);
+
+    // 3. Redis, without and with pipelining.
+    let redis = servers::redis(free_port());
+    let select = vec!["--open-ports".to_owned(), redis.port.to_string()];
+    for (pipeline, n) in [(1, 100_000), (16, 400_000)] {
+        let port = redis.port;
+        outcomes.push(measure(
+            &format!("redis-benchmark -P {pipeline} (GET + SET)"),
+            format!("redis-benchmark -p {port} -t set,get -n {n} -c 16 -P {pipeline} --csv"),
+            false,
+            &opts,
+            &sink,
+            &select,
+            || load::redis_benchmark(port, pipeline, n),
+        ));
+    }
+    drop(redis);
+
+    // 4. PostgreSQL, read-only pgbench over the extended protocol.
+    let pg = servers::postgres(free_port());
+    let select = vec!["--open-ports".to_owned(), pg.port.to_string()];
+    let logs = TempDir::new("pgbench");
+    let _ = std::process::Command::new("chmod").arg("777").arg(logs.path()).status();
+    let port = pg.port;
+    outcomes.push(measure(
+        "pgbench -S -M extended",
+        format!("pgbench -S -M extended -c 4 -j 2 -T {secs} -n -l -h 127.0.0.1 -p {port} -U postgres postgres"),
+        false,
+        &opts,
+        &sink,
+        &select,
+        || load::pgbench(port, secs, servers::PG_PASSWORD, logs.path()),
+    ));
+    drop(pg);
+
+    // 5. nginx over HTTPS, plaintext captured by the OpenSSL uprobes.
+    let nginx = servers::nginx_with(free_port(), Some(()));
+    let url = format!("https://127.0.0.1:{}/index.html", nginx.port);
+    let select = vec!["--open-ports".to_owned(), nginx.port.to_string()];
+    outcomes.push(measure(
+        "nginx HTTPS, small file, wrk saturation (TLS uprobes)",
+        format!("wrk -t 1 -c 32 -d {secs}s --latency {url}"),
+        true,
+        &opts,
+        &sink,
+        &select,
+        || load::wrk(&url, 32, secs),
+    ));
+    drop(nginx);
+
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
+    let text = report::markdown(&outcomes, &micro, &opts);
+    std::fs::write(&path, &text).expect("write BENCHMARKS.md");
+    println!("\n{}", report::summary_table(&outcomes));
+    println!("==> wrote {}", path.display());
+}
+
+unsafe extern "C" {
+    fn geteuid() -> u32;
+}

@@ -1,0 +1,207 @@
+//! Medians, targets and BENCHMARKS.md.
+
+use std::{fmt::Write, process::Command};
+
+use crate::{Options, Outcome};
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// The numbers one scenario reports.
+pub struct Summary {
+    pub throughput_off: f64,
+    pub throughput_on: f64,
+    pub ratio: f64,
+    pub p50_off: f64,
+    pub p50_on: f64,
+    pub p99_off: f64,
+    pub p99_on: f64,
+    pub cpu_per_10k: f64,
+    pub rss_mib: f64,
+    pub kernel_ns: f64,
+    pub lost: u64,
+    pub spans: u64,
+    pub requests: u64,
+    pub dropped: u64,
+}
+
+pub fn summarize(o: &Outcome) -> Summary {
+    let off = |f: fn(&crate::load::LoadResult) -> f64| median(o.off.iter().map(f).collect());
+    let on = |f: fn(&crate::load::LoadResult) -> f64| median(o.on.iter().map(|r| f(&r.load)).collect());
+    Summary {
+        throughput_off: off(|r| r.per_second),
+        throughput_on: on(|r| r.per_second),
+        ratio: median(o.off.iter().zip(&o.on).map(|(a, b)| b.load.per_second / a.per_second).collect()),
+        p50_off: off(|r| r.p50_ms),
+        p50_on: on(|r| r.p50_ms),
+        p99_off: off(|r| r.p99_ms),
+        p99_on: on(|r| r.p99_ms),
+        cpu_per_10k: median(o.on.iter().map(|r| r.sonde_cpu_seconds / r.load.requests.max(1) as f64 * 1e4).collect()),
+        rss_mib: o.on.iter().map(|r| r.peak_rss_mib).fold(0.0, f64::max),
+        kernel_ns: median(o.on.iter().map(|r| r.bpf_ns as f64 / r.load.requests.max(1) as f64).collect()),
+        lost: o.on.iter().map(|r| r.events_lost).sum(),
+        spans: o.on.iter().map(|r| r.spans_exported).sum(),
+        requests: o.on.iter().map(|r| r.load.requests).sum(),
+        dropped: o.on.iter().map(|r| r.spans_dropped).sum(),
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "**missed**" }
+}
+
+pub fn summary_table(outcomes: &[Outcome]) -> String {
+    let mut t = String::from(
+        "| scenario | req/s without | req/s with | ratio (median of pairs) | p50 ms without / with | p99 ms without / with | sonde CPU s per 10k req | sonde peak RSS MiB | in-kernel ns per req | events lost | spans exported / requests |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for o in outcomes {
+        let s = summarize(o);
+        let _ = writeln!(
+            t,
+            "| {} | {:.0} | {:.0} | {:.3} | {:.3} / {:.3} | {:.3} / {:.3} | {:.4} | {:.1} | {:.0} | {} | {} / {}{} |",
+            o.name,
+            s.throughput_off,
+            s.throughput_on,
+            s.ratio,
+            s.p50_off,
+            s.p50_on,
+            s.p99_off,
+            s.p99_on,
+            s.cpu_per_10k,
+            s.rss_mib,
+            s.kernel_ns,
+            s.lost,
+            s.spans,
+            s.requests,
+            if s.dropped > 0 { format!(" ({} dropped)", s.dropped) } else { String::new() }
+        );
+    }
+    t
+}
+
+fn targets(outcomes: &[Outcome]) -> String {
+    let mut t = String::from("| target | measured | verdict |\n|---|---|---|\n");
+    for (i, o) in outcomes.iter().enumerate() {
+        let s = summarize(o);
+        let fixed_rate = i == 1;
+        if fixed_rate {
+            let added = (s.p99_on - s.p99_off) / s.p99_off * 100.0;
+            let _ = writeln!(t, "| {}: added p99 <= 5% | {added:+.1}% | {} |", o.name, verdict(added <= 5.0));
+        } else {
+            let _ = writeln!(
+                t,
+                "| {}: throughput >= 90% of baseline (stretch 95%) | {:.1}% | {} |",
+                o.name,
+                s.ratio * 100.0,
+                verdict(s.ratio >= 0.90)
+            );
+        }
+        let limit = if o.tls { 3000.0 } else { 1000.0 };
+        let _ = writeln!(
+            t,
+            "| {}: in-kernel <= {limit:.0} ns per request | {:.0} ns | {} |",
+            o.name,
+            s.kernel_ns,
+            verdict(s.kernel_ns <= limit)
+        );
+        let _ = writeln!(
+            t,
+            "| {}: sonde CPU <= 0.05 core per 10k req/s | {:.4} | {} |",
+            o.name,
+            s.cpu_per_10k,
+            verdict(s.cpu_per_10k <= 0.05)
+        );
+        let _ = writeln!(t, "| {}: RSS <= 40 MB | {:.1} MiB | {} |", o.name, s.rss_mib, verdict(s.rss_mib <= 38.1));
+        let _ = writeln!(
+            t,
+            "| {}: spans exported == requests, 0 lost | {} / {}, {} lost | {} |",
+            o.name,
+            s.spans,
+            s.requests,
+            s.lost,
+            verdict(s.spans == s.requests && s.lost == 0)
+        );
+    }
+    t
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<f64>().unwrap_or(0.0))
+        })
+        .unwrap_or(0.0);
+    format!("{cpu}, {cores} cores, {:.1} GiB RAM, kernel {}", mem / 1048576.0, kernel.unwrap_or_default())
+}
+
+pub fn markdown(outcomes: &[Outcome], micro: &[(String, f64)], opts: &Options) -> String {
+    let mut md = String::from("# sonde benchmarks\n\n");
+    let _ = writeln!(
+        md,
+        "Written by `cargo xtask bench` (tests/src/bin/bench). Re-run it as root on an idle machine; every number\nbelow comes from one run on:\n\n- {}\n- {} off/on pairs per scenario, {} s per run, interleaved (off, on, off, on, ...); medians.\n- \"with\" = sonde tracing the server (`--open-ports PORT`), exporting every span over OTLP/HTTP to a local\n  endpoint that accepts and discards (so the cost of encoding and sending is included).\n- Load generator, server and sonde share the same cores: sonde's CPU is taken from the application's.\n",
+        machine(),
+        opts.pairs,
+        opts.seconds
+    );
+    md.push_str("\n## Results\n\n");
+    md.push_str(&summary_table(outcomes));
+    md.push_str("\n- sonde CPU s per 10k requests is also cores per 10k requests/s.\n- in-kernel ns per request: run_time_ns of all of sonde's eBPF programs (kernel.bpf_stats_enabled) over the run, divided by requests served.\n");
+    md.push_str(
+        "\n## User-space pipeline (criterion, one core)\n\n| benchmark | per second | target |\n|---|---|---|\n",
+    );
+    for (name, per_second) in micro {
+        let (target, ok) = if name.starts_with("otlp") {
+            ("100k spans/s", *per_second >= 100_000.0)
+        } else {
+            ("250k events/s", *per_second >= 250_000.0)
+        };
+        let _ = writeln!(md, "| {name} | {per_second:.0} | {target}: {} |", verdict(ok));
+    }
+    let _ = writeln!(
+        md,
+        "\nEvents are syscall-sized (one request or one response each) replayed through `Pipeline::on_data`: reassembly, detection, parsing, pairing, span assembly, sampling and the RED metrics. Command: `{}`.",
+        crate::micro::COMMAND
+    );
+    md.push_str("\n## Targets\n\n");
+    md.push_str(&targets(outcomes));
+    md.push_str("\n## Commands\n\n");
+    for o in outcomes {
+        let _ = writeln!(md, "- {}: `{}`", o.name, o.command);
+    }
+    md.push_str("\n## Every run\n\n| scenario | pair | req/s without | req/s with | p99 ms without / with | sonde CPU s | in-kernel ns/req | spans / requests |\n|---|---|---|---|---|---|---|---|\n");
+    for o in outcomes {
+        for (i, (off, on)) in o.off.iter().zip(&o.on).enumerate() {
+            let _ = writeln!(
+                md,
+                "| {} | {i} | {:.0} | {:.0} | {:.3} / {:.3} | {:.2} | {} | {} / {} |",
+                o.name,
+                off.per_second,
+                on.load.per_second,
+                off.p99_ms,
+                on.load.p99_ms,
+                on.sonde_cpu_seconds,
+                on.bpf_ns / on.load.requests.max(1),
+                on.spans_exported,
+                on.load.requests
+            );
+        }
+    }
+    md
+}
