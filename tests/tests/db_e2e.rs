@@ -255,3 +255,41 @@ impl Drop for KillOnDrop {
         servers::stop_group(&mut self.0);
     }
 }
+
+/// A burst of connections: PostgreSQL accepts, forks, closes and accepts again on the same fd
+/// number before the first backends run; each backend must still find its own connection.
+#[test]
+fn privileged_postgres_connection_burst_every_backend_traced() {
+    let Some(_guard) = privileged_test("PostgreSQL connection burst") else { return };
+    let port = free_port();
+    let _pg = servers::postgres(port);
+    let receiver = HttpReceiver::start();
+    let cfg = test_config(&format!("discovery:\n  - service.name: pg-server\n    open_ports: {port}\n"));
+    let sonde = Sonde::start(&[], &cfg, &env(&receiver));
+    for _ in 0..3 {
+        let status = std::process::Command::new("pgbench")
+            .args(["-n", "-S", "-M", "extended", "-c", "8", "-j", "2", "-t", "25", "-h", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .args(["-U", "postgres", "postgres"])
+            .env("PGPASSWORD", PG_PASSWORD)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("pgbench");
+        assert!(status.success());
+    }
+    // 3 runs x 8 clients x 25 selects, and each run's scale and partition probes.
+    let spans = receiver.collected.wait_for(3 * 8 * 25 + 6, WAIT);
+    let finished = sonde.stop();
+    dump(&spans);
+    let by = count(&spans, "pg-server", "SERVER");
+    assert_eq!(by.get("SELECT pgbench_accounts"), Some(&600), "{by:?}");
+    let backends: std::collections::BTreeSet<_> = spans
+        .iter()
+        .filter(|s| s.name == "SELECT pgbench_accounts")
+        .filter_map(|s| s.resource.get("process.pid").map(|v| format!("{v:?}")))
+        .collect();
+    assert_eq!(backends.len(), 24, "every one of the 24 backends produced spans");
+    assert_eq!(finished.counter("events_lost"), Some(0));
+    assert_eq!(finished.counter("unmatched_responses"), Some(0));
+}

@@ -15,7 +15,7 @@ use sonde_common::{
 };
 
 use crate::maps::{
-    Call, DataScratch, EVENTS, HAS_CHILDREN, INFLIGHT, Inflight, LAST_READ_FD, PARENTS, SCRATCH, SOCKETS, count, header, settings,
+    Call, DataScratch, EVENTS, HAS_CHILDREN, HISTORY_DEPTH, INFLIGHT, Inflight, LAST_READ_FD, PARENTS, SCRATCH, SOCKETS, SOCKET_HISTORY, SocketHistory, count, header, settings,
     submit, traced_current, wakeup_flags,
 };
 
@@ -45,11 +45,25 @@ pub(crate) fn socket_info(tgid: u32, fd: u32) -> Option<SocketInfo> {
         return (info.closed_ns == 0).then_some(*info);
     }
     let parent = *unsafe { PARENTS.get(&tgid) }?;
-    let info = *unsafe { SOCKETS.get(&SocketKey { pid: parent.parent, fd }) }?;
-    let open_at_fork = info.opened_ns <= parent.fork_ns && (info.closed_ns == 0 || info.closed_ns >= parent.fork_ns);
-    if !open_at_fork {
-        return None;
+    let parent_key = SocketKey { pid: parent.parent, fd };
+    let open_at_fork =
+        |i: &SocketInfo| i.opened_ns <= parent.fork_ns && (i.closed_ns == 0 || i.closed_ns >= parent.fork_ns);
+    let mut found = unsafe { SOCKETS.get(&parent_key) }.copied().filter(|i| open_at_fork(i));
+    if found.is_none() {
+        // The parent may have reused the fd number since the fork: look at its earlier sockets.
+        // SAFETY: read-only lookup; entries are copied out.
+        if let Some(history) = unsafe { SOCKET_HISTORY.get(&parent_key) } {
+            for i in 0..HISTORY_DEPTH {
+                let e = history.entries[i];
+                // Slots at and beyond `next` were never written (the ring has not wrapped).
+                if (i as u32) < history.next && open_at_fork(&e) {
+                    found = Some(e);
+                    break;
+                }
+            }
+        }
     }
+    let info = found?;
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     let copy = SocketInfo { role: info.role, flags: info.flags, opened_ns: now, closed_ns: 0 };
     let _ = SOCKETS.insert(&key, &copy, 0);
@@ -221,10 +235,35 @@ fn read_sockaddr(ptr: u64) -> RawSockaddr {
     out
 }
 
+/// Keeps the socket a new one replaces at the same (tgid, fd), for children forked before.
+#[inline(always)]
+fn remember_previous(key: &SocketKey, previous: SocketInfo) {
+    if let Some(history) = SOCKET_HISTORY.get_ptr_mut(key) {
+        // SAFETY: the pointer is to this map's value; BPF programs on other CPUs may write the
+        // same entry, which at worst loses one history slot.
+        let h = unsafe { &mut *history };
+        let slot = (h.next as usize) % HISTORY_DEPTH;
+        h.entries[slot] = previous;
+        h.next = h.next.wrapping_add(1);
+        return;
+    }
+    let empty = SocketInfo { role: 0, flags: 0, opened_ns: 0, closed_ns: 0 };
+    let mut fresh = SocketHistory { entries: [empty; HISTORY_DEPTH], next: 1, _pad: 0 };
+    fresh.entries[0] = previous;
+    let _ = SOCKET_HISTORY.insert(key, &fresh, 0);
+}
+
 #[inline(always)]
 fn track_socket(tgid: u32, tid: u32, fd: u32, role: u32, listen_fd: u32, peer: RawSockaddr) {
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-    let _ = SOCKETS.insert(&SocketKey { pid: tgid, fd }, &SocketInfo { role, flags: 0, opened_ns: now, closed_ns: 0 }, 0);
+    let key = SocketKey { pid: tgid, fd };
+    // SAFETY: read-only lookups; values are copied out.
+    if unsafe { HAS_CHILDREN.get(&tgid) }.is_some()
+        && let Some(previous) = unsafe { SOCKETS.get(&key) }.copied()
+    {
+        remember_previous(&key, previous);
+    }
+    let _ = SOCKETS.insert(&key, &SocketInfo { role, flags: 0, opened_ns: now, closed_ns: 0 }, 0);
     submit(&ConnEvent { header: header(EventKind::ConnOpen, tgid, tid), fd, role, listen_fd, _pad: 0, peer });
 }
 

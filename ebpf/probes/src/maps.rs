@@ -28,6 +28,23 @@ pub static PARENTS: LruHashMap<u32, ParentInfo> = LruHashMap::with_max_entries(M
 #[map]
 pub static HAS_CHILDREN: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_TRACED_PIDS, 0);
 
+/// Earlier sockets of the same (tgid, fd) of a process with children, newest overwriting oldest.
+/// A fork-per-connection server (PostgreSQL) accepts, forks, closes and accepts again on the same
+/// fd number, often before the child's first syscall: the child finds its socket here.
+#[map]
+pub static SOCKET_HISTORY: LruHashMap<SocketKey, SocketHistory> = LruHashMap::with_max_entries(4096, 0);
+
+pub const HISTORY_DEPTH: usize = 8;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SocketHistory {
+    pub entries: [SocketInfo; HISTORY_DEPTH],
+    /// Where the next entry goes.
+    pub next: u32,
+    pub _pad: u32,
+}
+
 /// pid_tgid -> arguments saved at syscall enter, consumed at exit.
 #[map]
 pub static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
