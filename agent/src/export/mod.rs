@@ -3,4 +3,5 @@
 pub mod otlp;
 pub mod otlp_encode;
 pub mod otlp_metrics;
+pub mod otlp_wire;
 pub mod print;

@@ -7,7 +7,6 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-use prost::Message;
 use tokio::sync::mpsc;
 
 use super::otlp_encode::encode;
@@ -217,11 +216,9 @@ async fn export_loop(
 
 async fn send(transport: &mut Transport, settings: &OtlpSettings, stats: &Stats, batch: &mut Vec<Span>) {
     let n = batch.len() as u64;
-    let request = encode(batch);
-    batch.clear();
     let result = match transport {
         Transport::Grpc(client) => {
-            let mut req = tonic::Request::new(request);
+            let mut req = tonic::Request::new(encode(batch));
             for (k, v) in &settings.headers {
                 if let (Ok(k), Ok(v)) = (
                     k.to_ascii_lowercase().parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
@@ -237,7 +234,7 @@ async fn send(transport: &mut Transport, settings: &OtlpSettings, stats: &Stats,
             for (k, v) in &settings.headers {
                 builder = builder.header(k.as_str(), v.as_str());
             }
-            match builder.body(Full::new(Bytes::from(request.encode_to_vec()))) {
+            match builder.body(Full::new(Bytes::from(super::otlp_wire::encode(batch)))) {
                 Err(e) => Err(format!("building the OTLP request: {e}")),
                 Ok(req) => match tokio::time::timeout(settings.timeout, client.request(req)).await {
                     Err(_) => Err("HTTP export timed out".into()),
@@ -255,6 +252,7 @@ async fn send(transport: &mut Transport, settings: &OtlpSettings, stats: &Stats,
             }
         }
     };
+    batch.clear();
     match result {
         Ok(()) => Stats::add(&stats.spans_exported, n),
         Err(e) => {

@@ -48,13 +48,18 @@ pub struct SeriesSnapshot {
     pub point: HistogramPoint,
 }
 
-type SeriesKey = (String, Vec<(&'static str, AttrValue)>);
+type Attributes = Vec<(&'static str, AttrValue)>;
+/// (the process's resource, by address; the metric attributes).
+type SeriesKey = (usize, Attributes);
+/// Series are looked up for every measurement: a fast non-cryptographic hash (keys come from
+/// the traced traffic, but the cap bounds how many there are).
+type FastHash = foldhash::fast::RandomState;
 
 #[derive(Default)]
 struct InstrumentSeries {
-    points: HashMap<SeriesKey, (Arc<Resource>, HistogramPoint)>,
+    points: HashMap<SeriesKey, (Arc<Resource>, HistogramPoint), FastHash>,
     /// Distinct attribute sets admitted (the cap counts these, across resources).
-    admitted: std::collections::HashSet<Vec<(&'static str, AttrValue)>>,
+    admitted: std::collections::HashSet<Attributes, FastHash>,
 }
 
 pub struct MetricsStore {
@@ -108,22 +113,39 @@ impl MetricsStore {
             return;
         }
         let now = span.end_unix_ns;
+        // The process's resource is shared (one Arc per process) and kept alive by the series
+        // that use it, so its address identifies it without hashing its attributes.
+        let resource_id = Arc::as_ptr(&span.resource) as usize;
         let Ok(mut all) = self.instruments.lock() else { return };
+        // Instruments of one side share their attribute list: build it once per span.
+        let mut attrs_for: Option<(*const [&'static str], Attributes)> = None;
         for (index, value) in values {
             let spec = &INSTRUMENTS[index];
-            let attrs: Vec<(&'static str, AttrValue)> =
-                spec.attributes.iter().filter_map(|k| span.attr(k).map(|v| (*k, v.clone()))).collect();
-            let series = &mut all[index];
-            let attrs = if series.admitted.contains(&attrs) || series.admitted.len() < self.max_series {
-                series.admitted.insert(attrs.clone());
-                attrs
-            } else {
-                self.overflowed.fetch_add(1, Relaxed);
-                vec![(OVERFLOW_ATTRIBUTE, AttrValue::Bool(true))]
+            let list: *const [&'static str] = spec.attributes;
+            let attrs = match &attrs_for {
+                Some((l, a)) if std::ptr::eq(*l, list) => a.clone(),
+                _ => {
+                    let a: Attributes =
+                        spec.attributes.iter().filter_map(|k| span.attr(k).map(|v| (*k, v.clone()))).collect();
+                    attrs_for = Some((list, a.clone()));
+                    a
+                }
             };
-            let instance =
-                span.resource.attributes.iter().find(|(k, _)| k == "service.instance.id").map(|(_, v)| attr_text(v));
-            let key = (instance.unwrap_or_else(|| span.resource.service_name.clone()), attrs);
+            let series = &mut all[index];
+            let mut key = (resource_id, attrs);
+            // Fast path: a series this process already has (one hash).
+            if let Some((_, point)) = series.points.get_mut(&key) {
+                point.record(spec.bounds, value);
+                continue;
+            }
+            if !series.admitted.contains(&key.1) {
+                if series.admitted.len() < self.max_series {
+                    series.admitted.insert(key.1.clone());
+                } else {
+                    self.overflowed.fetch_add(1, Relaxed);
+                    key.1 = vec![(OVERFLOW_ATTRIBUTE, AttrValue::Bool(true))];
+                }
+            }
             let (_, point) = series
                 .points
                 .entry(key)

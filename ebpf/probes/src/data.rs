@@ -83,7 +83,8 @@ fn enter_data(ctx: &TracePointContext, call: Call, fd_slot: usize, ptr_slot: usi
     let Some(info) = socket_info(tgid, fd) else { return 0 };
     let role = info.role;
     let reading = matches!(call, Call::ReadBuf | Call::ReadVec | Call::ReadMsg);
-    if reading {
+    // Written only when it changes: a lookup costs much less than an update.
+    if reading && unsafe { LAST_READ_FD.get(&pid_tgid) }.copied() != Some(fd) {
         let _ = LAST_READ_FD.insert(&pid_tgid, &fd, 0);
     }
     // Inside SSL_read/SSL_write (or a handshake) this syscall moves ciphertext: it tells which

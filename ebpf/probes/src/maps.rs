@@ -45,14 +45,16 @@ pub struct SocketHistory {
     pub _pad: u32,
 }
 
-/// pid_tgid -> arguments saved at syscall enter, consumed at exit.
+/// pid_tgid -> arguments saved at syscall enter, consumed at exit. A plain (preallocated) hash:
+/// updates of an LRU hash cost several times more, and this one is written on every traced
+/// syscall. Entries of tasks that exit mid-call are dropped by `sched_process_exit`.
 #[map]
-pub static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+pub static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
 
 /// pid_tgid -> the socket fd this thread last read from (for TLS libraries that do their I/O
-/// outside SSL_read, like Node.js with memory BIOs).
+/// outside SSL_read, like Node.js with memory BIOs). Dropped by `sched_process_exit`.
 #[map]
-pub static LAST_READ_FD: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+pub static LAST_READ_FD: HashMap<u64, u32> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
 
 /// Every record for user space. Size set by the agent at load time.
 #[map]

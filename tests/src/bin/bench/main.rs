@@ -39,6 +39,14 @@ pub struct Outcome {
 pub struct Options {
     pub pairs: usize,
     pub seconds: u32,
+    /// `--only a,b`: run only these scenarios (nginx, fixed-rate, redis, pgbench, https).
+    pub only: Option<Vec<String>>,
+}
+
+impl Options {
+    fn runs(&self, scenario: &str) -> bool {
+        self.only.as_ref().is_none_or(|o| o.iter().any(|s| s == scenario))
+    }
 }
 
 fn options() -> Options {
@@ -50,7 +58,12 @@ fn options() -> Options {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     };
-    Options { pairs: value("--pairs", 5) as usize, seconds: value("--seconds", 5) }
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').map(str::to_owned).collect());
+    Options { pairs: value("--pairs", 5) as usize, seconds: value("--seconds", 5), only }
 }
 
 /// Runs `load` `pairs` times without and with sonde (`sonde_args` select the server).
@@ -118,8 +131,12 @@ fn main() {
     let opts = options();
     // SAFETY: geteuid has no preconditions.
     assert!(unsafe { geteuid() } == 0, "the benchmark loads eBPF programs: run it as root (cargo xtask bench)");
-    println!("==> user-space micro-benchmarks: {}", micro::COMMAND);
-    let micro = micro::run();
+    let micro = if opts.runs("micro") {
+        println!("==> user-space micro-benchmarks: {}", micro::COMMAND);
+        micro::run()
+    } else {
+        Vec::new()
+    };
     for (name, per_second) in &micro {
         println!("    {name}: {per_second:.0}/s");
     }
@@ -132,35 +149,42 @@ fn main() {
     let nginx = servers::nginx(free_port());
     let url = format!("http://127.0.0.1:{}/index.html", nginx.port);
     let select = vec!["--open-ports".to_owned(), nginx.port.to_string()];
-    outcomes.push(measure(
-        "nginx, small file, wrk saturation (keep-alive, 32 connections)",
-        format!("wrk -t 1 -c 32 -d {secs}s --latency {url}"),
-        false,
-        &opts,
-        &sink,
-        &select,
-        || load::wrk(&url, 32, secs),
-    ));
+    let mut baseline = None;
+    if opts.runs("nginx") {
+        let o = measure(
+            "nginx, small file, wrk saturation (keep-alive, 32 connections)",
+            format!("wrk -t 1 -c 32 -d {secs}s --latency {url}"),
+            false,
+            &opts,
+            &sink,
+            &select,
+            || load::wrk(&url, 32, secs),
+        );
+        baseline = Some(report::median(o.off.iter().map(|r| r.per_second).collect()));
+        outcomes.push(o);
+    }
 
     // 2. The same server at half the baseline's maximum, open loop.
-    let baseline = report::median(outcomes[0].off.iter().map(|r| r.per_second).collect());
-    let rate = (baseline / 2.0).round();
-    let port = nginx.port;
-    outcomes.push(measure(
-        "nginx, small file, fixed rate at half the baseline maximum",
-        format!("open-loop client (bench/load.rs): {rate} req/s over 16 keep-alive connections for {secs}s"),
-        false,
-        &opts,
-        &sink,
-        &select,
-        || load::fixed_rate(port, "/index.html", rate, 16, secs),
-    ));
+    if opts.runs("fixed-rate") {
+        let baseline = baseline.unwrap_or_else(|| load::wrk(&url, 32, secs).per_second);
+        let rate = (baseline / 2.0).round();
+        let port = nginx.port;
+        outcomes.push(measure(
+            "nginx, small file, fixed rate at half the baseline maximum",
+            format!("open-loop client (bench/load.rs): {rate} req/s over 16 keep-alive connections for {secs}s"),
+            false,
+            &opts,
+            &sink,
+            &select,
+            || load::fixed_rate(port, "/index.html", rate, 16, secs),
+        ));
+    }
     drop(nginx);
 
     // 3. Redis, without and with pipelining.
     let redis = servers::redis(free_port());
     let select = vec!["--open-ports".to_owned(), redis.port.to_string()];
-    for (pipeline, n) in [(1, 100_000), (16, 400_000)] {
+    for (pipeline, n) in [(1, 100_000), (16, 400_000)].into_iter().filter(|_| opts.runs("redis")) {
         let port = redis.port;
         outcomes.push(measure(
             &format!("redis-benchmark -P {pipeline} (GET + SET)"),
@@ -180,37 +204,43 @@ fn main() {
     let logs = TempDir::new("pgbench");
     let _ = std::process::Command::new("chmod").arg("777").arg(logs.path()).status();
     let port = pg.port;
-    outcomes.push(measure(
-        "pgbench -S -M extended",
-        format!("pgbench -S -M extended -c 4 -j 2 -T {secs} -n -l -h 127.0.0.1 -p {port} -U postgres postgres"),
-        false,
-        &opts,
-        &sink,
-        &select,
-        || load::pgbench(port, secs, servers::PG_PASSWORD, logs.path()),
-    ));
+    if opts.runs("pgbench") {
+        outcomes.push(measure(
+            "pgbench -S -M extended",
+            format!("pgbench -S -M extended -c 4 -j 2 -T {secs} -n -l -h 127.0.0.1 -p {port} -U postgres postgres"),
+            false,
+            &opts,
+            &sink,
+            &select,
+            || load::pgbench(port, secs, servers::PG_PASSWORD, logs.path()),
+        ));
+    }
     drop(pg);
 
     // 5. nginx over HTTPS, plaintext captured by the OpenSSL uprobes.
     let nginx = servers::nginx_with(free_port(), Some(()));
     let url = format!("https://127.0.0.1:{}/index.html", nginx.port);
     let select = vec!["--open-ports".to_owned(), nginx.port.to_string()];
-    outcomes.push(measure(
-        "nginx HTTPS, small file, wrk saturation (TLS uprobes)",
-        format!("wrk -t 1 -c 32 -d {secs}s --latency {url}"),
-        true,
-        &opts,
-        &sink,
-        &select,
-        || load::wrk(&url, 32, secs),
-    ));
+    if opts.runs("https") {
+        outcomes.push(measure(
+            "nginx HTTPS, small file, wrk saturation (TLS uprobes)",
+            format!("wrk -t 1 -c 32 -d {secs}s --latency {url}"),
+            true,
+            &opts,
+            &sink,
+            &select,
+            || load::wrk(&url, 32, secs),
+        ));
+    }
     drop(nginx);
 
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-    let text = report::markdown(&outcomes, &micro, &opts);
-    std::fs::write(&path, &text).expect("write BENCHMARKS.md");
     println!("\n{}", report::summary_table(&outcomes));
-    println!("==> wrote {}", path.display());
+    // A partial run (--only) does not replace the full record.
+    if opts.only.is_none() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
+        std::fs::write(&path, report::markdown(&outcomes, &micro, &opts)).expect("write BENCHMARKS.md");
+        println!("==> wrote {}", path.display());
+    }
 }
 
 unsafe extern "C" {
