@@ -37,6 +37,8 @@ struct Agent {
     tls_files: HashMap<(u64, u64), Option<String>>,
     /// Processes whose TLS situation was already logged.
     tls_reported: HashSet<u32>,
+    /// `capture.tls`: attach the OpenSSL uprobes at all.
+    tls_enabled: bool,
     discovery: Discovery,
     pipeline: Pipeline,
     stats: Arc<Stats>,
@@ -93,6 +95,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         capture,
         tls_files: HashMap::new(),
         tls_reported: HashSet::new(),
+        tls_enabled: cfg.capture.tls,
         discovery: Discovery::new(cfg.selectors, cfg.resource_attributes, cfg.service_name),
         pipeline: Pipeline::new(cfg.sampler, stats.clone(), sinks, metrics.clone()),
         stats: stats.clone(),
@@ -259,6 +262,9 @@ impl Agent {
     /// Attaches the TLS uprobes to the OpenSSL the process uses (each file once), and says per
     /// process what was found.
     fn attach_tls(&mut self, pid: u32) {
+        if !self.tls_enabled {
+            return;
+        }
         let mut found = Vec::new();
         for c in tls::candidates(pid) {
             let outcome = match self.tls_files.get(&c.id) {

@@ -96,11 +96,21 @@ pub struct CaptureConfig {
     pub ring_buffer_bytes: u32,
     pub wakeup_bytes: u32,
     pub poll_interval_ms: u64,
+    /// Attach the OpenSSL uprobes. They fire in every process that maps the same library file,
+    /// traced or not (the eBPF PID filter then drops them), which costs TLS-heavy untraced
+    /// processes throughput: `false` turns TLS capture off.
+    pub tls: bool,
 }
 
 impl Default for CaptureConfig {
     fn default() -> Self {
-        Self { max_bytes: DEFAULT_CAPTURE, ring_buffer_bytes: 8 << 20, wakeup_bytes: 256 << 10, poll_interval_ms: 20 }
+        Self {
+            max_bytes: DEFAULT_CAPTURE,
+            ring_buffer_bytes: 8 << 20,
+            wakeup_bytes: 256 << 10,
+            poll_interval_ms: 20,
+            tls: true,
+        }
     }
 }
 
@@ -351,8 +361,11 @@ pub fn describe(c: &AgentConfig) -> String {
         c.prometheus.map(|a| format!("http://{a}/metrics")).unwrap_or_else(|| "no endpoint".into())
     );
     let _ = writeln!(out, "metrics.max_series: {}", c.max_series);
-    let _ =
-        writeln!(out, "capture: max_bytes={} ring_buffer_bytes={}", c.capture.max_bytes, c.capture.ring_buffer_bytes);
+    let _ = writeln!(
+        out,
+        "capture: max_bytes={} ring_buffer_bytes={} tls={}",
+        c.capture.max_bytes, c.capture.ring_buffer_bytes, c.capture.tls
+    );
     out
 }
 
