@@ -238,7 +238,11 @@ fn main() {
     // A partial run (--only) does not replace the full record.
     if opts.only.is_none() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-        std::fs::write(&path, report::markdown(&outcomes, &micro, &opts)).expect("write BENCHMARKS.md");
+        // The hand-written findings after the generated part survive a re-run.
+        let previous = std::fs::read_to_string(&path).unwrap_or_default();
+        let findings = previous.find(report::FINDINGS_HEADING).map(|i| &previous[i..]).unwrap_or("");
+        let text = format!("{}\n{findings}", report::markdown(&outcomes, &micro, &opts));
+        std::fs::write(&path, text.trim_end().to_owned() + "\n").expect("write BENCHMARKS.md");
         println!("==> wrote {}", path.display());
     }
 }

@@ -4,6 +4,9 @@ use std::{fmt::Write, process::Command};
 
 use crate::{Options, Outcome};
 
+/// Where the hand-written part of BENCHMARKS.md starts (kept when the benchmark rewrites it).
+pub const FINDINGS_HEADING: &str = "## Findings, changes and what is left";
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
