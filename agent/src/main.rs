@@ -16,45 +16,43 @@ struct Cli {
     command: Command,
 }
 
+/// Which processes to trace and where output goes (shared by `run` and `config`).
+#[derive(clap::Args)]
+struct RunArgs {
+    /// YAML config file (see README.md for the keys).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Trace processes listening on one of these TCP ports, e.g. 8080,9000-9100.
+    #[arg(long)]
+    open_ports: Option<String>,
+    /// Trace processes whose executable path matches this glob.
+    #[arg(long)]
+    exe_path: Option<String>,
+    /// Trace this process (repeatable).
+    #[arg(long = "pid")]
+    pids: Vec<u32>,
+    /// Print finished spans on stdout. Default: text without an OTLP endpoint, else none.
+    #[arg(long, value_enum)]
+    print: Option<PrintMode>,
+    /// Serve Prometheus metrics on this port (127.0.0.1 unless the config says otherwise).
+    #[arg(long)]
+    prometheus_port: Option<u16>,
+}
+
+impl RunArgs {
+    fn split(self) -> (Option<PathBuf>, CliSelection) {
+        let Self { config, open_ports, exe_path, pids, print, prometheus_port } = self;
+        (config, CliSelection { open_ports, exe_path, pids, print, prometheus_port })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Trace the selected processes until SIGINT/SIGTERM.
-    Run {
-        /// YAML config file (see README.md for the keys).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Trace processes listening on one of these TCP ports, e.g. 8080,9000-9100.
-        #[arg(long)]
-        open_ports: Option<String>,
-        /// Trace processes whose executable path matches this glob.
-        #[arg(long)]
-        exe_path: Option<String>,
-        /// Trace this process (repeatable).
-        #[arg(long = "pid")]
-        pids: Vec<u32>,
-        /// Print finished spans on stdout. Default: text without an OTLP endpoint, else none.
-        #[arg(long, value_enum)]
-        print: Option<PrintMode>,
-        /// Serve Prometheus metrics on this port (127.0.0.1 unless the config says otherwise).
-        #[arg(long)]
-        prometheus_port: Option<u16>,
-    },
+    Run(RunArgs),
     /// Validate the configuration (file, command line, environment) and print what it resolves
     /// to; exits 2 naming the key when it is bad. Loads nothing into the kernel.
-    Config {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        open_ports: Option<String>,
-        #[arg(long)]
-        exe_path: Option<String>,
-        #[arg(long = "pid")]
-        pids: Vec<u32>,
-        #[arg(long, value_enum)]
-        print: Option<PrintMode>,
-        #[arg(long)]
-        prometheus_port: Option<u16>,
-    },
+    Config(RunArgs),
     /// Report what this host offers sonde; exits non-zero when sonde cannot run here. With
     /// selectors, also say which TLS library each selected process uses and whether it is traced.
     Check {
@@ -93,8 +91,9 @@ fn main() {
             };
             sonde::check::report(&sonde::check::run_checks(&selected))
         }
-        Command::Config { config, open_ports, exe_path, pids, print, prometheus_port } => {
-            match load_config(config, CliSelection { open_ports, exe_path, pids, print, prometheus_port }) {
+        Command::Config(args) => {
+            let (config, selection) = args.split();
+            match load_config(config, selection) {
                 Ok(cfg) => {
                     print!("{}", config::describe(&cfg));
                     0
@@ -102,8 +101,9 @@ fn main() {
                 Err(code) => code,
             }
         }
-        Command::Run { config, open_ports, exe_path, pids, print, prometheus_port } => {
-            run(config, CliSelection { open_ports, exe_path, pids, print, prometheus_port })
+        Command::Run(args) => {
+            let (config, selection) = args.split();
+            run(config, selection)
         }
     };
     std::process::exit(code);

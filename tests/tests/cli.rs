@@ -4,12 +4,12 @@ use std::process::Command;
 
 use sonde_e2e::{TempDir, privileged_test, sonde::binary};
 
-fn run_with_config(config: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+fn run_with_config(subcommand: &str, config: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let dir = TempDir::new("cli");
     let path = dir.path().join("c.yaml");
     std::fs::write(&path, config).expect("write config");
     let mut cmd = Command::new(binary());
-    cmd.arg("run").arg("--config").arg(&path).args(args);
+    cmd.arg(subcommand).arg("--config").arg(&path).args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -21,7 +21,7 @@ fn run_with_config(config: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, S
 fn bad_configuration_exits_2_and_names_the_key_and_the_fix() {
     // (config file, arguments, environment, words the error must contain)
     type Case<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
-    let cases: [Case<'_>; 7] = [
+    let cases: [Case<'_>; 10] = [
         ("capture:\n  max_byte: 10\n", &["--pid", "1"], &[], &["max_byte", "max_bytes"]),
         ("", &["--open-ports", "9100-9000"], &[], &["--open-ports", "backwards"]),
         ("", &["--exe-path", "[bad"], &[], &["--exe-path", "glob"]),
@@ -34,12 +34,18 @@ fn bad_configuration_exits_2_and_names_the_key_and_the_fix() {
         ),
         ("", &["--pid", "1"], &[("OTEL_TRACES_SAMPLER", "sometimes")], &["OTEL_TRACES_SAMPLER", "traceidratio"]),
         ("discovery:\n  - open_ports: http\n", &[], &[], &["discovery[0].open_ports", "8080"]),
+        ("metrics:\n  max_series: 0\n", &["--pid", "1"], &[], &["metrics.max_series", "2000"]),
+        ("", &["--pid", "1"], &[("OTEL_METRIC_EXPORT_INTERVAL", "soon")], &["OTEL_METRIC_EXPORT_INTERVAL", "60000"]),
+        ("", &["--pid", "1"], &[("OTEL_METRICS_EXPORTER", "console")], &["OTEL_METRICS_EXPORTER", "none"]),
     ];
-    for (config, args, env, needles) in cases {
-        let (code, stderr) = run_with_config(config, args, env);
-        assert_eq!(code, 2, "config {config:?} args {args:?}: {stderr}");
-        for n in needles {
-            assert!(stderr.contains(n), "expected {n:?} in: {stderr}");
+    // `sonde config` reports exactly what `sonde run` would refuse.
+    for subcommand in ["run", "config"] {
+        for (config, args, env, needles) in cases {
+            let (code, stderr) = run_with_config(subcommand, config, args, env);
+            assert_eq!(code, 2, "{subcommand}: config {config:?} args {args:?}: {stderr}");
+            for n in needles {
+                assert!(stderr.contains(n), "{subcommand}: expected {n:?} in: {stderr}");
+            }
         }
     }
 }
