@@ -50,6 +50,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         capture_bytes: cfg.capture.max_bytes,
         ring_buffer_bytes: cfg.capture.ring_buffer_bytes,
         wakeup_bytes: cfg.capture.wakeup_bytes,
+    })
+    .map_err(|e| match crate::check::missing_tracing_capabilities().as_slice() {
+        [] => anyhow::anyhow!(e),
+        missing => anyhow::anyhow!("{e}\nmissing capabilities: {} (grant them, or run as root)", missing.join(", ")),
     })?;
     log::info!("attached {} eBPF programs (syscall and sched tracepoints)", capture.attached);
     let ring = capture.take_ring().ok_or_else(|| anyhow::anyhow!("ring buffer already taken"))?;

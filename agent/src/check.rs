@@ -44,6 +44,19 @@ const CAPS: [(u32, &str, &str); 5] = [
     (21, "CAP_SYS_ADMIN", "mount tracefs when it is missing; older kernels need it for BPF"),
 ];
 
+/// The capabilities loading and attaching sonde's programs needs that this process lacks
+/// (CAP_SYS_ADMIN stands in for both), for error messages that name them.
+pub fn missing_tracing_capabilities() -> Vec<&'static str> {
+    let eff = effective_caps();
+    if eff & (1 << 21) != 0 {
+        return Vec::new();
+    }
+    CAPS.iter()
+        .filter(|(bit, name, _)| matches!(*name, "CAP_BPF" | "CAP_PERFMON") && eff & (1 << bit) == 0)
+        .map(|c| c.1)
+        .collect()
+}
+
 /// Host checks, then a TLS finding per process in `selected`.
 pub fn run_checks(selected: &[u32]) -> Vec<Finding> {
     let mut out = Vec::new();

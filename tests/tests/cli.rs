@@ -63,3 +63,36 @@ fn privileged_check_reports_this_kernel() {
     }
     assert!(text.contains("programs load and attach"), "{text}");
 }
+
+/// The capability set deploy/ grants (DaemonSet, systemd unit) is enough: `sonde check` loads and
+/// attaches every program with only those in the bounding set; without CAP_BPF or CAP_PERFMON,
+/// `sonde run` fails and names the missing one.
+#[test]
+fn privileged_runs_with_the_documented_capabilities_and_names_a_missing_one() {
+    let Some(_guard) = privileged_test("least-privilege capability set") else {
+        return;
+    };
+    let caps = ["bpf", "perfmon", "sys_ptrace", "dac_read_search", "sys_resource"];
+    let with = |set: &[&str], args: &[&str]| {
+        let bounding: Vec<String> = set.iter().map(|c| format!("+{c}")).collect();
+        Command::new("setpriv")
+            .arg("--bounding-set")
+            .arg(format!("-all,{}", bounding.join(",")))
+            .arg("--")
+            .arg(binary())
+            .args(args)
+            .output()
+            .expect("run setpriv (util-linux)")
+    };
+    let out = with(&caps, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("programs load and attach"), "{text}");
+    for (dropped, name) in [("bpf", "CAP_BPF"), ("perfmon", "CAP_PERFMON")] {
+        let set: Vec<&str> = caps.iter().copied().filter(|c| *c != dropped).collect();
+        let out = with(&set, &["run", "--pid", "1", "--print", "none"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "without {name}: {stderr}");
+        assert!(stderr.contains(&format!("missing capabilities: {name}")), "without {name}: {stderr}");
+    }
+}
