@@ -283,3 +283,33 @@ fn word(mut i: usize) -> String {
         }
     }
 }
+
+/// The metrics endpoint listens on loopback unless configured otherwise, and answers nothing but
+/// GET /metrics: no method or path changes anything in sonde.
+#[test]
+fn privileged_metrics_endpoint_is_loopback_only_and_read_only() {
+    let Some(_guard) = privileged_test("metrics endpoint exposure") else {
+        return;
+    };
+    let port = free_port();
+    let sonde = Sonde::start(
+        &["--pid", &std::process::id().to_string(), "--prometheus-port", &port.to_string(), "--print", "none"],
+        &test_config(""),
+        &[],
+    );
+    let listening = std::process::Command::new("ss").args(["-Hltn", &format!("sport = :{port}")]).output().expect("ss");
+    let listening = String::from_utf8_lossy(&listening.stdout);
+    let local: Vec<&str> = listening.lines().filter_map(|l| l.split_whitespace().nth(3)).collect();
+    assert_eq!(local, [format!("127.0.0.1:{port}")], "bound only to loopback: {listening}");
+    let status = |method: &str, path: &str| {
+        curl(&["-o", "/dev/null", "-w", "%{http_code}", "-X", method], &[format!("http://127.0.0.1:{port}{path}")])
+    };
+    assert_eq!(status("GET", "/metrics"), "200");
+    for (method, path) in
+        [("POST", "/metrics"), ("PUT", "/metrics"), ("DELETE", "/metrics"), ("GET", "/"), ("POST", "/quit")]
+    {
+        assert_eq!(status(method, path), "404", "{method} {path}");
+    }
+    let finished = sonde.stop();
+    assert!(finished.status.success(), "sonde still ran normally: {}", finished.stderr);
+}
