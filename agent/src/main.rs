@@ -16,9 +16,9 @@ struct Cli {
     command: Command,
 }
 
-/// Which processes to trace and where output goes (shared by `run` and `config`).
+/// Which processes to select (shared by `run`, `config` and `check`).
 #[derive(clap::Args)]
-struct RunArgs {
+struct SelectionArgs {
     /// YAML config file (see README.md for the keys).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -31,6 +31,13 @@ struct RunArgs {
     /// Trace this process (repeatable).
     #[arg(long = "pid")]
     pids: Vec<u32>,
+}
+
+/// The selection plus where output goes (shared by `run` and `config`).
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    selection: SelectionArgs,
     /// Print finished spans on stdout. Default: text without an OTLP endpoint, else none.
     #[arg(long, value_enum)]
     print: Option<PrintMode>,
@@ -39,9 +46,15 @@ struct RunArgs {
     prometheus_port: Option<u16>,
 }
 
+impl SelectionArgs {
+    fn is_empty(&self) -> bool {
+        self.config.is_none() && self.open_ports.is_none() && self.exe_path.is_none() && self.pids.is_empty()
+    }
+}
+
 impl RunArgs {
     fn split(self) -> (Option<PathBuf>, CliSelection) {
-        let Self { config, open_ports, exe_path, pids, print, prometheus_port } = self;
+        let Self { selection: SelectionArgs { config, open_ports, exe_path, pids }, print, prometheus_port } = self;
         (config, CliSelection { open_ports, exe_path, pids, print, prometheus_port })
     }
 }
@@ -55,16 +68,7 @@ enum Command {
     Config(RunArgs),
     /// Report what this host offers sonde; exits non-zero when sonde cannot run here. With
     /// selectors, also say which TLS library each selected process uses and whether it is traced.
-    Check {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        open_ports: Option<String>,
-        #[arg(long)]
-        exe_path: Option<String>,
-        #[arg(long = "pid")]
-        pids: Vec<u32>,
-    },
+    Check(SelectionArgs),
 }
 
 /// Exit code for bad configuration (distinct from runtime failures).
@@ -76,18 +80,15 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Check { config, open_ports, exe_path, pids } => {
-            let any = config.is_some() || open_ports.is_some() || exe_path.is_some() || !pids.is_empty();
-            let selected = if any {
-                match load_config(
-                    config,
-                    CliSelection { open_ports, exe_path, pids, print: None, prometheus_port: None },
-                ) {
+        Command::Check(selection) => {
+            let selected = if selection.is_empty() {
+                Vec::new()
+            } else {
+                let (config, cli) = RunArgs { selection, print: None, prometheus_port: None }.split();
+                match load_config(config, cli) {
                     Ok(cfg) => sonde::discovery::Discovery::new(cfg.selectors, Vec::new(), None).selected_pids(),
                     Err(code) => std::process::exit(code),
                 }
-            } else {
-                Vec::new()
             };
             sonde::check::report(&sonde::check::run_checks(&selected))
         }

@@ -9,7 +9,7 @@ pub struct Names {
     pub labels: BTreeSet<String>,
 }
 
-const KEYWORDS: &[&str] = &["and", "or", "unless", "offset", "bool", "inf", "nan", "by", "without", "on", "ignoring"];
+const KEYWORDS: &[&str] = &["and", "or", "unless", "offset", "bool", "inf", "nan"];
 /// Aggregation operators, which may be followed by `by (...)` before their parentheses.
 const AGGREGATIONS: &[&str] =
     &["sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk", "topk", "quantile"];

@@ -19,6 +19,10 @@ const PACKAGES: &[&str] = &[
     "redis-tools",
     "openssl",
     "prometheus",
+    // systemd-analyze (verifies deploy/systemd), ss and setpriv used by the tests.
+    "systemd",
+    "iproute2",
+    "util-linux",
 ];
 /// Python client libraries the end-to-end tests drive real servers with.
 /// (import name, package): the Python clients, and the offline Kubernetes schema validator the

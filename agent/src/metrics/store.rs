@@ -117,38 +117,36 @@ impl MetricsStore {
         // that use it, so its address identifies it without hashing its attributes.
         let resource_id = Arc::as_ptr(&span.resource) as usize;
         let Ok(mut all) = self.instruments.lock() else { return };
-        // Instruments of one side share their attribute list: build it once per span.
-        let mut attrs_for: Option<(*const [&'static str], Attributes)> = None;
+        // Instruments of one side share their attribute list: the key is built once per span and
+        // borrowed for lookups; it is cloned only when a new series is created.
+        let mut current: Option<(&'static [&'static str], SeriesKey)> = None;
         for (index, value) in values {
             let spec = &INSTRUMENTS[index];
-            let list: *const [&'static str] = spec.attributes;
-            let attrs = match &attrs_for {
-                Some((l, a)) if std::ptr::eq(*l, list) => a.clone(),
+            let key = match current {
+                Some((list, ref key)) if std::ptr::eq(list, spec.attributes) => key,
                 _ => {
-                    let a: Attributes =
-                        spec.attributes.iter().filter_map(|k| span.attr(k).map(|v| (*k, v.clone()))).collect();
-                    attrs_for = Some((list, a.clone()));
-                    a
+                    let attrs = spec.attributes.iter().filter_map(|k| span.attr(k).map(|v| (*k, v.clone()))).collect();
+                    &current.insert((spec.attributes, (resource_id, attrs))).1
                 }
             };
             let series = &mut all[index];
-            let mut key = (resource_id, attrs);
-            // Fast path: a series this process already has (one hash).
-            if let Some((_, point)) = series.points.get_mut(&key) {
+            // Fast path: a series this process already has (one hash, no copy).
+            if let Some((_, point)) = series.points.get_mut(key) {
                 point.record(spec.bounds, value);
                 continue;
             }
-            if !series.admitted.contains(&key.1) {
-                if series.admitted.len() < self.max_series {
-                    series.admitted.insert(key.1.clone());
-                } else {
-                    self.overflowed.fetch_add(1, Relaxed);
-                    key.1 = vec![(OVERFLOW_ATTRIBUTE, AttrValue::Bool(true))];
-                }
-            }
+            let new_key = if series.admitted.contains(&key.1) {
+                key.clone()
+            } else if series.admitted.len() < self.max_series {
+                series.admitted.insert(key.1.clone());
+                key.clone()
+            } else {
+                self.overflowed.fetch_add(1, Relaxed);
+                (resource_id, vec![(OVERFLOW_ATTRIBUTE, AttrValue::Bool(true))])
+            };
             let (_, point) = series
                 .points
-                .entry(key)
+                .entry(new_key)
                 .or_insert_with(|| (span.resource.clone(), HistogramPoint::new(spec.bounds.len(), now)));
             point.record(spec.bounds, value);
         }
