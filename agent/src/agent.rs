@@ -25,6 +25,8 @@ use crate::{
 const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the kernel's counters are read and logged-worthy state refreshed.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+/// Kernel map fill levels are counted key by key: every few housekeeping ticks only.
+const MAP_FILL_TICKS: u64 = 5;
 /// How long to wait for the exporter to flush on shutdown.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -140,6 +142,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             _ = housekeeping.tick() => {
                 ticks += 1;
                 agent.refresh_counters();
+                if ticks.is_multiple_of(MAP_FILL_TICKS) {
+                    agent.refresh_map_fill();
+                }
                 if ticks.is_multiple_of(60) {
                     agent.pipeline.recalibrate_clock();
                 }
@@ -303,9 +308,7 @@ impl Agent {
         self.discovery.on_exit(pid);
         self.pipeline.remove_process(pid);
         self.capture.untrace_pid(pid);
-        for fd in self.capture.sockets_of(pid) {
-            self.capture.forget_socket(pid, fd);
-        }
+        self.capture.forget_sockets_of(pid);
     }
 
     fn refresh_counters(&mut self) {
@@ -316,5 +319,13 @@ impl Agent {
         s.kernel_tls_events.store(k.tls_events, std::sync::atomic::Ordering::Relaxed);
         s.kernel_tls_no_fd.store(k.tls_no_fd, std::sync::atomic::Ordering::Relaxed);
         s.traced_processes.store(self.discovery.traced_count() as u64, std::sync::atomic::Ordering::Relaxed);
+        s.connections_tracked.store(self.pipeline.connection_count() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn refresh_map_fill(&mut self) {
+        let fill = self.capture.map_fill();
+        if let Ok(mut maps) = self.stats.kernel_maps.lock() {
+            *maps = fill;
+        }
     }
 }

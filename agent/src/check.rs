@@ -93,7 +93,7 @@ pub fn run_checks(selected: &[u32]) -> Vec<Finding> {
     let events = Path::new(tracefs::TRACEFS).join("events");
     for (tp, why) in [
         ("syscalls/sys_enter_read", "syscall tracepoints carry all plaintext traffic"),
-        ("sched/sched_process_fork", "children of traced processes are traced from their first syscall"),
+        ("task/task_newtask", "children of traced processes are traced from their first syscall"),
     ] {
         let ok = events.join(tp).is_dir();
         out.push(finding(

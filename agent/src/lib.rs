@@ -11,6 +11,7 @@ pub mod config;
 pub mod conn;
 pub mod discovery;
 pub mod export;
+pub mod fuzzing;
 pub mod metrics;
 pub mod pipeline;
 pub mod protocol;

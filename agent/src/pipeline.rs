@@ -102,11 +102,16 @@ impl Pipeline {
         self.tracer.resources.insert(pid, resource);
     }
 
+    /// A process exited: its connections close (what they complete becomes spans, what they
+    /// leave unanswered is counted), then everything kept for it goes.
     pub fn remove_process(&mut self, pid: u32) {
+        let now = Clock::monotonic_now();
+        for key in self.conns.keys_of(pid) {
+            self.on_close(key.pid, key.fd, now);
+        }
         self.tracer.resources.remove(&pid);
         self.tracer.threads.retain(|(p, _), _| *p != pid);
         self.listen_addrs.retain(|(p, _), _| *p != pid);
-        self.conns.remove_process(pid);
     }
 
     /// A traced process forked: the child starts with its parent's connections.
@@ -243,6 +248,7 @@ impl Tracer {
                     log::debug!("pid {} fd {}: parse error: {reason}", key.pid, key.fd);
                 }
                 SessionEvent::UnmatchedRequest => Stats::add(&self.stats.unmatched_requests, 1),
+                SessionEvent::Unrecognized => Stats::add(&self.stats.streams_unrecognized, 1),
                 SessionEvent::UnmatchedResponse => Stats::add(&self.stats.unmatched_responses, 1),
             }
         }

@@ -1,7 +1,12 @@
 //! The agent's own counters: what it read, parsed, paired, exported and dropped. Drops are
 //! counted at every stage so loss is never silent.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{
+    Mutex,
+    atomic::{AtomicU64, Ordering::Relaxed},
+};
+
+use crate::capture::map_usage::MapFill;
 
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -10,6 +15,8 @@ pub struct Stats {
     pub http_parse_errors: AtomicU64,
     pub postgres_parse_errors: AtomicU64,
     pub redis_parse_errors: AtomicU64,
+    /// Connections whose bytes matched no supported protocol.
+    pub streams_unrecognized: AtomicU64,
     pub unmatched_requests: AtomicU64,
     pub unmatched_responses: AtomicU64,
     pub spans_created: AtomicU64,
@@ -25,6 +32,10 @@ pub struct Stats {
     /// TLS plaintext dropped because its socket was unknown.
     pub kernel_tls_no_fd: AtomicU64,
     pub traced_processes: AtomicU64,
+    /// Connections the user-space connection table holds now.
+    pub connections_tracked: AtomicU64,
+    /// Entries in the kernel's per-process/per-connection maps, refreshed every few seconds.
+    pub kernel_maps: Mutex<Vec<MapFill>>,
 }
 
 impl Stats {
@@ -40,7 +51,7 @@ impl Stats {
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Relaxed);
         format!(
-            "events_read={} events_lost={} events_undecodable={} bytes_captured={} tls_events={} tls_unattributed={} http_parse_errors={} postgres_parse_errors={} redis_parse_errors={} unmatched_requests={} unmatched_responses={} spans_created={} spans_unsampled={} spans_exported={} spans_dropped_queue_full={} spans_dropped_export_failed={} export_errors={} traced_processes={}",
+            "events_read={} events_lost={} events_undecodable={} bytes_captured={} tls_events={} tls_unattributed={} http_parse_errors={} postgres_parse_errors={} redis_parse_errors={} streams_unrecognized={} unmatched_requests={} unmatched_responses={} spans_created={} spans_unsampled={} spans_exported={} spans_dropped_queue_full={} spans_dropped_export_failed={} export_errors={} traced_processes={}",
             g(&self.events_read),
             g(&self.kernel_ringbuf_drops),
             g(&self.events_undecodable),
@@ -50,6 +61,7 @@ impl Stats {
             g(&self.http_parse_errors),
             g(&self.postgres_parse_errors),
             g(&self.redis_parse_errors),
+            g(&self.streams_unrecognized),
             g(&self.unmatched_requests),
             g(&self.unmatched_responses),
             g(&self.spans_created),

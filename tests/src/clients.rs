@@ -143,3 +143,13 @@ pub fn prometheus_query(port: u16, expr: &str) -> Vec<(serde_json::Value, f64)> 
         })
         .unwrap_or_default()
 }
+
+/// sonde's (or any) Prometheus text exposition.
+pub fn scrape(port: u16) -> String {
+    curl(&[], &[format!("http://127.0.0.1:{port}/metrics")])
+}
+
+/// The value of one sample, named exactly as exposed (`name` or `name{label="v"}`).
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
+}

@@ -60,7 +60,12 @@ pub struct HttpReceiver {
 
 impl HttpReceiver {
     pub fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind receiver");
+        Self::start_on(0)
+    }
+
+    /// A receiver on a given port (0: any), e.g. a collector coming back after an outage.
+    pub fn start_on(port: u16) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind receiver");
         let port = listener.local_addr().expect("addr").port();
         let collected = Collected::default();
         let metrics = Arc::new(Mutex::new(Vec::new()));

@@ -88,6 +88,18 @@ impl Sonde {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// Resident memory now, in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    /// SIGKILL: no shutdown path runs at all.
+    pub fn kill(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), 9);
+        child.wait().expect("wait for killed sonde")
+    }
+
     /// SIGINT, then wait for a clean exit.
     pub fn stop(mut self) -> Finished {
         let mut child = self.child.take().expect("running");
@@ -108,6 +120,15 @@ impl Drop for Sonde {
             let _ = c.wait();
         }
     }
+}
+
+/// A `/proc/PID/status` field in KiB (e.g. `VmRSS:`), 0 when unreadable.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 pub fn signal(pid: u32, sig: i32) {

@@ -1,22 +1,24 @@
-//! Project tasks: `cargo xtask setup | build | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | build | test | demo | bench | fuzz`.
 //!
 //! Every task runs `setup` first; setup installs only what is missing, so it is quick when
 //! everything is there.
 
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str = "usage: cargo xtask <setup|build|test|demo [--seconds N]|bench [--pairs N] [--seconds S]>
+const USAGE: &str = "usage: cargo xtask <setup|build|test|demo [--seconds N]|bench [--pairs N] [--seconds S]|fuzz [--seconds S] [--only T,..]>
 
   setup   install what is missing: Debian packages, the nightly's rust-src, bpf-linker (LLVM 22)
   build   setup, then build the release binary target/release/sonde
   test    setup, build, then run every test (unit, parser sweeps, end-to-end as root)
   demo    setup, build, start two HTTP services on loopback, trace them and print spans live
-  bench   setup, build, measure sonde against no agent (nginx, redis, pgbench, HTTPS); writes BENCHMARKS.md";
+  bench   setup, build, measure sonde against no agent (nginx, redis, pgbench, HTTPS); writes BENCHMARKS.md
+  fuzz    setup, install cargo-fuzz, run each parser's fuzz target from the seed corpus (default 60 s each)";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -45,6 +47,16 @@ fn main() -> Result<()> {
             build()?;
             println!("==> benchmarks: off/on pairs per scenario (about 10 minutes with the defaults)");
             run(cargo().args(["run", "--release", "-p", "sonde-e2e", "--bin", "bench", "--"]).args(&args[1..]))
+        }
+        Some("fuzz") => {
+            setup::run()?;
+            setup::cargo_fuzz()?;
+            let seconds = match args.iter().position(|a| a == "--seconds") {
+                Some(i) => args.get(i + 1).and_then(|s| s.parse().ok()).context("--seconds needs a number")?,
+                None => 60,
+            };
+            let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).map(String::as_str);
+            fuzz::run(seconds, only)
         }
         _ => {
             eprintln!("{USAGE}");

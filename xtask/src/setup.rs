@@ -133,3 +133,17 @@ pub fn add_tool_paths(cmd: &mut Command) {
         cmd.env("PATH", format!("{home}/bin:{path}"));
     }
 }
+
+/// cargo-fuzz, for `cargo xtask fuzz` only (the tests replay the fuzz corpus without it).
+pub fn cargo_fuzz() -> Result<()> {
+    let mut probe = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    probe.args(["fuzz", "--version"]);
+    add_tool_paths(&mut probe);
+    if quiet(&mut probe) {
+        return Ok(());
+    }
+    println!("==> installing cargo-fuzz (about two minutes)");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["install", "cargo-fuzz", "--locked"]);
+    crate::run(&mut cmd)
+}

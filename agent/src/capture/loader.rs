@@ -10,11 +10,14 @@ use aya::{
     programs::{TracePoint, UProbe, uprobe::UProbeScope},
 };
 use sonde_common::{
-    MAX_CAPTURE, ROLE_CLIENT, ROLE_SERVER, Settings, SocketInfo, SocketKey,
+    MAX_CAPTURE, ROLE_CLIENT, ROLE_SERVER, Settings, SocketHistory, SocketInfo, SocketKey,
     counter::{self, COUNT},
 };
 
-use super::tracefs;
+use super::{
+    map_usage::{MapFill, MapUsage},
+    tracefs,
+};
 use crate::conn::Role;
 
 /// (OpenSSL symbol, sonde program): entry probes record the call, return probes emit the data.
@@ -80,8 +83,10 @@ pub struct Capture {
     ebpf: Ebpf,
     traced: HashMap<MapData, u32, u32>,
     sockets: HashMap<MapData, SocketKey, SocketInfo>,
+    socket_history: HashMap<MapData, SocketKey, SocketHistory>,
     counters: PerCpuArray<MapData, u64>,
     ring: Option<RingBuf<MapData>>,
+    usage: MapUsage,
     pub attached: usize,
 }
 
@@ -96,14 +101,17 @@ impl Capture {
         }
         tracefs::ensure_mounted().map_err(CaptureError::Tracefs)?;
         raise_memlock();
-        let fork_offset =
-            tracefs::field_offset("sched", "sched_process_fork", "child_pid").map_err(CaptureError::Tracefs)?;
+        let new_task_field =
+            |field| tracefs::field_offset("task", "task_newtask", field).map_err(CaptureError::Tracefs);
+        let (new_task_pid_offset, new_task_clone_flags_offset) =
+            (new_task_field("pid")?, new_task_field("clone_flags")?);
 
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
             .load(PROBES)
             .map_err(CaptureError::Load)?;
 
+        let usage = MapUsage::new(&ebpf);
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(CaptureError::Map { name, detail: "not in the object file".into() })
         };
@@ -114,7 +122,9 @@ impl Capture {
                 0,
                 Settings {
                     capture_bytes: opts.capture_bytes.min(MAX_CAPTURE as u32),
-                    fork_child_pid_offset: fork_offset,
+                    new_task_pid_offset,
+                    new_task_clone_flags_offset,
+                    _pad: 0,
                     self_pid: std::process::id(),
                     wakeup_bytes: opts.wakeup_bytes,
                 },
@@ -123,6 +133,8 @@ impl Capture {
             .map_err(|e| CaptureError::Update { name: "SETTINGS", detail: e.to_string() })?;
         let traced = HashMap::try_from(take(&mut ebpf, "TRACED_PIDS")?).map_err(map_err("TRACED_PIDS"))?;
         let sockets = HashMap::try_from(take(&mut ebpf, "SOCKETS")?).map_err(map_err("SOCKETS"))?;
+        let socket_history =
+            HashMap::try_from(take(&mut ebpf, "SOCKET_HISTORY")?).map_err(map_err("SOCKET_HISTORY"))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?).map_err(map_err("COUNTERS"))?;
         let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(map_err("EVENTS"))?;
 
@@ -132,6 +144,8 @@ impl Capture {
                 "syscalls"
             } else if name.starts_with("sched_") {
                 "sched"
+            } else if name.starts_with("task_") {
+                "task"
             } else {
                 // TLS uprobes: loaded now, attached per library file as processes are found.
                 let probe: &mut UProbe =
@@ -161,7 +175,7 @@ impl Capture {
             tp.attach(category, name).map_err(|e| attach_err(e.to_string()))?;
             attached += 1;
         }
-        Ok(Self { ebpf, traced, sockets, counters, ring: Some(ring), attached })
+        Ok(Self { ebpf, traced, sockets, socket_history, counters, ring: Some(ring), usage, attached })
     }
 
     /// Attaches the TLS uprobes to one file that has OpenSSL's SSL_* symbols (a libssl, or an
@@ -218,17 +232,31 @@ impl Capture {
             .map_err(|e| CaptureError::Update { name: "SOCKETS", detail: e.to_string() })
     }
 
-    pub fn forget_socket(&mut self, pid: u32, fd: u32) {
-        let _ = self.sockets.remove(&SocketKey { pid, fd });
-    }
-
     /// Socket map entries belonging to `pid` (used to clean up after a process exits).
     pub fn sockets_of(&self, pid: u32) -> Vec<u32> {
         self.sockets.keys().filter_map(Result::ok).filter(|k| k.pid == pid).map(|k| k.fd).collect()
     }
 
+    /// Removes what the kernel keeps for an exited process's sockets: its socket map entries
+    /// (closed ones stay as tombstones while it has children) and its socket history.
+    pub fn forget_sockets_of(&mut self, pid: u32) {
+        for fd in self.sockets_of(pid) {
+            let _ = self.sockets.remove(&SocketKey { pid, fd });
+        }
+        let history: Vec<SocketKey> =
+            self.socket_history.keys().filter_map(Result::ok).filter(|k| k.pid == pid).collect();
+        for key in history {
+            let _ = self.socket_history.remove(&key);
+        }
+    }
+
     pub fn socket_count(&self) -> usize {
         self.sockets.keys().filter(Result::is_ok).count()
+    }
+
+    /// Entries in each per-process/per-connection map (walks every key: call it seldom).
+    pub fn map_fill(&self) -> Vec<MapFill> {
+        self.usage.fill()
     }
 
     pub fn counters(&self) -> KernelCounters {

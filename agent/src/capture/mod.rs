@@ -3,6 +3,7 @@
 
 pub mod events;
 pub mod loader;
+pub mod map_usage;
 pub mod tracefs;
 
 pub use events::Event;

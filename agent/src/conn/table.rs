@@ -128,8 +128,13 @@ impl ConnTable {
     /// The connection closed: its session reports what it completes or leaves unmatched.
     pub fn close(&mut self, key: ConnKey, ts_ns: u64, out: &mut Vec<SessionEvent>) -> Option<Conn> {
         let mut conn = self.conns.remove(&key)?;
-        if let Parser::Active(s) = &mut conn.parser {
-            s.close(ts_ns, out);
+        match &mut conn.parser {
+            Parser::Active(s) => s.close(ts_ns, out),
+            // Bytes were seen but never recognized: count the stream once.
+            Parser::Undecided { buffered, attempts, .. } if *attempts > 0 || !buffered.is_empty() => {
+                out.push(SessionEvent::Unrecognized)
+            }
+            _ => {}
         }
         Some(conn)
     }
@@ -138,12 +143,9 @@ impl ConnTable {
         ConnKey { pid, fd: 0 }..=ConnKey { pid, fd: u32::MAX }
     }
 
-    /// Drops every connection of a process that exited.
-    pub fn remove_process(&mut self, pid: u32) {
-        let keys: Vec<ConnKey> = self.conns.range(Self::range_of(pid)).map(|(k, _)| *k).collect();
-        for k in keys {
-            self.conns.remove(&k);
-        }
+    /// The connections a process holds.
+    pub fn keys_of(&self, pid: u32) -> Vec<ConnKey> {
+        self.conns.range(Self::range_of(pid)).map(|(k, _)| *k).collect()
     }
 
     /// A forked child holds its parent's connections: same roles and addresses, fresh parsers
@@ -237,6 +239,7 @@ fn detect_then_feed(conn: &mut Conn, seg: Segment<'_>, out: &mut Vec<SessionEven
             *attempts += 1;
             if *attempts >= DETECT_ATTEMPTS {
                 conn.parser = Parser::Opaque;
+                out.push(SessionEvent::Unrecognized);
             }
         }
     }
@@ -410,6 +413,9 @@ mod tests {
             &mut out,
         );
         assert_eq!(t.get(&key).unwrap().protocol(), None);
-        assert!(out.is_empty());
+        // Counted once when it turned opaque, and not again at close; never a span.
+        assert!(matches!(out.as_slice(), [SessionEvent::Unrecognized]), "{out:?}");
+        t.close(key, 2, &mut out);
+        assert_eq!(out.len(), 1);
     }
 }

@@ -1,6 +1,9 @@
 //! OTLP trace export over gRPC or HTTP/protobuf, configured from the OpenTelemetry environment
-//! variables. Spans wait in a bounded queue; a full queue or a failed export drops spans and
-//! counts them, so a dead backend costs bounded memory and never blocks the pipeline.
+//! variables. Spans wait in a bounded queue; a full queue drops new spans and counts them, so a
+//! dead backend costs bounded memory and never blocks the pipeline. A batch the collector could
+//! not take for a transient reason (unreachable, timeout, 429/502/503/504, gRPC UNAVAILABLE...)
+//! is retried with exponential backoff for up to [`RETRY_MAX_ELAPSED`], then dropped and counted;
+//! a permanent refusal (400, 401, 413...) is dropped and counted at once.
 
 use std::{sync::Arc, time::Duration};
 
@@ -10,6 +13,12 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::Trac
 use tokio::sync::mpsc;
 
 use super::otlp_encode::encode;
+
+/// First wait before retrying a failed batch; doubles up to [`RETRY_MAX_BACKOFF`].
+const RETRY_INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+const RETRY_MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long one batch is retried before it is dropped (and counted) to make room for newer spans.
+const RETRY_MAX_ELAPSED: Duration = Duration::from_secs(60);
 use crate::{config::OtlpFileConfig, stats::Stats, trace::span::Span};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,6 +205,7 @@ async fn export_loop(
     stats: Arc<Stats>,
 ) {
     let mut batch = Vec::with_capacity(settings.batch_spans);
+    let mut outage = Outage::default();
     loop {
         let first = rx.recv().await;
         let Some(first) = first else { break };
@@ -207,16 +217,102 @@ async fn export_loop(
                 Ok(None) | Err(_) => break,
             }
         }
-        send(&mut transport, &settings, &stats, &mut batch).await;
+        deliver(&mut transport, &settings, &stats, &mut batch, &rx, &mut outage).await;
+        if rx.is_closed() && outage.since.is_some() {
+            // Shutting down with the collector failing: what is still queued cannot be sent in
+            // time either. Count it rather than let the flush deadline lose it silently.
+            let mut rest = 0;
+            while rx.try_recv().is_ok() {
+                rest += 1;
+            }
+            Stats::add(&stats.spans_dropped_export_failed, rest);
+            if rest > 0 {
+                log::warn!("shutting down while the collector fails: dropped {rest} queued spans");
+            }
+        }
     }
     if !batch.is_empty() {
-        send(&mut transport, &settings, &stats, &mut batch).await;
+        deliver(&mut transport, &settings, &stats, &mut batch, &rx, &mut outage).await;
     }
 }
 
-async fn send(transport: &mut Transport, settings: &OtlpSettings, stats: &Stats, batch: &mut Vec<Span>) {
+/// The collector has been failing since `since`; logged once when it starts and once when it ends.
+#[derive(Default)]
+struct Outage {
+    since: Option<tokio::time::Instant>,
+    dropped_before: u64,
+}
+
+/// Sends one batch, retrying transient failures with backoff; counts it exported or dropped.
+async fn deliver(
+    transport: &mut Transport,
+    settings: &OtlpSettings,
+    stats: &Stats,
+    batch: &mut Vec<Span>,
+    rx: &mpsc::Receiver<Span>,
+    outage: &mut Outage,
+) {
     let n = batch.len() as u64;
-    let result = match transport {
+    let started = tokio::time::Instant::now();
+    let mut backoff = RETRY_INITIAL_BACKOFF;
+    loop {
+        match send(transport, settings, batch).await {
+            Ok(()) => {
+                Stats::add(&stats.spans_exported, n);
+                if let Some(since) = outage.since.take() {
+                    let dropped = dropped(stats) - outage.dropped_before;
+                    log::info!(
+                        "OTLP export recovered after {:.1} s; {dropped} spans were dropped meanwhile (counted in spans_dropped_*)",
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+                break;
+            }
+            Err(e) => {
+                Stats::add(&stats.export_errors, 1);
+                if outage.since.is_none() {
+                    outage.since = Some(tokio::time::Instant::now());
+                    outage.dropped_before = dropped(stats);
+                    log::warn!(
+                        "OTLP export to {} failing: {}; {} (queue holds {} spans, beyond that new spans are dropped and counted)",
+                        settings.endpoint,
+                        e.message,
+                        if e.retryable { "retrying with backoff" } else { "not retryable, batches dropped" },
+                        settings.queue_spans
+                    );
+                }
+                let out_of_time = started.elapsed() + backoff > RETRY_MAX_ELAPSED;
+                if !e.retryable || rx.is_closed() || out_of_time {
+                    Stats::add(&stats.spans_dropped_export_failed, n);
+                    log::debug!("dropped {n} spans: {}", e.message);
+                    break;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX_BACKOFF);
+            }
+        }
+    }
+    batch.clear();
+}
+
+fn dropped(stats: &Stats) -> u64 {
+    Stats::get(&stats.spans_dropped_export_failed) + Stats::get(&stats.spans_dropped_queue_full)
+}
+
+/// Why an export failed, and whether trying again later can help (OTLP spec's retryable cases).
+struct ExportError {
+    message: String,
+    retryable: bool,
+}
+
+impl ExportError {
+    fn transient(message: String) -> Self {
+        Self { message, retryable: true }
+    }
+}
+
+async fn send(transport: &mut Transport, settings: &OtlpSettings, batch: &[Span]) -> Result<(), ExportError> {
+    match transport {
         Transport::Grpc(client) => {
             let mut req = tonic::Request::new(encode(batch));
             for (k, v) in &settings.headers {
@@ -227,7 +323,20 @@ async fn send(transport: &mut Transport, settings: &OtlpSettings, stats: &Stats,
                     req.metadata_mut().insert(k, v);
                 }
             }
-            client.export(req).await.map(|_| ()).map_err(|e| format!("gRPC export: {}", e.message()))
+            client.export(req).await.map(|_| ()).map_err(|e| {
+                use tonic::Code;
+                let retryable = matches!(
+                    e.code(),
+                    Code::Unavailable
+                        | Code::ResourceExhausted
+                        | Code::DeadlineExceeded
+                        | Code::Aborted
+                        | Code::Cancelled
+                        | Code::OutOfRange
+                        | Code::DataLoss
+                );
+                ExportError { message: format!("gRPC export: {}", e.message()), retryable }
+            })
         }
         Transport::Http(client) => {
             let mut builder = hyper::Request::post(&settings.endpoint).header("content-type", "application/x-protobuf");
@@ -235,30 +344,24 @@ async fn send(transport: &mut Transport, settings: &OtlpSettings, stats: &Stats,
                 builder = builder.header(k.as_str(), v.as_str());
             }
             match builder.body(Full::new(Bytes::from(super::otlp_wire::encode(batch)))) {
-                Err(e) => Err(format!("building the OTLP request: {e}")),
+                Err(e) => Err(ExportError { message: format!("building the OTLP request: {e}"), retryable: false }),
                 Ok(req) => match tokio::time::timeout(settings.timeout, client.request(req)).await {
-                    Err(_) => Err("HTTP export timed out".into()),
-                    Ok(Err(e)) => Err(format!("HTTP export: {e}")),
+                    Err(_) => Err(ExportError::transient("HTTP export timed out".into())),
+                    Ok(Err(e)) => Err(ExportError::transient(format!("HTTP export: {e}"))),
                     Ok(Ok(resp)) => {
                         let status = resp.status();
                         let _ = resp.into_body().collect().await;
                         if status.is_success() {
                             Ok(())
                         } else {
-                            Err(format!("HTTP export: collector answered {status}"))
+                            Err(ExportError {
+                                message: format!("HTTP export: collector answered {status}"),
+                                retryable: matches!(status.as_u16(), 429 | 502 | 503 | 504),
+                            })
                         }
                     }
                 },
             }
-        }
-    };
-    batch.clear();
-    match result {
-        Ok(()) => Stats::add(&stats.spans_exported, n),
-        Err(e) => {
-            Stats::add(&stats.export_errors, 1);
-            Stats::add(&stats.spans_dropped_export_failed, n);
-            log::warn!("dropped {n} spans: {e} (endpoint {})", settings.endpoint);
         }
     }
 }

@@ -18,7 +18,7 @@ use super::{
     instruments::{INSTRUMENTS, Unit as OurUnit},
     store::attr_text,
 };
-use crate::{stats::Stats, trace::span::AttrValue};
+use crate::{capture::map_usage::MapFill, stats::Stats, trace::span::AttrValue};
 
 /// A counter family: name, help, label key, and (label value, count) per series.
 type LabelledCounter = (&'static str, &'static str, &'static str, [(&'static str, u64); 3]);
@@ -72,7 +72,7 @@ impl Exposition {
     fn encode_self_metrics(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let st = &self.stats;
         let g = Stats::get;
-        let counters: [(&str, &str, u64); 9] = [
+        let counters: [(&str, &str, u64); 10] = [
             ("sonde_events_read", "Records read from the kernel ring buffer.", g(&st.events_read)),
             (
                 "sonde_events_lost",
@@ -81,6 +81,11 @@ impl Exposition {
             ),
             ("sonde_bytes_captured", "Payload bytes copied by the kernel side.", g(&st.kernel_bytes_captured)),
             ("sonde_unmatched_requests", "Requests that never got a response.", g(&st.unmatched_requests)),
+            (
+                "sonde_streams_unrecognized",
+                "Connections whose bytes matched no supported protocol (not parsed).",
+                g(&st.streams_unrecognized),
+            ),
             ("sonde_unmatched_responses", "Responses without a request.", g(&st.unmatched_responses)),
             ("sonde_spans_exported", "Spans accepted by the OTLP backend.", g(&st.spans_exported)),
             ("sonde_export_errors", "Failed OTLP export requests.", g(&st.export_errors)),
@@ -126,14 +131,35 @@ impl Exposition {
                 ConstCounter::new(value).encode(family)?;
             }
         }
-        let gauge = ConstGauge::new(g(&st.traced_processes) as i64);
-        let metric = encoder.encode_descriptor(
-            "sonde_traced_processes",
-            "Processes sonde traces now.",
-            None,
-            gauge.metric_type(),
-        )?;
-        gauge.encode(metric)
+        let gauges: [(&str, &str, u64); 2] = [
+            ("sonde_traced_processes", "Processes sonde traces now.", g(&st.traced_processes)),
+            (
+                "sonde_connections_tracked",
+                "Connections sonde holds state for now (user space).",
+                g(&st.connections_tracked),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value as i64);
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        let maps = st.kernel_maps.lock().map(|m| m.clone()).unwrap_or_default();
+        for (name, help, pick) in [
+            (
+                "sonde_kernel_map_entries",
+                "Entries in sonde's per-process and per-connection kernel maps, by map.",
+                (|f: &MapFill| f.entries) as fn(&MapFill) -> u64,
+            ),
+            ("sonde_kernel_map_capacity", "Maximum entries of each of those kernel maps.", |f: &MapFill| f.capacity),
+        ] {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for fill in &maps {
+                let labels = vec![(Cow::Borrowed("map"), Cow::Borrowed(fill.name))];
+                ConstGauge::new(pick(fill) as i64).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -96,6 +96,8 @@ pub enum SessionEvent {
     ParseError {
         reason: &'static str,
     },
+    /// The connection's first bytes matched no supported protocol: it is not parsed further.
+    Unrecognized,
     /// A response with no request waiting for it.
     UnmatchedResponse,
     /// A request dropped without a response (connection closed, or too many outstanding).

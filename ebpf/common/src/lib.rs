@@ -170,6 +170,20 @@ pub struct SocketInfo {
     pub closed_ns: u64,
 }
 
+pub const HISTORY_DEPTH: usize = 8;
+
+/// Value in the socket history map: earlier sockets of one (tgid, fd) of a process with
+/// children, a ring whose newest entry overwrites the oldest. User space removes a process's
+/// entries when it exits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SocketHistory {
+    pub entries: [SocketInfo; HISTORY_DEPTH],
+    /// Where the next entry goes.
+    pub next: u32,
+    pub _pad: u32,
+}
+
 /// Value in the parents map: who forked a traced child, and when.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -211,8 +225,11 @@ pub mod counter {
 pub struct Settings {
     /// Bytes to copy per syscall (<= MAX_CAPTURE).
     pub capture_bytes: u32,
-    /// Offset of `child_pid` in the sched_process_fork tracepoint record (kernel-version dependent).
-    pub fork_child_pid_offset: u32,
+    /// Offsets of `pid` and `clone_flags` in the task_newtask tracepoint record (read from tracefs:
+    /// they differ across kernel versions).
+    pub new_task_pid_offset: u32,
+    pub new_task_clone_flags_offset: u32,
+    pub _pad: u32,
     /// The agent's own pid: never traced.
     pub self_pid: u32,
     /// Wake user space once this many bytes are waiting in the ring buffer; below, it polls.
@@ -226,4 +243,5 @@ mod pod {
     unsafe impl aya::Pod for super::SocketKey {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::ParentInfo {}
+    unsafe impl aya::Pod for super::SocketHistory {}
 }

@@ -12,15 +12,25 @@ fn current_ids() -> (u32, u32) {
     ((pid_tgid >> 32) as u32, pid_tgid as u32)
 }
 
-/// Runs in the parent. The child is added to the filter before it can make a syscall.
-/// Thread creation fires this too; the stray tid entry is removed when that thread exits.
+/// A new thread shares its process's everything: not a child to trace or announce.
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+/// Runs in the parent while it creates a task, before the task can run: a child process is added
+/// to the filter before it can make a syscall. Threads (CLONE_THREAD) are skipped: they are
+/// traced through their process, and counting them as children would make the kernel keep
+/// closed sockets of every thread-per-connection server.
 #[tracepoint]
-pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
     let Some((tgid, tid, _)) = traced_current() else { return 0 };
     let Some(s) = settings() else { return 0 };
-    // The field offset differs across kernel versions; the agent reads it from tracefs.
-    // SAFETY: offset taken from this kernel's format file.
-    let Ok(child) = (unsafe { ctx.read_at::<u32>(s.fork_child_pid_offset as usize) }) else { return 0 };
+    // The field offsets differ across kernel versions; the agent reads them from tracefs.
+    // SAFETY: offsets taken from this kernel's format file.
+    let Ok(flags) = (unsafe { ctx.read_at::<u64>(s.new_task_clone_flags_offset as usize) }) else { return 0 };
+    if flags & CLONE_THREAD != 0 {
+        return 0;
+    }
+    // SAFETY: as above.
+    let Ok(child) = (unsafe { ctx.read_at::<u32>(s.new_task_pid_offset as usize) }) else { return 0 };
     if child == s.self_pid {
         return 0;
     }
@@ -41,7 +51,8 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Drops filter entries of exiting tasks (processes, and stray thread ids left by fork).
+/// Drops what the kernel kept for an exiting task (per-thread records; per-process entries when
+/// the process itself exits).
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current_ids();

@@ -34,16 +34,7 @@ pub static HAS_CHILDREN: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX
 #[map]
 pub static SOCKET_HISTORY: LruHashMap<SocketKey, SocketHistory> = LruHashMap::with_max_entries(4096, 0);
 
-pub const HISTORY_DEPTH: usize = 8;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct SocketHistory {
-    pub entries: [SocketInfo; HISTORY_DEPTH],
-    /// Where the next entry goes.
-    pub next: u32,
-    pub _pad: u32,
-}
+pub use sonde_common::{HISTORY_DEPTH, SocketHistory};
 
 /// pid_tgid -> arguments saved at syscall enter, consumed at exit. A plain (preallocated) hash:
 /// updates of an LRU hash cost several times more, and this one is written on every traced

@@ -75,6 +75,11 @@ impl HalfStream {
         self.state == State::UntilClose
     }
 
+    /// Some of a head arrived, not all of it.
+    pub fn has_partial_head(&self) -> bool {
+        self.state == State::Head && !(self.head.is_empty() && self.line.is_empty())
+    }
+
     /// The complete head after [`Step::Head`].
     pub fn head(&self) -> &[u8] {
         &self.head

@@ -152,6 +152,10 @@ impl Session for HttpSession {
         for _ in self.pending.drain(..) {
             out.push(SessionEvent::UnmatchedRequest);
         }
+        // A request whose head never finished is not silently forgotten.
+        if self.requests.has_partial_head() {
+            out.push(SessionEvent::ParseError { reason: "request head cut off by close" });
+        }
     }
 }
 

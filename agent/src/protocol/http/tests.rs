@@ -224,6 +224,23 @@ fn close_reports_unanswered_requests() {
     assert!(matches!(out.last(), Some(SessionEvent::UnmatchedRequest)));
 }
 
+#[test]
+fn a_request_head_cut_off_by_close_is_counted() {
+    let mut s = HttpSession::default();
+    let mut out = Vec::new();
+    s.feed(&seg(Side::Request, &CURL_GET[..30], 1), &mut out);
+    assert!(out.is_empty());
+    s.close(2, &mut out);
+    assert_eq!(errors(&out), 1, "{out:?}");
+    // A clean close between requests is not an error.
+    let mut s = HttpSession::default();
+    let mut out = Vec::new();
+    s.feed(&seg(Side::Request, CURL_GET, 1), &mut out);
+    s.feed(&seg(Side::Response, PY_RESP, 2), &mut out);
+    s.close(3, &mut out);
+    assert_eq!(errors(&out), 0, "{out:?}");
+}
+
 /// Splits a whole conversation at every offset of each message: results must not change.
 #[test]
 fn every_split_offset_gives_the_same_exchanges() {
