@@ -175,6 +175,10 @@ impl Pipeline {
     pub fn on_data(&mut self, pid: u32, fd: u32, role: Role, data: DataIn<'_>) {
         let key = ConnKey { pid, fd };
         let ts_ns = data.ts_ns;
+        let uncopied = data.byte_count.saturating_sub(data.payload.len() as u64);
+        if uncopied > 0 {
+            Stats::add(&self.tracer.stats.bytes_not_captured, uncopied);
+        }
         if self.conns.get(&key).is_none() && role != Role::Unknown {
             // Inherited from a parent, or the open event was lost: the kernel knows the role.
             let addrs =

@@ -15,6 +15,9 @@ pub struct Stats {
     pub http_parse_errors: AtomicU64,
     pub postgres_parse_errors: AtomicU64,
     pub redis_parse_errors: AtomicU64,
+    /// Bytes that moved on traced connections beyond the per-syscall capture (capture.max_bytes):
+    /// parsers skip them, and messages entirely inside them are not seen.
+    pub bytes_not_captured: AtomicU64,
     /// Connections whose bytes matched no supported protocol.
     pub streams_unrecognized: AtomicU64,
     pub unmatched_requests: AtomicU64,
@@ -51,11 +54,12 @@ impl Stats {
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Relaxed);
         format!(
-            "events_read={} events_lost={} events_undecodable={} bytes_captured={} tls_events={} tls_unattributed={} http_parse_errors={} postgres_parse_errors={} redis_parse_errors={} streams_unrecognized={} unmatched_requests={} unmatched_responses={} spans_created={} spans_unsampled={} spans_exported={} spans_dropped_queue_full={} spans_dropped_export_failed={} export_errors={} traced_processes={}",
+            "events_read={} events_lost={} events_undecodable={} bytes_captured={} bytes_not_captured={} tls_events={} tls_unattributed={} http_parse_errors={} postgres_parse_errors={} redis_parse_errors={} streams_unrecognized={} unmatched_requests={} unmatched_responses={} spans_created={} spans_unsampled={} spans_exported={} spans_dropped_queue_full={} spans_dropped_export_failed={} export_errors={} traced_processes={}",
             g(&self.events_read),
             g(&self.kernel_ringbuf_drops),
             g(&self.events_undecodable),
             g(&self.kernel_bytes_captured),
+            g(&self.bytes_not_captured),
             g(&self.kernel_tls_events),
             g(&self.kernel_tls_no_fd),
             g(&self.http_parse_errors),

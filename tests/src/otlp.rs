@@ -56,6 +56,8 @@ pub struct HttpReceiver {
     pub collected: Collected,
     /// Every metrics request received, newest last.
     pub metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
+    /// Every request body as received (protobuf), traces and metrics: what left the host.
+    pub raw: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 impl HttpReceiver {
@@ -69,14 +71,15 @@ impl HttpReceiver {
         let port = listener.local_addr().expect("addr").port();
         let collected = Collected::default();
         let metrics = Arc::new(Mutex::new(Vec::new()));
-        let (c, m) = (collected.clone(), metrics.clone());
+        let raw = Arc::new(Mutex::new(Vec::new()));
+        let (c, m, r) = (collected.clone(), metrics.clone(), raw.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (c, m) = (c.clone(), m.clone());
-                std::thread::spawn(move || serve_http(stream, &c, &m));
+                let (c, m, r) = (c.clone(), m.clone(), r.clone());
+                std::thread::spawn(move || serve_http(stream, &c, &m, &r));
             }
         });
-        Self { port, collected, metrics }
+        Self { port, collected, metrics, raw }
     }
 
     /// The newest metrics request, if any.
@@ -89,7 +92,12 @@ impl HttpReceiver {
     }
 }
 
-fn serve_http(stream: TcpStream, collected: &Collected, metrics: &Mutex<Vec<ExportMetricsServiceRequest>>) {
+fn serve_http(
+    stream: TcpStream,
+    collected: &Collected,
+    metrics: &Mutex<Vec<ExportMetricsServiceRequest>>,
+    raw: &Mutex<Vec<Vec<u8>>>,
+) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
     let mut writer = stream;
     loop {
@@ -115,6 +123,9 @@ fn serve_http(stream: TcpStream, collected: &Collected, metrics: &Mutex<Vec<Expo
         let mut body = vec![0; content_length];
         if reader.read_exact(&mut body).is_err() {
             return;
+        }
+        if let Ok(mut r) = raw.lock() {
+            r.push(body.clone());
         }
         let status = if request_line.starts_with("POST /v1/traces ") {
             match ExportTraceServiceRequest::decode(body.as_slice()) {

@@ -96,3 +96,37 @@ fn privileged_runs_with_the_documented_capabilities_and_names_a_missing_one() {
         assert!(stderr.contains(&format!("missing capabilities: {name}")), "without {name}: {stderr}");
     }
 }
+
+/// tracefs missing: sonde mounts it itself when it may; without CAP_SYS_ADMIN `sonde check` and
+/// `sonde run` say what is missing and how to fix it. Runs in a private mount namespace with an
+/// empty tmpfs over /sys/kernel/tracing, so the host's tracefs is untouched.
+#[test]
+fn privileged_missing_tracefs_is_mounted_or_named_with_the_fix() {
+    let Some(_guard) = privileged_test("missing tracefs") else {
+        return;
+    };
+    let in_namespace_without_tracefs = |sonde: &str| {
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!("mount -t tmpfs none /sys/kernel/tracing && {sonde}"))
+            .output()
+            .expect("run unshare (util-linux)")
+    };
+    let sonde = binary().display().to_string();
+    // As root: mounted on demand, everything loads.
+    let out = in_namespace_without_tracefs(&format!("{sonde} check"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("mounted at /sys/kernel/tracing") && text.contains("programs load and attach"), "{text}");
+    // Without CAP_SYS_ADMIN it cannot be mounted: a clear message from check and from run.
+    let setpriv =
+        format!("setpriv --bounding-set -all,+bpf,+perfmon,+sys_ptrace,+dac_read_search,+sys_resource -- {sonde}");
+    let out = in_namespace_without_tracefs(&format!("{setpriv} check"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("tracefs is not mounted") && text.contains("mount -t tracefs"), "{text}");
+    let out = in_namespace_without_tracefs(&format!("{setpriv} run --pid 1 --print none"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("tracefs is not mounted") && stderr.contains("CAP_SYS_ADMIN"), "{stderr}");
+}

@@ -72,7 +72,7 @@ impl Exposition {
     fn encode_self_metrics(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let st = &self.stats;
         let g = Stats::get;
-        let counters: [(&str, &str, u64); 10] = [
+        let counters: [(&str, &str, u64); 11] = [
             ("sonde_events_read", "Records read from the kernel ring buffer.", g(&st.events_read)),
             (
                 "sonde_events_lost",
@@ -80,6 +80,11 @@ impl Exposition {
                 g(&st.kernel_ringbuf_drops),
             ),
             ("sonde_bytes_captured", "Payload bytes copied by the kernel side.", g(&st.kernel_bytes_captured)),
+            (
+                "sonde_bytes_not_captured",
+                "Bytes beyond the per-syscall capture limit: skipped, messages inside them unseen.",
+                g(&st.bytes_not_captured),
+            ),
             ("sonde_unmatched_requests", "Requests that never got a response.", g(&st.unmatched_requests)),
             (
                 "sonde_streams_unrecognized",

@@ -77,6 +77,15 @@ impl Framer {
         }
     }
 
+    /// Part of a message arrived, not all of it.
+    pub fn mid_message(&self) -> bool {
+        match self.state {
+            State::Header => !self.header.is_empty(),
+            State::Body { .. } => true,
+            State::Desync => false,
+        }
+    }
+
     /// Feeds captured `bytes` followed by `uncopied` bytes that moved but were not copied.
     /// `keep(tag)` says whether a message's body is needed. Complete messages go to `on_msg`.
     #[expect(clippy::too_many_arguments, reason = "one syscall's data plus two callbacks")]

@@ -182,6 +182,10 @@ impl Session for PostgresSession {
                 out.push(SessionEvent::UnmatchedRequest);
             }
         }
+        // A message cut off by the close is not silently forgotten.
+        if self.frontend.mid_message() {
+            out.push(SessionEvent::ParseError { reason: "message cut off by close" });
+        }
     }
 }
 

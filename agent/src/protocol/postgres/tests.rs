@@ -210,3 +210,20 @@ proptest::proptest! {
         let _ = replay(&mut PostgresSession::new(false), &flat);
     }
 }
+
+#[test]
+fn a_message_cut_off_by_close_is_counted_and_a_clean_close_is_not() {
+    use crate::protocol::{Segment, Session, Side};
+    let parts = load(PSQL);
+    let startup = &parts[0].1;
+    let mut s = PostgresSession::new(false);
+    let mut out = Vec::new();
+    let half = &startup[..startup.len() / 2];
+    s.feed(&Segment { side: Side::Request, bytes: half, byte_count: half.len() as u64, ts_ns: 1, tid: 1 }, &mut out);
+    s.close(2, &mut out);
+    assert_eq!(errors(&out), 1, "{out:?}");
+    let mut s = PostgresSession::new(false);
+    let mut out = replay(&mut s, &parts);
+    s.close(1_000, &mut out);
+    assert_eq!(errors(&out), 0, "{out:?}");
+}

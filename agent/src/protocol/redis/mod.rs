@@ -155,6 +155,10 @@ impl Session for RedisSession {
         for _ in self.pending.drain(..) {
             out.push(SessionEvent::UnmatchedRequest);
         }
+        // A command cut off by the close is not silently forgotten.
+        if self.requests.mid_value() {
+            out.push(SessionEvent::ParseError { reason: "command cut off by close" });
+        }
     }
 }
 
@@ -166,6 +170,10 @@ impl RedisSession {
         let Some(name) = v.strings.first().map(|s| s.to_ascii_uppercase()) else {
             return;
         };
+        // Redis skips empty inline lines without a reply: no command, nothing to pair.
+        if v.kind == b'i' && name.trim().is_empty() {
+            return;
+        }
         if v.kind != b'*' && v.kind != b'i' {
             out.push(SessionEvent::ParseError { reason: "a command must be an array or an inline line" });
             return;
@@ -224,6 +232,13 @@ impl RedisSession {
             self.db = db;
         }
         let db = self.db;
+        if p.operation.is_empty() {
+            // The command's name was in bytes beyond the capture: its reply keeps the pairing
+            // aligned, but a nameless span would say nothing. Counted instead.
+            out.push(SessionEvent::Abandoned { seq: p.seq });
+            out.push(SessionEvent::ParseError { reason: "command name not captured" });
+            return;
+        }
         out.push(SessionEvent::Completed(Exchange {
             seq: p.seq,
             start_ns: p.start,
@@ -240,6 +255,7 @@ impl RedisSession {
     /// is unknowable and they are counted as unmatched. Replies resume at the next reply.
     fn recover_replies(&mut self, ts: u64, out: &mut Vec<SessionEvent>) {
         if self.pending.len() == 1
+            && self.pending.front().is_some_and(|p| !p.operation.is_empty())
             && let Some(p) = self.pending.pop_front()
         {
             out.push(SessionEvent::Completed(Exchange {

@@ -76,6 +76,11 @@ impl Reader {
         }
     }
 
+    /// Part of a value arrived, not all of it.
+    pub fn mid_value(&self) -> bool {
+        self.state != State::Desync && (self.started || self.state != State::Type)
+    }
+
     /// Feeds one syscall's captured bytes and its uncopied count; complete values go to `emit`.
     pub fn feed(&mut self, mut b: &[u8], uncopied: u64, ts: u64, tid: u32, emit: &mut impl FnMut(Value)) -> Fed {
         if self.state == State::Desync {

@@ -188,3 +188,97 @@ proptest::proptest! {
         let _ = replay(&mut RedisSession::default(), &parts);
     }
 }
+
+#[test]
+fn a_command_cut_off_by_close_is_counted_and_a_clean_close_is_not() {
+    use crate::protocol::{Segment, Session, Side};
+    let mut s = RedisSession::default();
+    let mut out = Vec::new();
+    let bytes = b"*3\r\n$3\r\nSET\r\n$4\r\nha";
+    s.feed(&Segment { side: Side::Request, bytes, byte_count: bytes.len() as u64, ts_ns: 1, tid: 1 }, &mut out);
+    s.close(2, &mut out);
+    assert_eq!(errors(&out), 1, "{out:?}");
+    let mut s = RedisSession::default();
+    let mut out = replay(&mut s, &load(PIPELINE));
+    s.close(1_000, &mut out);
+    assert_eq!(errors(&out), 0, "{out:?}");
+}
+
+#[test]
+fn a_command_written_one_byte_per_syscall_is_one_span() {
+    use crate::protocol::{Segment, Session, Side};
+    let mut s = RedisSession::default();
+    let mut out = Vec::new();
+    let cmd = b"*3\r\n$3\r\nSET\r\n$4\r\nslow\r\n$5\r\nbytes\r\n";
+    for (i, b) in cmd.iter().enumerate() {
+        let bytes = std::slice::from_ref(b);
+        s.feed(&Segment { side: Side::Request, bytes, byte_count: 1, ts_ns: i as u64, tid: 1 }, &mut out);
+    }
+    s.feed(&Segment { side: Side::Response, bytes: b"+OK\r\n", byte_count: 5, ts_ns: 100, tid: 1 }, &mut out);
+    assert_eq!(ops(&out), vec!["SET"], "{out:?}");
+    assert_eq!(errors(&out), 0);
+}
+
+#[test]
+fn a_one_mebibyte_value_read_in_partly_captured_chunks_is_one_span() {
+    use crate::protocol::{Segment, Session, Side};
+    let value = vec![b'v'; 1 << 20];
+    let mut cmd = format!("*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n${}\r\n", value.len()).into_bytes();
+    cmd.extend_from_slice(&value);
+    cmd.extend_from_slice(b"\r\n");
+    let mut s = RedisSession::default();
+    let mut out = Vec::new();
+    for (i, chunk) in cmd.chunks(16 * 1024).enumerate() {
+        let bytes = &chunk[..chunk.len().min(4096)];
+        let seg = Segment { side: Side::Request, bytes, byte_count: chunk.len() as u64, ts_ns: i as u64, tid: 1 };
+        s.feed(&seg, &mut out);
+    }
+    s.feed(&Segment { side: Side::Response, bytes: b"+OK\r\n", byte_count: 5, ts_ns: 1_000, tid: 1 }, &mut out);
+    assert_eq!(ops(&out), vec!["SET"], "{out:?}");
+    assert_eq!(errors(&out), 0);
+}
+
+#[test]
+fn empty_inline_lines_are_not_commands() {
+    use crate::protocol::{Segment, Session, Side};
+    let mut s = RedisSession::default();
+    let mut out = Vec::new();
+    for (i, (side, bytes)) in
+        [(Side::Request, &b"PING\r\n"[..]), (Side::Request, b"\r\n"), (Side::Response, b"+PONG\r\n")]
+            .into_iter()
+            .enumerate()
+    {
+        s.feed(&Segment { side, bytes, byte_count: bytes.len() as u64, ts_ns: i as u64, tid: 1 }, &mut out);
+    }
+    s.close(10, &mut out);
+    assert_eq!(ops(&out), vec!["PING"], "{out:?}");
+    assert!(!out.iter().any(|e| matches!(e, SessionEvent::UnmatchedRequest)), "{out:?}");
+}
+
+#[test]
+fn pipelined_pings_beyond_the_capture_never_make_nameless_spans() {
+    use crate::protocol::{Segment, Session, Side};
+    let requests = b"*1\r\n$4\r\nPING\r\n".repeat(10_000);
+    let replies = b"+PONG\r\n".repeat(10_000);
+    let mut s = RedisSession::default();
+    let mut out = Vec::new();
+    let mut ts = 0;
+    let (mut req_chunks, mut rep_chunks) = (requests.chunks(16 * 1024), replies.chunks(16 * 1024));
+    loop {
+        let mut fed = false;
+        for (side, chunk) in [(Side::Request, req_chunks.next()), (Side::Response, rep_chunks.next())] {
+            let Some(chunk) = chunk else { continue };
+            fed = true;
+            ts += 1;
+            let bytes = &chunk[..chunk.len().min(4096)];
+            s.feed(&Segment { side, bytes, byte_count: chunk.len() as u64, ts_ns: ts, tid: 1 }, &mut out);
+        }
+        if !fed {
+            break;
+        }
+    }
+    let names = ops(&out);
+    assert!(names.iter().all(|n| n == "PING"), "{:?}", names.iter().filter(|n| *n != "PING").collect::<Vec<_>>());
+    // Commands whose name was not captured are counted, not silently dropped.
+    assert!(errors(&out) > 0);
+}
