@@ -32,6 +32,8 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Safety net behind the mmap events: how often traced processes are re-checked for TLS libraries.
 const TLS_RESCAN_INTERVAL: Duration = Duration::from_secs(10);
+/// Pending TLS library checks run at least this often while a large batch of events drains.
+const TLS_CHECK_EVERY_EVENTS: u32 = 256;
 
 struct Agent {
     capture: Capture,
@@ -39,6 +41,9 @@ struct Agent {
     tls_files: HashMap<(u64, u64), Option<String>>,
     /// Processes whose TLS situation was already logged.
     tls_reported: HashSet<u32>,
+    /// Processes that mapped new executable code since the last check for TLS libraries
+    /// (a starting process maps dozens of libraries: one check covers them all).
+    tls_pending: HashSet<u32>,
     /// `capture.tls`: attach the OpenSSL uprobes at all.
     tls_enabled: bool,
     discovery: Discovery,
@@ -101,6 +106,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         capture,
         tls_files: HashMap::new(),
         tls_reported: HashSet::new(),
+        tls_pending: HashSet::new(),
         tls_enabled: cfg.capture.tls,
         discovery: Discovery::new(cfg.selectors, cfg.resource_attributes, cfg.service_name),
         pipeline: Pipeline::new(cfg.sampler, stats.clone(), sinks, metrics.clone()),
@@ -178,6 +184,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
 
 impl Agent {
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        let mut since_tls_check = 0;
         while let Some(item) = ring.next() {
             Stats::add(&self.stats.events_read, 1);
             match decode(&item) {
@@ -187,6 +194,18 @@ impl Agent {
                     log::debug!("undecodable ring buffer record: {e}");
                 }
             }
+            since_tls_check += 1;
+            if since_tls_check == TLS_CHECK_EVERY_EVENTS {
+                since_tls_check = 0;
+                self.check_pending_tls();
+            }
+        }
+        self.check_pending_tls();
+    }
+
+    fn check_pending_tls(&mut self) {
+        for pid in std::mem::take(&mut self.tls_pending) {
+            self.attach_tls(pid, false);
         }
     }
 
@@ -224,7 +243,9 @@ impl Agent {
             Event::ProcExit { pid } => self.forget_process(pid),
             // A library was mapped: it may be (a copy of) libssl. The mapping exists by the time
             // this event is read.
-            Event::ExecMapping { pid } => self.attach_tls(pid),
+            Event::ExecMapping { pid } => {
+                self.tls_pending.insert(pid);
+            }
         }
     }
 
@@ -237,7 +258,7 @@ impl Agent {
                     // A new image may bring its own TLS library.
                     self.pipeline.set_resource(pid, resource);
                     self.tls_reported.remove(&pid);
-                    self.attach_tls(pid);
+                    self.attach_tls(pid, true);
                     continue;
                 }
             };
@@ -252,25 +273,29 @@ impl Agent {
                 }
                 self.pipeline.open_seeded(pid, s);
             }
-            log::info!(
+            // Selected processes are announced; children adopted in the kernel (one per
+            // connection for fork-per-connection servers) only at debug level.
+            let level = if in_kernel { log::Level::Debug } else { log::Level::Info };
+            log::log!(
+                level,
                 "tracing pid {pid} as service {:?} ({} existing connections)",
                 resource.service_name,
                 sockets.len()
             );
             self.pipeline.set_resource(pid, resource);
-            self.attach_tls(pid);
+            self.attach_tls(pid, !in_kernel);
         }
     }
 
     fn attach_tls_everywhere(&mut self) {
         for pid in self.discovery.traced_pids() {
-            self.attach_tls(pid);
+            self.attach_tls(pid, false);
         }
     }
 
     /// Attaches the TLS uprobes to the OpenSSL the process uses (each file once), and says per
-    /// process what was found.
-    fn attach_tls(&mut self, pid: u32) {
+    /// process what was found (at info level when `announce`, else debug).
+    fn attach_tls(&mut self, pid: u32, announce: bool) {
         if !self.tls_enabled {
             return;
         }
@@ -296,7 +321,10 @@ impl Agent {
         }
         if self.tls_reported.insert(pid) {
             match (found.is_empty(), tls::unsupported_stack(pid)) {
-                (false, _) => log::info!("pid {pid}: TLS traced through {}", found.join("; ")),
+                (false, _) => {
+                    let level = if announce { log::Level::Info } else { log::Level::Debug };
+                    log::log!(level, "pid {pid}: TLS traced through {}", found.join("; "));
+                }
                 (true, Some(stack)) => log::warn!("pid {pid}: TLS by {stack}: its encrypted traffic is not traced"),
                 (true, None) => log::debug!("pid {pid}: no TLS library found (plaintext traffic is traced)"),
             }
@@ -305,6 +333,7 @@ impl Agent {
 
     fn forget_process(&mut self, pid: u32) {
         self.tls_reported.remove(&pid);
+        self.tls_pending.remove(&pid);
         self.discovery.on_exit(pid);
         self.pipeline.remove_process(pid);
         self.capture.untrace_pid(pid);

@@ -70,8 +70,13 @@ impl Sonde {
             cmd.env(k, v);
         }
         let child = cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr).spawn().expect("spawn sonde");
-        let s = Self { child: Some(child), dir };
-        let ready = crate::wait_for(Duration::from_secs(30), || s.stderr().contains("waiting for more").then_some(()));
+        let mut s = Self { child: Some(child), dir };
+        let ready = crate::wait_for(Duration::from_secs(30), || {
+            // An exit (e.g. a configuration error) fails at once rather than after the timeout.
+            let exited = s.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            assert!(exited.is_none(), "sonde exited with {exited:?}:\n{}", s.stderr());
+            s.stderr().contains("waiting for more").then_some(())
+        });
         assert!(ready.is_some(), "sonde did not become ready:\n{}", s.stderr());
         s
     }
@@ -91,6 +96,15 @@ impl Sonde {
     /// Resident memory now, in KiB (VmRSS).
     pub fn rss_kib(&self) -> u64 {
         proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    /// CPU time sonde used so far (user + system), in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+        // utime and stime are fields 14 and 15; after the command they are the 12th and 13th.
+        let ticks: u64 = fields.iter().skip(11).take(2).filter_map(|f| f.parse::<u64>().ok()).sum();
+        ticks as f64 / 100.0
     }
 
     /// SIGKILL: no shutdown path runs at all.

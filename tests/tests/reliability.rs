@@ -156,6 +156,7 @@ fn privileged_process_and_connection_churn_leaves_no_state_behind() {
         "for i in $(seq 1 {PROCESSES}); do curl -sf -o /dev/null http://127.0.0.1:{port}/index.html?p=$i || exit 1; done"
     ));
     assert_eq!(code, 0, "curl loop failed");
+    let lost_after_processes = sample(&scrape(metrics_port), "sonde_events_lost_total");
     // 100,000 short connections from one traced process: connect, one request, close.
     let script = format!(
         "import socket\nreq=b'GET /conn HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n'\nfor i in range({CONNECTIONS}):\n    s=socket.create_connection(('127.0.0.1',{port}))\n    s.sendall(req)\n    while s.recv(65536): pass\n    s.close()\n"
@@ -165,6 +166,11 @@ fn privileged_process_and_connection_churn_leaves_no_state_behind() {
     std::fs::write(&script_path, script).expect("write churn client");
     assert_eq!(launcher.run(&format!("python3 {}", script_path.display())), 0, "churn client failed");
 
+    let churn_cpu = sonde.cpu_seconds();
+    let lost_after_connections = sample(&scrape(metrics_port), "sonde_events_lost_total");
+    eprintln!(
+        "churn: events lost after the processes {lost_after_processes:?}, after the connections {lost_after_connections:?}"
+    );
     let mut after = settled("after churn");
     let threads = threads_in_groups(&[server.pid(), launcher.pid()]);
     let finished = sonde.stop();
@@ -183,7 +189,7 @@ fn privileged_process_and_connection_churn_leaves_no_state_behind() {
     let requests = (1 + PROCESSES + CONNECTIONS) as u64;
     assert_eq!(finished.counter("events_lost"), Some(0), "{}", finished.stderr);
     assert_eq!(finished.counter("spans_created"), Some(2 * requests), "client and server span per request");
-    eprintln!("churn: baseline {baseline:?}");
+    eprintln!("churn: sonde used {churn_cpu:.1} s CPU; baseline {baseline:?}");
     drop(server);
 }
 
@@ -259,4 +265,80 @@ fn privileged_sigkill_leaves_no_probes_and_the_application_never_notices() {
     assert_eq!(spans.len(), 50, "{}", finished.stderr);
     assert!(spans.iter().all(|s| s.s("url.scheme") == Some("https") && s.kind == "SERVER"));
     drop(server);
+}
+
+/// wrk against `url` for `seconds`: requests per second, and non-2xx answers.
+fn wrk(url: &str, seconds: u32) -> (f64, u64) {
+    let out = std::process::Command::new("wrk")
+        .args(["-t", "1", "-c", "8", "-d", &format!("{seconds}s"), url])
+        .output()
+        .expect("run wrk (apt-get install wrk, or cargo xtask setup)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rate = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no rate in wrk output:\n{text}"));
+    let bad =
+        text.lines().find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:")?.trim().parse().ok()).unwrap_or(0);
+    (rate, bad)
+}
+
+/// Overload taken to the extreme: sonde's user space frozen (SIGSTOP) while the application
+/// runs flat out. The kernel side sheds (ring buffer full: events dropped and counted), the
+/// application never waits: its throughput is at least what it is while sonde keeps up, every
+/// request is answered, and after SIGCONT sonde reports the loss and traces new traffic exactly.
+#[test]
+fn privileged_frozen_sonde_never_slows_the_application_and_counts_what_it_shed() {
+    let Some(_guard) = privileged_test("overload: sonde frozen") else {
+        return;
+    };
+    let server = servers::nginx(free_port());
+    let url = format!("http://127.0.0.1:{}/", server.port);
+    let receiver = HttpReceiver::start();
+    let metrics_port = free_port();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
+    ];
+    let cfg = test_config("capture:\n  ring_buffer_bytes: 262144\n  wakeup_bytes: 65536\n");
+    let sonde = Sonde::start(
+        &["--open-ports", &server.port.to_string(), "--prometheus-port", &metrics_port.to_string()],
+        &cfg,
+        &env,
+    );
+    let (keeping_up, bad) = wrk(&url, 3);
+    assert_eq!(bad, 0);
+    sonde_e2e::sonde::signal(sonde.pid(), 19); // SIGSTOP
+    let (frozen, bad) = wrk(&url, 3);
+    sonde_e2e::sonde::signal(sonde.pid(), 18); // SIGCONT
+    assert_eq!(bad, 0, "every request answered while sonde was frozen");
+    assert!(
+        frozen >= 0.8 * keeping_up,
+        "the application waited for sonde: {frozen:.0} req/s frozen vs {keeping_up:.0} req/s keeping up"
+    );
+
+    // The loss is counted where it happened, and sonde goes on tracing.
+    let lost = sonde_e2e::wait_for(Duration::from_secs(10), || {
+        sample(&scrape(metrics_port), "sonde_events_lost_total").filter(|n| *n > 0.0)
+    });
+    assert!(lost.is_some(), "ring buffer drops were not reported:\n{}", scrape(metrics_port));
+    std::thread::sleep(Duration::from_secs(2));
+    let before = receiver.collected.len();
+    curl(&["-o", "/dev/null"], &urls(server.port, "after", 0, 100));
+    let after = sonde_e2e::wait_for(Duration::from_secs(20), || {
+        let n = receiver
+            .collected
+            .spans()
+            .iter()
+            .filter(|s| s.s("url.path").is_some_and(|p| p.starts_with("/after/")))
+            .count();
+        (n >= 100).then_some(n)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let finished = sonde.stop();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert_eq!(after, Some(100), "traced exactly again after the overload");
+    eprintln!(
+        "overload: {keeping_up:.0} req/s with sonde keeping up, {frozen:.0} req/s with sonde frozen; events lost {lost:?}; spans before {before}"
+    );
 }

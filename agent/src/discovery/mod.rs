@@ -14,6 +14,21 @@ use crate::{
     trace::resource::{ProcessIdentity, Resource},
 };
 
+/// Listening TCP sockets (inode -> port) per network namespace, read at most once per scan.
+#[derive(Default)]
+struct ListenerCache {
+    by_namespace: HashMap<String, HashMap<u64, u16>>,
+}
+
+impl ListenerCache {
+    fn of(&mut self, pid: u32) -> &HashMap<u64, u16> {
+        let ns = std::fs::read_link(format!("/proc/{pid}/ns/net"))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| format!("pid {pid}"));
+        self.by_namespace.entry(ns).or_insert_with(|| procfs::listening_ports(pid))
+    }
+}
+
 /// A socket a newly traced process already had open.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SeededSocket {
@@ -89,8 +104,11 @@ impl Discovery {
     pub fn scan_all(&mut self) -> Vec<Action> {
         let mut actions = Vec::new();
         let pids = procfs::list_pids();
+        // One read of each network namespace's socket table per scan, not one per process: with
+        // many connections in TIME_WAIT the table is megabytes long.
+        let mut listeners = ListenerCache::default();
         for &pid in &pids {
-            if let Some(a) = self.check_pid(pid) {
+            if let Some(a) = self.check_pid_with(pid, &mut listeners) {
                 actions.push(a);
             }
         }
@@ -118,19 +136,23 @@ impl Discovery {
 
     /// Re-checks one process against the selectors (after exec or listen).
     pub fn check_pid(&mut self, pid: u32) -> Option<Action> {
+        self.check_pid_with(pid, &mut ListenerCache::default())
+    }
+
+    fn check_pid_with(&mut self, pid: u32, listeners: &mut ListenerCache) -> Option<Action> {
         if pid == self.self_pid || self.traced.contains_key(&pid) {
             return None;
         }
         let exe = procfs::exe_path(pid)?;
         let needs_ports = self.selectors.iter().any(Selector::needs_ports);
-        let table = if needs_ports { procfs::tcp_table(pid) } else { HashMap::new() };
         let fds = if needs_ports { procfs::socket_fds(pid) } else { Vec::new() };
-        let listen_ports: Vec<u16> = fds
-            .iter()
-            .filter_map(|(_, inode)| table.get(inode))
-            .filter(|e| e.state == procfs::TCP_LISTEN)
-            .map(|e| e.local.port())
-            .collect();
+        // Only processes with sockets can listen: the others cost no socket table read.
+        let listen_ports: Vec<u16> = if fds.is_empty() {
+            Vec::new()
+        } else {
+            let table = listeners.of(pid);
+            fds.iter().filter_map(|(_, inode)| table.get(inode).copied()).collect()
+        };
         let facts = ProcessFacts { pid, exe_path: &exe, listen_ports: &listen_ports };
         let selector = self.selectors.iter().find(|s| s.matches(&facts))?;
         let service = selector

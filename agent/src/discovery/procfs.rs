@@ -90,6 +90,34 @@ pub fn tcp_table(pid: u32) -> HashMap<u64, TcpEntry> {
     out
 }
 
+/// Listening TCP sockets of the process's network namespace: inode -> local port.
+pub fn listening_ports(pid: u32) -> HashMap<u64, u16> {
+    let mut out = HashMap::new();
+    for file in ["tcp", "tcp6"] {
+        if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{file}")) {
+            parse_listening(&text, &mut out);
+        }
+    }
+    out
+}
+
+/// Like [`parse_tcp_table`], but only LISTEN lines, checked before anything else is parsed.
+pub fn parse_listening(text: &str, out: &mut HashMap<u64, u16>) {
+    for line in text.lines().skip(1) {
+        let mut cols = line.split_whitespace();
+        let (Some(local), Some(state)) = (cols.nth(1), cols.nth(1)) else { continue };
+        if state != "0A" {
+            continue;
+        }
+        let (Some(addr), Some(inode)) = (parse_addr(local), cols.nth(5).and_then(|i| i.parse::<u64>().ok())) else {
+            continue;
+        };
+        if inode != 0 {
+            out.insert(inode, addr.port());
+        }
+    }
+}
+
 pub fn parse_tcp_table(text: &str, out: &mut HashMap<u64, TcpEntry>) {
     for line in text.lines().skip(1) {
         let cols: Vec<&str> = line.split_whitespace().collect();
@@ -149,6 +177,14 @@ mod tests {
         let v6 = "h\n   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1\n";
         parse_tcp_table(v6, &mut out);
         assert_eq!(out[&777].local, "[::1]:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn listening_lines_only() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0\n   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 12346 1 0000000000000000 20 4 30 10 -1\n   2: 0100007F:1F90 0100007F:C351 06 00000000:00000000 03:00000F9D 00000000     0        0 0 3 0000000000000000\n";
+        let mut out = HashMap::new();
+        parse_listening(text, &mut out);
+        assert_eq!(out, HashMap::from([(12345, 8080)]));
     }
 
     #[test]
