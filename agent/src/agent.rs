@@ -148,7 +148,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             _ = housekeeping.tick() => {
                 ticks += 1;
                 agent.refresh_counters();
-                if ticks.is_multiple_of(MAP_FILL_TICKS) {
+                // First after one second, then every few seconds.
+                if ticks % MAP_FILL_TICKS == 1 {
                     agent.refresh_map_fill();
                 }
                 if ticks.is_multiple_of(60) {

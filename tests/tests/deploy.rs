@@ -125,7 +125,7 @@ fn prometheus_config_and_alert_rules_pass_promtool() {
     }
     let prom = deploy().join("compose/prometheus");
     let out = run_ok(Command::new("promtool").arg("check").arg("config").arg(prom.join("prometheus.yml")));
-    assert!(out.contains("4 rules found"), "{out}");
+    assert!(out.contains("6 rules found"), "{out}");
     run_ok(Command::new("promtool").arg("check").arg("rules").arg(prom.join("alerts.yml")));
     // Alerts fire on synthetic series (and stay quiet where they should).
     let out = run_ok(Command::new("promtool").arg("test").arg("rules").arg("alerts.test.yml").current_dir(&prom));
