@@ -10,7 +10,7 @@ use aya::{
     programs::{TracePoint, UProbe, uprobe::UProbeScope},
 };
 use sonde_common::{
-    MAX_CAPTURE, ROLE_CLIENT, ROLE_SERVER, Settings, SocketHistory, SocketInfo, SocketKey,
+    MAX_CAPTURE, ROLE_CLIENT, ROLE_SERVER, Settings, SocketHistory, SocketInfo, SocketKey, TRACED_FLAG_TRACED,
     counter::{self, COUNT},
 };
 
@@ -205,7 +205,9 @@ impl Capture {
     }
 
     pub fn trace_pid(&mut self, pid: u32) -> Result<(), CaptureError> {
-        self.traced.insert(pid, 1, 0).map_err(|e| CaptureError::Update { name: "TRACED_PIDS", detail: e.to_string() })
+        self.traced
+            .insert(pid, TRACED_FLAG_TRACED, 0)
+            .map_err(|e| CaptureError::Update { name: "TRACED_PIDS", detail: e.to_string() })
     }
 
     pub fn untrace_pid(&mut self, pid: u32) {

@@ -80,6 +80,13 @@ pub const DATA_FLAG_TLS: u32 = 2;
 /// Socket flag: the socket carries TLS; its syscall-level bytes are ciphertext and not emitted.
 pub const SOCKET_FLAG_TLS: u32 = 1;
 
+/// Value bits in the PID filter map. Every traced process has TRACED_FLAG_TRACED.
+pub const TRACED_FLAG_TRACED: u32 = 1;
+/// The process has called into the TLS library (set by the TLS probes on its first call, inherited
+/// by children): only then do its socket syscalls look for a TLS call around them. A server that
+/// links OpenSSL but serves plaintext never pays for that bookkeeping.
+pub const TRACED_FLAG_TLS: u32 = 2;
+
 /// Header common to every ring buffer record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

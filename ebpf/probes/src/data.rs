@@ -11,12 +11,12 @@ use aya_ebpf::{
 };
 use sonde_common::{
     ConnEvent, DATA_FLAG_TLS, DATA_FLAG_UNCOPIED, SOCKET_FLAG_TLS, DIR_EGRESS, DIR_INGRESS, EventKind, MAX_CAPTURE, MAX_IOVECS,
-    ROLE_CLIENT, ROLE_SERVER, RawSockaddr, SocketInfo, SocketKey, counter,
+    ROLE_CLIENT, ROLE_SERVER, RawSockaddr, SocketInfo, SocketKey, TRACED_FLAG_TLS, counter,
 };
 
 use crate::maps::{
     Call, DataScratch, EVENTS, HAS_CHILDREN, HISTORY_DEPTH, INFLIGHT, Inflight, LAST_READ_FD, PARENTS, SCRATCH, SOCKETS, SOCKET_HISTORY, SocketHistory, count, header, settings,
-    submit, traced_current, wakeup_flags,
+    submit, traced_current, traced_current_flags, wakeup_flags,
 };
 
 const EINPROGRESS: i64 = 115;
@@ -78,18 +78,25 @@ fn socket_role(tgid: u32, fd: u32) -> Option<u32> {
 /// Enter of a syscall that moves data on `fd_slot`: remember its arguments if fd is a socket.
 #[inline(always)]
 fn enter_data(ctx: &TracePointContext, call: Call, fd_slot: usize, ptr_slot: usize, len_slot: usize) -> u32 {
-    let Some((tgid, _, pid_tgid)) = traced_current() else { return 0 };
+    let Some((tgid, _, pid_tgid, traced_flags)) = traced_current_flags() else { return 0 };
     let fd = arg(ctx, fd_slot) as u32;
     let Some(info) = socket_info(tgid, fd) else { return 0 };
     let role = info.role;
-    let reading = matches!(call, Call::ReadBuf | Call::ReadVec | Call::ReadMsg);
-    // Written only when it changes: a lookup costs much less than an update.
-    if reading && unsafe { LAST_READ_FD.get(&pid_tgid) }.copied() != Some(fd) {
-        let _ = LAST_READ_FD.insert(&pid_tgid, &fd, 0);
+    // Processes without a probed TLS library skip the TLS bookkeeping (three map operations).
+    if traced_flags & TRACED_FLAG_TLS != 0 {
+        let reading = matches!(call, Call::ReadBuf | Call::ReadVec | Call::ReadMsg);
+        // Written only when it changes: a lookup costs much less than an update.
+        if reading && unsafe { LAST_READ_FD.get(&pid_tgid) }.copied() != Some(fd) {
+            let _ = LAST_READ_FD.insert(&pid_tgid, &fd, 0);
+        }
+        // Inside SSL_read/SSL_write (or a handshake) this syscall moves ciphertext: it tells
+        // which socket the TLS session uses, and is not emitted.
+        if crate::tls::note_inner_syscall(tgid, pid_tgid, fd) {
+            return 0;
+        }
     }
-    // Inside SSL_read/SSL_write (or a handshake) this syscall moves ciphertext: it tells which
-    // socket the TLS session uses, and is not emitted.
-    if crate::tls::note_inner_syscall(tgid, pid_tgid, fd) || info.flags & SOCKET_FLAG_TLS != 0 {
+    if info.flags & SOCKET_FLAG_TLS != 0 {
+        // Ciphertext of a TLS session: its plaintext comes from the TLS probes.
         return 0;
     }
     let rec = Inflight { call, fd, ptr: arg(ctx, ptr_slot), len: arg(ctx, len_slot), role, _pad: 0 };

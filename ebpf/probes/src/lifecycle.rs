@@ -34,7 +34,10 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     if child == s.self_pid {
         return 0;
     }
-    let _ = TRACED_PIDS.insert(&child, &1, 0);
+    // The child has its parent's image, so its parent's flags (TLS library included).
+    // SAFETY: value copied out.
+    let flags = unsafe { TRACED_PIDS.get(&tgid) }.copied().unwrap_or(sonde_common::TRACED_FLAG_TRACED);
+    let _ = TRACED_PIDS.insert(&child, &flags, 0);
     // SAFETY: helper with no arguments.
     let fork_ns = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     let _ = PARENTS.insert(&child, &ParentInfo { parent: tgid, _pad: 0, fork_ns }, 0);

@@ -109,6 +109,25 @@ pub struct Inflight {
     pub _pad: u32,
 }
 
+/// The current thread's (tgid, tid, pid_tgid) and its process's `TRACED_FLAG_*` bits, if traced.
+#[inline(always)]
+pub fn traced_current_flags() -> Option<(u32, u32, u64, u32)> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: read-only lookup; the value is copied out.
+    let flags = unsafe { TRACED_PIDS.get(&tgid) }.copied()?;
+    Some((tgid, pid_tgid as u32, pid_tgid, flags))
+}
+
+/// Marks a traced process as using TLS (see `TRACED_FLAG_TLS`).
+#[inline(always)]
+pub fn mark_tls(tgid: u32) {
+    if let Some(flags) = TRACED_PIDS.get_ptr_mut(&tgid) {
+        // SAFETY: a bit set in place; every writer only ever sets bits.
+        unsafe { *flags |= sonde_common::TRACED_FLAG_TLS };
+    }
+}
+
 /// The current thread's (tgid, tid, pid_tgid) if its process is traced.
 #[inline(always)]
 pub fn traced_current() -> Option<(u32, u32, u64)> {

@@ -10,11 +10,11 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::{ProbeContext, RetProbeContext},
 };
-use sonde_common::{DATA_FLAG_TLS, MAX_INFLIGHT, SOCKET_FLAG_TLS, SocketKey, counter};
+use sonde_common::{DATA_FLAG_TLS, MAX_INFLIGHT, SOCKET_FLAG_TLS, SocketKey, TRACED_FLAG_TLS, counter};
 
 use crate::{
     data::{emit_data, socket_info},
-    maps::{Call, Inflight, LAST_READ_FD, SOCKETS, count, traced_current},
+    maps::{Call, Inflight, LAST_READ_FD, SOCKETS, count, mark_tls, traced_current, traced_current_flags},
 };
 
 const KIND_READ: u32 = 1;
@@ -103,7 +103,10 @@ fn session_fd(tgid: u32, ssl: u64) -> Option<u32> {
 
 #[inline(always)]
 fn enter(ctx: &ProbeContext, kind: u32, ex: bool) -> u32 {
-    let Some((_, _, pid_tgid)) = traced_current() else { return 0 };
+    let Some((tgid, _, pid_tgid, flags)) = traced_current_flags() else { return 0 };
+    if flags & TRACED_FLAG_TLS == 0 {
+        mark_tls(tgid);
+    }
     let call = TlsCall {
         ssl: ctx.arg::<u64>(0).unwrap_or(0),
         buf: ctx.arg::<u64>(1).unwrap_or(0),
@@ -189,7 +192,10 @@ pub fn ssl_rw_exit(ctx: RetProbeContext) -> u32 {
 
 #[uprobe]
 pub fn ssl_handshake_enter(ctx: ProbeContext) -> u32 {
-    let Some((_, _, pid_tgid)) = traced_current() else { return 0 };
+    let Some((tgid, _, pid_tgid, flags)) = traced_current_flags() else { return 0 };
+    if flags & TRACED_FLAG_TLS == 0 {
+        mark_tls(tgid);
+    }
     let call = HandshakeCall { ssl: ctx.arg::<u64>(0).unwrap_or(0), fd: u32::MAX, _pad: 0 };
     let _ = HANDSHAKES.insert(&pid_tgid, &call, 0);
     0
