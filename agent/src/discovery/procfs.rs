@@ -81,21 +81,20 @@ pub fn socket_inode(pid: u32, fd: u32) -> Option<u64> {
 
 /// TCP sockets of the process's network namespace, by inode.
 pub fn tcp_table(pid: u32) -> HashMap<u64, TcpEntry> {
-    let mut out = HashMap::new();
-    for file in ["tcp", "tcp6"] {
-        if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{file}")) {
-            parse_tcp_table(&text, &mut out);
-        }
-    }
-    out
+    read_tcp_tables(pid, parse_tcp_table)
 }
 
 /// Listening TCP sockets of the process's network namespace: inode -> local port.
 pub fn listening_ports(pid: u32) -> HashMap<u64, u16> {
+    read_tcp_tables(pid, parse_listening)
+}
+
+/// `/proc/PID/net/tcp` and `tcp6` through one parser into one map.
+fn read_tcp_tables<V>(pid: u32, parse: fn(&str, &mut HashMap<u64, V>)) -> HashMap<u64, V> {
     let mut out = HashMap::new();
     for file in ["tcp", "tcp6"] {
         if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{file}")) {
-            parse_listening(&text, &mut out);
+            parse(&text, &mut out);
         }
     }
     out
