@@ -145,7 +145,7 @@ fn privileged_prometheus_scrapes_red_metrics_and_otlp_metrics_match_requests() {
             .iter()
             .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
             .collect();
-        if all.len() != 4 || all.iter().any(|r| r["health"] != "ok") {
+        if all.len() != 6 || all.iter().any(|r| r["health"] != "ok") {
             return None;
         }
         let errors = all.iter().find(|r| r["name"] == "HighErrorRatio")?;

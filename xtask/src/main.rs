@@ -98,6 +98,8 @@ fn test() -> Result<()> {
     cmd.args([
         "test",
         "--release",
+        // Every test binary runs even after one fails: the summary names all failures.
+        "--no-fail-fast",
         "--lib",
         "--bins",
         "--tests",
