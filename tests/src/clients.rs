@@ -153,3 +153,63 @@ pub fn scrape(port: u16) -> String {
 pub fn sample(exposition: &str, series: &str) -> Option<f64> {
     exposition.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
 }
+
+/// What wrk reported.
+#[derive(Clone, Debug, Default)]
+pub struct WrkReport {
+    pub requests: u64,
+    pub per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Answers that were not 2xx or 3xx.
+    pub non_2xx: u64,
+}
+
+/// wrk (one thread) with `connections` keep-alive connections for `seconds`.
+pub fn wrk(url: &str, connections: u32, seconds: u32) -> WrkReport {
+    let out = Command::new("wrk")
+        .args(["-t", "1", "-c", &connections.to_string(), "-d", &format!("{seconds}s"), "--latency", url])
+        .output()
+        .expect("run wrk (apt-get install wrk, or cargo xtask setup)");
+    assert!(out.status.success(), "wrk failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut r = WrkReport::default();
+    for line in text.lines().map(str::trim) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["50%", v] => r.p50_ms = wrk_duration_ms(v),
+            ["99%", v] => r.p99_ms = wrk_duration_ms(v),
+            ["Requests/sec:", v] => r.per_second = v.parse().unwrap_or(0.0),
+            ["Non-2xx", "or", "3xx", "responses:", n] => r.non_2xx = n.parse().unwrap_or(u64::MAX),
+            [n, "requests", "in", ..] => r.requests = n.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    assert!(r.requests > 0, "wrk reported no requests:\n{text}");
+    r
+}
+
+/// `12.5us`, `3.2ms`, `1.01s` -> milliseconds.
+fn wrk_duration_ms(text: &str) -> f64 {
+    let (num, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(text.len()));
+    let v: f64 = num.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => v / 1000.0,
+        "ms" => v,
+        "s" => v * 1000.0,
+        "m" => v * 60_000.0,
+        _ => f64::NAN,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_units() {
+        assert_eq!(wrk_duration_ms("250.00us"), 0.25);
+        assert_eq!(wrk_duration_ms("1.50ms"), 1.5);
+        assert_eq!(wrk_duration_ms("2.00s"), 2000.0);
+    }
+}

@@ -32,6 +32,14 @@ impl Collected {
         self.0.lock().map(|v| v.len()).unwrap_or(0)
     }
 
+    /// Spans whose `url.path` starts with `prefix`.
+    pub fn count_path_prefix(&self, prefix: &str) -> usize {
+        self.0
+            .lock()
+            .map(|v| v.iter().filter(|s| s.s("url.path").is_some_and(|p| p.starts_with(prefix))).count())
+            .unwrap_or(0)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -98,13 +98,7 @@ fn privileged_hostile_http_input_is_counted_and_good_traffic_stays_exact() {
         }
         let want = 20 * good_rounds;
         sonde_e2e::wait_for(Duration::from_secs(10), || {
-            let n = receiver
-                .collected
-                .spans()
-                .iter()
-                .filter(|s| s.s("url.path").is_some_and(|p| p.starts_with("/good/")))
-                .count();
-            (n >= want).then_some(())
+            (receiver.collected.count_path_prefix("/good/") >= want).then_some(())
         });
     };
 

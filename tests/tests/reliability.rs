@@ -8,7 +8,7 @@ use std::{
 };
 
 use sonde_e2e::{
-    clients::{Launcher, curl, sample, scrape},
+    clients::{Launcher, curl, sample, scrape, wrk},
     free_port,
     otlp::HttpReceiver,
     privileged_test, servers,
@@ -62,8 +62,7 @@ fn privileged_collector_outage_bounded_memory_export_resumes_drops_counted_exact
     assert!(resumed.is_some(), "export did not resume: {} spans\n{}", receiver.collected.len(), sonde.stderr());
     curl(&["-o", "/dev/null"], &urls(server.port, "after", 0, 500));
     let after = sonde_e2e::wait_for(Duration::from_secs(20), || {
-        let spans = receiver.collected.spans();
-        let n = spans.iter().filter(|s| s.s("url.path").is_some_and(|p| p.starts_with("/after/"))).count();
+        let n = receiver.collected.count_path_prefix("/after/");
         (n >= 500).then_some(n)
     });
     std::thread::sleep(Duration::from_secs(2));
@@ -267,22 +266,6 @@ fn privileged_sigkill_leaves_no_probes_and_the_application_never_notices() {
     drop(server);
 }
 
-/// wrk against `url` for `seconds`: requests per second, and non-2xx answers.
-fn wrk(url: &str, seconds: u32) -> (f64, u64) {
-    let out = std::process::Command::new("wrk")
-        .args(["-t", "1", "-c", "8", "-d", &format!("{seconds}s"), url])
-        .output()
-        .expect("run wrk (apt-get install wrk, or cargo xtask setup)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let rate = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:")?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no rate in wrk output:\n{text}"));
-    let bad =
-        text.lines().find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:")?.trim().parse().ok()).unwrap_or(0);
-    (rate, bad)
-}
-
 /// Overload taken to the extreme: sonde's user space frozen (SIGSTOP) while the application
 /// runs flat out. The kernel side sheds (ring buffer full: events dropped and counted), the
 /// application never waits: its throughput is at least what it is while sonde keeps up, every
@@ -306,12 +289,13 @@ fn privileged_frozen_sonde_never_slows_the_application_and_counts_what_it_shed()
         &cfg,
         &env,
     );
-    let (keeping_up, bad) = wrk(&url, 3);
-    assert_eq!(bad, 0);
+    let keeping_up = wrk(&url, 8, 3);
+    assert_eq!(keeping_up.non_2xx, 0);
     sonde_e2e::sonde::signal(sonde.pid(), 19); // SIGSTOP
-    let (frozen, bad) = wrk(&url, 3);
+    let frozen = wrk(&url, 8, 3);
     sonde_e2e::sonde::signal(sonde.pid(), 18); // SIGCONT
-    assert_eq!(bad, 0, "every request answered while sonde was frozen");
+    assert_eq!(frozen.non_2xx, 0, "every request answered while sonde was frozen");
+    let (keeping_up, frozen) = (keeping_up.per_second, frozen.per_second);
     assert!(
         frozen >= 0.8 * keeping_up,
         "the application waited for sonde: {frozen:.0} req/s frozen vs {keeping_up:.0} req/s keeping up"
@@ -326,12 +310,7 @@ fn privileged_frozen_sonde_never_slows_the_application_and_counts_what_it_shed()
     let before = receiver.collected.len();
     curl(&["-o", "/dev/null"], &urls(server.port, "after", 0, 100));
     let after = sonde_e2e::wait_for(Duration::from_secs(20), || {
-        let n = receiver
-            .collected
-            .spans()
-            .iter()
-            .filter(|s| s.s("url.path").is_some_and(|p| p.starts_with("/after/")))
-            .count();
+        let n = receiver.collected.count_path_prefix("/after/");
         (n >= 100).then_some(n)
     });
     std::thread::sleep(Duration::from_secs(1));

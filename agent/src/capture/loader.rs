@@ -234,26 +234,18 @@ impl Capture {
             .map_err(|e| CaptureError::Update { name: "SOCKETS", detail: e.to_string() })
     }
 
-    /// Socket map entries belonging to `pid` (used to clean up after a process exits).
-    pub fn sockets_of(&self, pid: u32) -> Vec<u32> {
-        self.sockets.keys().filter_map(Result::ok).filter(|k| k.pid == pid).map(|k| k.fd).collect()
-    }
-
     /// Removes what the kernel keeps for an exited process's sockets: its socket map entries
     /// (closed ones stay as tombstones while it has children) and its socket history.
     pub fn forget_sockets_of(&mut self, pid: u32) {
-        for fd in self.sockets_of(pid) {
-            let _ = self.sockets.remove(&SocketKey { pid, fd });
+        let sockets: Vec<SocketKey> = self.sockets.keys().filter_map(Result::ok).filter(|k| k.pid == pid).collect();
+        for key in sockets {
+            let _ = self.sockets.remove(&key);
         }
         let history: Vec<SocketKey> =
             self.socket_history.keys().filter_map(Result::ok).filter(|k| k.pid == pid).collect();
         for key in history {
             let _ = self.socket_history.remove(&key);
         }
-    }
-
-    pub fn socket_count(&self) -> usize {
-        self.sockets.keys().filter(Result::is_ok).count()
     }
 
     /// Entries in each per-process/per-connection map (walks every key: call it seldom).

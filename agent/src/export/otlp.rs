@@ -207,8 +207,7 @@ async fn export_loop(
     let mut batch = Vec::with_capacity(settings.batch_spans);
     let mut outage = Outage::default();
     loop {
-        let first = rx.recv().await;
-        let Some(first) = first else { break };
+        let Some(first) = rx.recv().await else { break };
         batch.push(first);
         let deadline = tokio::time::Instant::now() + settings.batch_timeout;
         while batch.len() < settings.batch_spans {
@@ -230,9 +229,6 @@ async fn export_loop(
                 log::warn!("shutting down while the collector fails: dropped {rest} queued spans");
             }
         }
-    }
-    if !batch.is_empty() {
-        deliver(&mut transport, &settings, &stats, &mut batch, &rx, &mut outage).await;
     }
 }
 

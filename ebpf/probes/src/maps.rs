@@ -119,25 +119,10 @@ pub fn traced_current_flags() -> Option<(u32, u32, u64, u32)> {
     Some((tgid, pid_tgid as u32, pid_tgid, flags))
 }
 
-/// Marks a traced process as using TLS (see `TRACED_FLAG_TLS`).
-#[inline(always)]
-pub fn mark_tls(tgid: u32) {
-    if let Some(flags) = TRACED_PIDS.get_ptr_mut(&tgid) {
-        // SAFETY: a bit set in place; every writer only ever sets bits.
-        unsafe { *flags |= sonde_common::TRACED_FLAG_TLS };
-    }
-}
-
 /// The current thread's (tgid, tid, pid_tgid) if its process is traced.
 #[inline(always)]
 pub fn traced_current() -> Option<(u32, u32, u64)> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    // SAFETY: read-only lookup; the value is not dereferenced.
-    if unsafe { TRACED_PIDS.get(&tgid) }.is_none() {
-        return None;
-    }
-    Some((tgid, pid_tgid as u32, pid_tgid))
+    traced_current_flags().map(|(tgid, tid, pid_tgid, _)| (tgid, tid, pid_tgid))
 }
 
 #[inline(always)]

@@ -14,7 +14,7 @@ use sonde_common::{DATA_FLAG_TLS, MAX_INFLIGHT, SOCKET_FLAG_TLS, SocketKey, TRAC
 
 use crate::{
     data::{emit_data, socket_info},
-    maps::{Call, Inflight, LAST_READ_FD, SOCKETS, count, mark_tls, traced_current, traced_current_flags},
+    maps::{Call, Inflight, LAST_READ_FD, SOCKETS, TRACED_PIDS, count, traced_current, traced_current_flags},
 };
 
 const KIND_READ: u32 = 1;
@@ -101,12 +101,23 @@ fn session_fd(tgid: u32, ssl: u64) -> Option<u32> {
     unsafe { SESSIONS.get(&SessionKey { tgid, _pad: 0, ssl }) }.copied()
 }
 
+/// Entry of any SSL_* call of a traced thread: its pid_tgid. The first call marks the process as
+/// using TLS (`TRACED_FLAG_TLS`), so its socket syscalls start looking for TLS calls around them.
+#[inline(always)]
+fn traced_tls_call() -> Option<u64> {
+    let (tgid, _, pid_tgid, flags) = traced_current_flags()?;
+    if flags & TRACED_FLAG_TLS == 0
+        && let Some(flags) = TRACED_PIDS.get_ptr_mut(&tgid)
+    {
+        // SAFETY: a bit set in place; every writer only ever sets bits.
+        unsafe { *flags |= TRACED_FLAG_TLS };
+    }
+    Some(pid_tgid)
+}
+
 #[inline(always)]
 fn enter(ctx: &ProbeContext, kind: u32, ex: bool) -> u32 {
-    let Some((tgid, _, pid_tgid, flags)) = traced_current_flags() else { return 0 };
-    if flags & TRACED_FLAG_TLS == 0 {
-        mark_tls(tgid);
-    }
+    let Some(pid_tgid) = traced_tls_call() else { return 0 };
     let call = TlsCall {
         ssl: ctx.arg::<u64>(0).unwrap_or(0),
         buf: ctx.arg::<u64>(1).unwrap_or(0),
@@ -192,10 +203,7 @@ pub fn ssl_rw_exit(ctx: RetProbeContext) -> u32 {
 
 #[uprobe]
 pub fn ssl_handshake_enter(ctx: ProbeContext) -> u32 {
-    let Some((tgid, _, pid_tgid, flags)) = traced_current_flags() else { return 0 };
-    if flags & TRACED_FLAG_TLS == 0 {
-        mark_tls(tgid);
-    }
+    let Some(pid_tgid) = traced_tls_call() else { return 0 };
     let call = HandshakeCall { ssl: ctx.arg::<u64>(0).unwrap_or(0), fd: u32::MAX, _pad: 0 };
     let _ = HANDSHAKES.insert(&pid_tgid, &call, 0);
     0

@@ -231,21 +231,25 @@ impl RedisSession {
         {
             self.db = db;
         }
-        let db = self.db;
-        if p.operation.is_empty() {
-            // The command's name was in bytes beyond the capture: its reply keeps the pairing
-            // aligned, but a nameless span would say nothing. Counted instead.
-            out.push(SessionEvent::Abandoned { seq: p.seq });
-            out.push(SessionEvent::ParseError { reason: "command name not captured" });
-            return;
-        }
-        out.push(SessionEvent::Completed(Exchange {
-            seq: p.seq,
-            start_ns: p.start,
-            end_ns: ts.max(p.start),
-            detail: ExchangeDetail::Redis(RedisExchange { operation: p.operation, args: p.args, db, error }),
-        }));
+        let end_ns = ts.max(p.start);
+        complete(p, end_ns, self.db, error, out);
     }
+}
+
+/// A command got its reply. A command whose name was in bytes beyond the capture kept the
+/// pairing aligned, but a nameless span would say nothing: it is counted instead.
+fn complete(p: Pending, end_ns: u64, db: u32, error: Option<String>, out: &mut Vec<SessionEvent>) {
+    if p.operation.is_empty() {
+        out.push(SessionEvent::Abandoned { seq: p.seq });
+        out.push(SessionEvent::ParseError { reason: "command name not captured" });
+        return;
+    }
+    out.push(SessionEvent::Completed(Exchange {
+        seq: p.seq,
+        start_ns: p.start,
+        end_ns,
+        detail: ExchangeDetail::Redis(RedisExchange { operation: p.operation, args: p.args, db, error }),
+    }));
 }
 
 impl RedisSession {
@@ -255,20 +259,10 @@ impl RedisSession {
     /// is unknowable and they are counted as unmatched. Replies resume at the next reply.
     fn recover_replies(&mut self, ts: u64, out: &mut Vec<SessionEvent>) {
         if self.pending.len() == 1
-            && self.pending.front().is_some_and(|p| !p.operation.is_empty())
             && let Some(p) = self.pending.pop_front()
         {
-            out.push(SessionEvent::Completed(Exchange {
-                seq: p.seq,
-                start_ns: p.start,
-                end_ns: self.last_reply_ts.clamp(p.start, ts.max(p.start)),
-                detail: ExchangeDetail::Redis(RedisExchange {
-                    operation: p.operation,
-                    args: p.args,
-                    db: self.db,
-                    error: None,
-                }),
-            }));
+            let end_ns = self.last_reply_ts.clamp(p.start, ts.max(p.start));
+            complete(p, end_ns, self.db, None, out);
         }
         for _ in self.pending.drain(..) {
             out.push(SessionEvent::UnmatchedRequest);

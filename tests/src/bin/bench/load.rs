@@ -22,44 +22,10 @@ fn output(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `12.5us`, `3.2ms`, `1.01s` -> milliseconds.
-fn wrk_duration_ms(text: &str) -> f64 {
-    let (num, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(text.len()));
-    let v: f64 = num.parse().unwrap_or(f64::NAN);
-    match unit {
-        "us" => v / 1000.0,
-        "ms" => v,
-        "s" => v * 1000.0,
-        "m" => v * 60_000.0,
-        _ => f64::NAN,
-    }
-}
-
 /// wrk at saturation: `connections` keep-alive connections for `seconds`.
 pub fn wrk(url: &str, connections: u32, seconds: u32) -> LoadResult {
-    let text = output(Command::new("wrk").args([
-        "-t",
-        "1",
-        "-c",
-        &connections.to_string(),
-        "-d",
-        &format!("{seconds}s"),
-        "--latency",
-        url,
-    ]));
-    let mut r = LoadResult::default();
-    for line in text.lines().map(str::trim) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        match f.as_slice() {
-            ["50%", v] => r.p50_ms = wrk_duration_ms(v),
-            ["99%", v] => r.p99_ms = wrk_duration_ms(v),
-            ["Requests/sec:", v] => r.per_second = v.parse().unwrap_or(0.0),
-            [n, "requests", "in", ..] => r.requests = n.parse().unwrap_or(0),
-            _ => {}
-        }
-    }
-    assert!(r.requests > 0, "wrk reported no requests:\n{text}");
-    r
+    let r = sonde_e2e::clients::wrk(url, connections, seconds);
+    LoadResult { requests: r.requests, per_second: r.per_second, p50_ms: r.p50_ms, p99_ms: r.p99_ms }
 }
 
 /// Open-loop HTTP load at `rate` requests/s over `connections` keep-alive connections: each
@@ -200,13 +166,6 @@ pub fn pgbench(port: u16, seconds: u32, password: &str, dir: &std::path::Path) -
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn wrk_units() {
-        assert_eq!(wrk_duration_ms("250.00us"), 0.25);
-        assert_eq!(wrk_duration_ms("1.50ms"), 1.5);
-        assert_eq!(wrk_duration_ms("2.00s"), 2000.0);
-    }
 
     #[test]
     fn percentiles() {
