@@ -1,17 +1,13 @@
 //! `sonde run`: wires capture, discovery, the pipeline and the exporters, and runs until a
 //! shutdown signal. On shutdown it drains the ring buffer, detaches, and flushes exports.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
-    capture::{Capture, Event, events::decode, loader::CaptureOptions},
+    capture::{Capture, Event, events::decode, loader::CaptureOptions, tls_probes::TlsProbes},
     config::{AgentConfig, PrintMode},
     conn::table::DataIn,
     discovery::{Action, Discovery, tls},
@@ -37,8 +33,8 @@ const TLS_CHECK_EVERY_EVENTS: u32 = 256;
 
 struct Agent {
     capture: Capture,
-    /// TLS files probed so far, by (device, inode): Some(what was attached) or None (no OpenSSL).
-    tls_files: HashMap<(u64, u64), Option<String>>,
+    /// Where the OpenSSL uprobes are attached, and for which processes.
+    tls_probes: TlsProbes,
     /// Processes whose TLS situation was already logged.
     tls_reported: HashSet<u32>,
     /// Processes that mapped new executable code since the last check for TLS libraries
@@ -104,7 +100,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
 
     let mut agent = Agent {
         capture,
-        tls_files: HashMap::new(),
+        tls_probes: TlsProbes::default(),
         tls_reported: HashSet::new(),
         tls_pending: HashSet::new(),
         tls_enabled: cfg.capture.tls,
@@ -253,8 +249,16 @@ impl Agent {
     fn apply(&mut self, actions: Vec<Action>) {
         for action in actions {
             let (pid, resource, sockets, in_kernel) = match action {
-                Action::Trace { pid, resource, sockets } => (pid, resource, sockets, false),
-                Action::Adopt { pid, resource, sockets } => (pid, resource, sockets, true),
+                Action::Trace { pid, resource, sockets, via_parent } => {
+                    if via_parent {
+                        self.tls_probes.mark_via_parent(pid);
+                    }
+                    (pid, resource, sockets, false)
+                }
+                Action::Adopt { pid, resource, sockets } => {
+                    self.tls_probes.mark_via_parent(pid);
+                    (pid, resource, sockets, true)
+                }
                 Action::Refresh { pid, resource } => {
                     // A new image may bring its own TLS library.
                     self.pipeline.set_resource(pid, resource);
@@ -294,7 +298,7 @@ impl Agent {
         }
     }
 
-    /// Attaches the TLS uprobes to the OpenSSL the process uses (each file once), and says per
+    /// Attaches the TLS uprobes to the OpenSSL the process uses, and says per
     /// process what was found (at info level when `announce`, else debug).
     fn attach_tls(&mut self, pid: u32, announce: bool) {
         if !self.tls_enabled {
@@ -302,21 +306,7 @@ impl Agent {
         }
         let mut found = Vec::new();
         for c in tls::candidates(pid) {
-            let outcome = match self.tls_files.get(&c.id) {
-                Some(known) => known.clone(),
-                None => {
-                    let result = self.capture.attach_tls(&c.path).ok().map(|symbols| {
-                        let kind = if c.is_executable { "OpenSSL linked statically into" } else { "OpenSSL" };
-                        format!("{kind} {} ({})", c.shown, symbols.join(", "))
-                    });
-                    if let Some(what) = &result {
-                        log::info!("TLS: attached uprobes to {what}");
-                    }
-                    self.tls_files.insert(c.id, result.clone());
-                    result
-                }
-            };
-            if let Some(what) = outcome {
+            if let Some(what) = self.tls_probes.ensure(&mut self.capture, pid, &c) {
                 found.push(what);
             }
         }
@@ -335,6 +325,7 @@ impl Agent {
     fn forget_process(&mut self, pid: u32) {
         self.tls_reported.remove(&pid);
         self.tls_pending.remove(&pid);
+        self.tls_probes.forget(&mut self.capture, pid);
         self.discovery.on_exit(pid);
         self.pipeline.remove_process(pid);
         self.capture.untrace_pid(pid);

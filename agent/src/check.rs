@@ -3,7 +3,11 @@
 use std::path::Path;
 
 use crate::{
-    capture::{Capture, loader::CaptureOptions, tracefs},
+    capture::{
+        Capture,
+        loader::{CaptureOptions, TlsScope},
+        tracefs,
+    },
     discovery::tls,
 };
 
@@ -145,9 +149,10 @@ fn tls_finding(capture: &mut Capture, pid: u32) -> Finding {
     let exe = crate::discovery::procfs::exe_path(pid).unwrap_or_default();
     let mut traced = Vec::new();
     for c in tls::candidates(pid) {
-        if let Ok(symbols) = capture.attach_tls(&c.path) {
+        if let Ok(links) = capture.attach_tls(&c.path, TlsScope::Process(pid)) {
             let how = if c.is_executable { "OpenSSL linked statically into" } else { "OpenSSL" };
-            traced.push(format!("{how} {} ({})", c.shown, symbols.join(", ")));
+            traced.push(format!("{how} {} ({})", c.shown, links.symbols.join(", ")));
+            capture.detach_tls(links);
         }
     }
     let detail = match (traced.is_empty(), tls::unsupported_stack(pid)) {

@@ -1,6 +1,7 @@
 //! Helpers for sonde's end-to-end tests: they load sonde for real (root, eBPF) against real
 //! servers and clients on loopback, and read what it exports through an OTLP receiver.
 
+pub mod bpf_stats;
 pub mod clients;
 pub mod otlp;
 pub mod promql;

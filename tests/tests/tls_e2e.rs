@@ -189,3 +189,54 @@ fn privileged_psql_over_tls() {
     assert_eq!(finished.counter("postgres_parse_errors"), Some(0), "{}", finished.stderr);
     drop(pg);
 }
+
+/// The TLS probes of a process selected on its own are attached to that process only: HTTPS
+/// traffic between an untraced curl and an untraced nginx, both mapping the same libssl as the
+/// traced server, runs none of sonde's TLS programs (a file-wide probe would trap in both on
+/// every SSL call), while the traced server's calls run them.
+#[test]
+fn privileged_untraced_processes_do_not_run_the_tls_probes() {
+    let Some(_guard) = privileged_test("TLS probes scoped to the traced process") else { return };
+    let traced_port = free_port();
+    let server = servers::python_https(traced_port);
+    let other_port = free_port();
+    let nginx = servers::nginx_with(other_port, Some(()));
+    let receiver = HttpReceiver::start();
+    let cfg = test_config(&format!("discovery:\n  - service.name: tls-server\n    open_ports: {traced_port}\n"));
+    let sonde = Sonde::start(&[], &cfg, &env(&receiver));
+    let stats = sonde_e2e::bpf_stats::BpfStats::enable();
+    let curl = |port: u16, path: &str, n: usize| {
+        let urls: Vec<String> = (0..n).map(|i| format!("https://127.0.0.1:{port}{path}{i}")).collect();
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-sk", "-o", "/dev/null"]);
+        for u in &urls {
+            cmd.args([u.as_str(), "-o", "/dev/null"]);
+        }
+        assert!(cmd.status().expect("run curl").success());
+    };
+    // One request first: the server's probes are attached by the time its span is exported.
+    curl(traced_port, "/py/warmup", 1);
+    assert_eq!(receiver.collected.wait_for(1, WAIT).len(), 1);
+
+    let runs = || sonde_e2e::bpf_stats::runs_of(sonde.pid(), "ssl_");
+    let before = runs();
+    // nginx answers 404 for these paths: every request still goes through SSL_read/SSL_write.
+    curl(other_port, "/untraced/", 20);
+    let after_untraced = runs();
+    curl(traced_port, "/py/traced", 5);
+    let spans = receiver.collected.wait_for(6, WAIT);
+    let after_traced = runs();
+    drop(stats);
+    let finished = sonde.stop();
+    assert_eq!(after_untraced - before, 0, "untraced curl and nginx ran sonde's TLS probes:\n{}", finished.stderr);
+    // At least SSL_read and SSL_write, entry and return, per traced request.
+    assert!(
+        after_traced - after_untraced >= 5 * 4,
+        "{} TLS probe runs for 5 traced requests",
+        after_traced - after_untraced
+    );
+    assert_eq!(spans.len(), 6, "{:?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>());
+    assert!(spans.iter().all(|s| s.kind == "SERVER" && s.s("url.scheme") == Some("https")));
+    assert_eq!(finished.counter("http_parse_errors"), Some(0), "{}", finished.stderr);
+    drop((server, nginx));
+}

@@ -19,7 +19,9 @@ const PACKAGES: &[&str] = &[
     "redis-tools",
     "openssl",
     "prometheus",
-    // systemd-analyze (verifies deploy/systemd), ss and setpriv used by the tests.
+    // bpftool (names of sonde's programs in the TLS scope test), systemd-analyze (verifies
+    // deploy/systemd), ss and setpriv used by the tests.
+    "bpftool",
     "systemd",
     "iproute2",
     "util-linux",

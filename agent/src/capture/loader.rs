@@ -4,10 +4,15 @@
 //! Dropping [`Capture`] detaches every program; if the agent dies, the kernel does the same when
 //! its file descriptors close, so no probe outlives the agent.
 
+use std::num::NonZeroU32;
+
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{
+        TracePoint, UProbe,
+        uprobe::{UProbeLinkId, UProbeScope},
+    },
 };
 use sonde_common::{
     MAX_CAPTURE, ROLE_CLIENT, ROLE_SERVER, Settings, SocketHistory, SocketInfo, SocketKey, TRACED_FLAG_TRACED,
@@ -19,6 +24,31 @@ use super::{
     tracefs,
 };
 use crate::conn::Role;
+
+/// Which processes a set of TLS uprobes fires in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsScope {
+    /// Every process that maps the file (the kernel plants breakpoints in all of them).
+    AllProcesses,
+    /// One process (breakpoints are planted in that process only).
+    Process(u32),
+}
+
+/// The uprobe links of one [`Capture::attach_tls`] call.
+#[derive(Debug)]
+pub struct TlsLinks {
+    links: Vec<(&'static str, UProbeLinkId)>,
+    /// OpenSSL functions probed.
+    pub symbols: Vec<&'static str>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsAttachError {
+    #[error("no OpenSSL SSL_read/SSL_read_ex symbol in the file")]
+    NoOpenSsl,
+    #[error("{0}")]
+    Failed(String),
+}
 
 /// (OpenSSL symbol, sonde program): entry probes record the call, return probes emit the data.
 const TLS_ATTACHMENTS: &[(&str, &str)] = &[
@@ -179,24 +209,63 @@ impl Capture {
     }
 
     /// Attaches the TLS uprobes to one file that has OpenSSL's SSL_* symbols (a libssl, or an
-    /// executable that links OpenSSL statically). Symbols the file lacks are skipped; an error
-    /// means not even SSL_read/SSL_write could be attached.
-    pub fn attach_tls(&mut self, path: &std::path::Path) -> Result<Vec<&'static str>, String> {
-        let mut attached = Vec::new();
+    /// executable that links OpenSSL statically), for one process or for every process that maps
+    /// it. Symbols the file lacks are skipped; an error means not even SSL_read/SSL_read_ex could
+    /// be attached (and nothing stays attached).
+    pub fn attach_tls(&mut self, path: &std::path::Path, scope: TlsScope) -> Result<TlsLinks, TlsAttachError> {
+        let uprobe_scope = match scope {
+            TlsScope::AllProcesses => UProbeScope::AllProcesses,
+            TlsScope::Process(pid) => match NonZeroU32::new(pid) {
+                Some(pid) => UProbeScope::OneProcess(pid),
+                None => return Err(TlsAttachError::Failed("pid 0".into())),
+            },
+        };
+        let mut links = TlsLinks { links: Vec::new(), symbols: Vec::new() };
         let mut last_error = String::new();
+        let mut only_missing_symbols = true;
         for (symbol, program) in TLS_ATTACHMENTS {
-            let Some(prog) = self.ebpf.program_mut(program) else { return Err(format!("program {program} missing")) };
-            let probe: &mut UProbe = prog.try_into().map_err(|e: aya::programs::ProgramError| e.to_string())?;
-            match probe.attach(*symbol, path, UProbeScope::AllProcesses) {
-                Ok(_) => {
-                    if !attached.contains(symbol) {
-                        attached.push(*symbol);
+            let probe = match self.uprobe(program) {
+                Ok(probe) => probe,
+                Err(e) => {
+                    self.detach_tls(links);
+                    return Err(TlsAttachError::Failed(e));
+                }
+            };
+            match probe.attach(*symbol, path, uprobe_scope) {
+                Ok(id) => {
+                    links.links.push((*program, id));
+                    if !links.symbols.contains(symbol) {
+                        links.symbols.push(*symbol);
                     }
                 }
-                Err(e) => last_error = format!("{symbol}: {e}"),
+                Err(e) => {
+                    only_missing_symbols &= matches!(
+                        e,
+                        aya::programs::ProgramError::UProbeError(aya::programs::UProbeError::SymbolError { .. })
+                    );
+                    last_error = format!("{symbol}: {e}");
+                }
             }
         }
-        if attached.contains(&"SSL_read") || attached.contains(&"SSL_read_ex") { Ok(attached) } else { Err(last_error) }
+        if links.symbols.iter().any(|s| *s == "SSL_read" || *s == "SSL_read_ex") {
+            return Ok(links);
+        }
+        self.detach_tls(links);
+        Err(if only_missing_symbols { TlsAttachError::NoOpenSsl } else { TlsAttachError::Failed(last_error) })
+    }
+
+    /// Detaches what one [`Capture::attach_tls`] attached.
+    pub fn detach_tls(&mut self, links: TlsLinks) {
+        for (program, id) in links.links {
+            if let Ok(probe) = self.uprobe(program) {
+                let _ = probe.detach(id);
+            }
+        }
+    }
+
+    fn uprobe(&mut self, program: &str) -> Result<&mut UProbe, String> {
+        let Some(prog) = self.ebpf.program_mut(program) else { return Err(format!("program {program} missing")) };
+        prog.try_into().map_err(|e: aya::programs::ProgramError| e.to_string())
     }
 
     /// The ring buffer, handed to the reader once.

@@ -4,6 +4,7 @@
 pub mod events;
 pub mod loader;
 pub mod map_usage;
+pub mod tls_probes;
 pub mod tracefs;
 
 pub use events::Event;

@@ -41,8 +41,9 @@ pub struct SeededSocket {
 /// What the caller must do in the kernel and the pipeline.
 #[derive(Debug)]
 pub enum Action {
-    /// Trace `pid` (add it to the PID filter) and track these existing sockets.
-    Trace { pid: u32, resource: Arc<Resource>, sockets: Vec<SeededSocket> },
+    /// Trace `pid` (add it to the PID filter) and track these existing sockets. `via_parent`:
+    /// selected because an ancestor is (a child found running when sonde started).
+    Trace { pid: u32, resource: Arc<Resource>, sockets: Vec<SeededSocket>, via_parent: bool },
     /// A child the kernel already traces (fork hook): record its resource and inherited sockets.
     Adopt { pid: u32, resource: Arc<Resource>, sockets: Vec<SeededSocket> },
     /// A traced process exec'd a new image: same service, new executable.
@@ -163,7 +164,7 @@ impl Discovery {
             .unwrap_or_else(|| exe.rsplit('/').next().unwrap_or(&exe).to_owned());
         let resource = Arc::new(self.resource_for(pid, &service, &exe));
         self.traced.insert(pid, resource.clone());
-        Some(Action::Trace { pid, resource, sockets: seed_sockets(pid) })
+        Some(Action::Trace { pid, resource, sockets: seed_sockets(pid), via_parent: false })
     }
 
     /// The kernel traced a child of a traced process from its first syscall: give it the
@@ -219,7 +220,7 @@ impl Discovery {
         let exe = procfs::exe_path(pid).unwrap_or_default();
         let resource = Arc::new(self.resource_for(pid, &parent.service_name, &exe));
         self.traced.insert(pid, resource.clone());
-        Action::Trace { pid, resource, sockets: seed_sockets(pid) }
+        Action::Trace { pid, resource, sockets: seed_sockets(pid), via_parent: true }
     }
 
     fn resource_for(&self, pid: u32, service: &str, exe: &str) -> Resource {

@@ -5,18 +5,19 @@
 //! enter, and the return value is at offset 16 on exit.
 
 use aya_ebpf::{
-    helpers::{bpf_probe_read_user, generated::bpf_probe_read_user as probe_read_user_raw},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_probe_read_user as probe_read_user_raw},
     macros::tracepoint,
     programs::TracePointContext,
 };
 use sonde_common::{
-    ConnEvent, DATA_FLAG_TLS, DATA_FLAG_UNCOPIED, SOCKET_FLAG_TLS, DIR_EGRESS, DIR_INGRESS, EventKind, MAX_CAPTURE, MAX_IOVECS,
-    ROLE_CLIENT, ROLE_SERVER, RawSockaddr, SocketInfo, SocketKey, TRACED_FLAG_TLS, counter,
+    ConnEvent, DATA_FLAG_TLS, DATA_FLAG_UNCOPIED, DIR_EGRESS, DIR_INGRESS, EventKind, MAX_CAPTURE, MAX_IOVECS,
+    ROLE_CLIENT, ROLE_SERVER, RawSockaddr, SOCKET_FLAG_TLS, SocketInfo, SocketKey, TRACED_FLAG_TLS, counter,
 };
 
 use crate::maps::{
-    Call, DataScratch, EVENTS, HAS_CHILDREN, HISTORY_DEPTH, INFLIGHT, Inflight, LAST_READ_FD, PARENTS, SCRATCH, SOCKETS, SOCKET_HISTORY, SocketHistory, count, header, settings,
-    submit, traced_current, traced_current_flags, wakeup_flags,
+    Call, DataScratch, EVENTS, HAS_CHILDREN, HISTORY_DEPTH, Inflight, LAST_READ_FD, PARENTS, SCRATCH, SOCKET_HISTORY,
+    SOCKETS, SocketHistory, count, header, save_inflight, settings, submit, take_inflight, traced_current,
+    traced_current_flags, wakeup_flags,
 };
 
 const EINPROGRESS: i64 = 115;
@@ -99,18 +100,17 @@ fn enter_data(ctx: &TracePointContext, call: Call, fd_slot: usize, ptr_slot: usi
         // Ciphertext of a TLS session: its plaintext comes from the TLS probes.
         return 0;
     }
-    let rec = Inflight { call, fd, ptr: arg(ctx, ptr_slot), len: arg(ctx, len_slot), role, _pad: 0 };
-    let _ = INFLIGHT.insert(&pid_tgid, &rec, 0);
+    save_inflight(pid_tgid, &Inflight { call, fd, ptr: arg(ctx, ptr_slot), len: arg(ctx, len_slot), role, _pad: 0 });
     0
 }
 
-/// Exit of any call whose enter saved an [`Inflight`]: emit what it did.
+/// Exit of any call whose enter saved an [`Inflight`]: emit what it did. Only traced threads
+/// have a slot, so the slot lookup is also the PID filter.
 #[inline(always)]
 fn exit_call(ctx: &TracePointContext) -> u32 {
-    let Some((tgid, tid, pid_tgid)) = traced_current() else { return 0 };
-    // SAFETY: the record is copied out before it is removed.
-    let Some(rec) = (unsafe { INFLIGHT.get(&pid_tgid) }).copied() else { return 0 };
-    let _ = INFLIGHT.remove(&pid_tgid);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(rec) = take_inflight(pid_tgid) else { return 0 };
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     let ret = ret(ctx);
     match rec.call {
         Call::Accept => on_accepted(tgid, tid, &rec, ret),
@@ -304,8 +304,7 @@ fn on_connected(tgid: u32, tid: u32, rec: &Inflight, ret: i64) {
 #[inline(always)]
 fn enter_conn(ctx: &TracePointContext, call: Call) -> u32 {
     let Some((_, _, pid_tgid)) = traced_current() else { return 0 };
-    let rec = Inflight { call, fd: arg(ctx, 0) as u32, ptr: arg(ctx, 1), len: 0, role: 0, _pad: 0 };
-    let _ = INFLIGHT.insert(&pid_tgid, &rec, 0);
+    save_inflight(pid_tgid, &Inflight { call, fd: arg(ctx, 0) as u32, ptr: arg(ctx, 1), len: 0, role: 0, _pad: 0 });
     0
 }
 
@@ -321,7 +320,7 @@ pub fn sys_enter_splice(ctx: TracePointContext) -> u32 {
     } else {
         return 0;
     };
-    let _ = INFLIGHT.insert(&pid_tgid, &Inflight { call, fd, ptr: 0, len: 0, role, _pad: 0 }, 0);
+    save_inflight(pid_tgid, &Inflight { call, fd, ptr: 0, len: 0, role, _pad: 0 });
     0
 }
 

@@ -4,7 +4,9 @@
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use sonde_common::{EventKind, ParentInfo, ProcEvent};
 
-use crate::maps::{HAS_CHILDREN, INFLIGHT, LAST_READ_FD, PARENTS, TRACED_PIDS, header, settings, submit, traced_current};
+use crate::maps::{
+    HAS_CHILDREN, INFLIGHT, LAST_READ_FD, PARENTS, TRACED_PIDS, header, settings, submit, traced_current,
+};
 
 #[inline(always)]
 fn current_ids() -> (u32, u32) {
@@ -63,6 +65,7 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = ((tgid as u64) << 32) | tid as u64;
     let _ = INFLIGHT.remove(&pid_tgid);
     let _ = LAST_READ_FD.remove(&pid_tgid);
+    let _ = crate::tls::TLS_CALLS.remove(&pid_tgid);
     if tid == tgid {
         let _ = HAS_CHILDREN.remove(&tgid);
     }

@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use sonde_common::{
-    EventHeader, MAX_INFLIGHT, ParentInfo, MAX_SOCKETS, MAX_TRACED_PIDS, SCRATCH_PAYLOAD, Settings, SocketInfo,
+    EventHeader, MAX_INFLIGHT, MAX_SOCKETS, MAX_TRACED_PIDS, ParentInfo, SCRATCH_PAYLOAD, Settings, SocketInfo,
     SocketKey, counter,
 };
 
@@ -36,9 +36,9 @@ pub static SOCKET_HISTORY: LruHashMap<SocketKey, SocketHistory> = LruHashMap::wi
 
 pub use sonde_common::{HISTORY_DEPTH, SocketHistory};
 
-/// pid_tgid -> arguments saved at syscall enter, consumed at exit. A plain (preallocated) hash:
-/// updates of an LRU hash cost several times more, and this one is written on every traced
-/// syscall. Entries of tasks that exit mid-call are dropped by `sched_process_exit`.
+/// pid_tgid -> arguments saved at syscall enter, consumed at exit. One slot per traced thread,
+/// rewritten in place and marked `Call::Done` at exit rather than inserted and deleted per call
+/// (a lookup costs a fraction of an update or a delete); `sched_process_exit` drops the slot.
 #[map]
 pub static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
 
@@ -74,6 +74,8 @@ pub struct DataScratch {
 #[repr(u32)]
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Call {
+    /// The slot's call has exited (or none was saved).
+    Done = 0,
     /// Plain buffer: read, recvfrom.
     ReadBuf = 1,
     /// Plain buffer: write, sendto.
@@ -107,6 +109,30 @@ pub struct Inflight {
     /// `ROLE_*` of the socket.
     pub role: u32,
     pub _pad: u32,
+}
+
+/// Saves a call's arguments in the thread's slot (written in place when it exists).
+#[inline(always)]
+pub fn save_inflight(pid_tgid: u64, rec: &Inflight) {
+    if let Some(slot) = INFLIGHT.get_ptr_mut(&pid_tgid) {
+        // SAFETY: the slot is this thread's; only this thread writes it.
+        unsafe { *slot = *rec };
+    } else {
+        let _ = INFLIGHT.insert(&pid_tgid, rec, 0);
+    }
+}
+
+/// Takes the arguments the current thread saved at enter, if a saved call is in progress.
+#[inline(always)]
+pub fn take_inflight(pid_tgid: u64) -> Option<Inflight> {
+    let slot = INFLIGHT.get_ptr_mut(&pid_tgid)?;
+    // SAFETY: as above.
+    let rec = unsafe { *slot };
+    if rec.call == Call::Done {
+        return None;
+    }
+    unsafe { (*slot).call = Call::Done };
+    Some(rec)
 }
 
 /// The current thread's (tgid, tid, pid_tgid) and its process's `TRACED_FLAG_*` bits, if traced.

@@ -5,9 +5,9 @@
 //! Node.js reads ciphertext with libuv right before SSL_read). The mapping is kept per SSL object.
 
 use aya_ebpf::{
-    helpers::bpf_probe_read_user,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
-    maps::LruHashMap,
+    maps::{HashMap, LruHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
 use sonde_common::{DATA_FLAG_TLS, MAX_INFLIGHT, SOCKET_FLAG_TLS, SocketKey, TRACED_FLAG_TLS, counter};
@@ -17,6 +17,8 @@ use crate::{
     maps::{Call, Inflight, LAST_READ_FD, SOCKETS, TRACED_PIDS, count, traced_current, traced_current_flags},
 };
 
+/// A slot whose call has returned.
+const KIND_NONE: u32 = 0;
 const KIND_READ: u32 = 1;
 const KIND_WRITE: u32 = 2;
 /// Sessions whose socket is remembered.
@@ -52,8 +54,11 @@ pub struct SessionKey {
     ssl: u64,
 }
 
+/// pid_tgid -> the thread's SSL_read/SSL_write in progress. One slot per thread that calls into
+/// OpenSSL, rewritten in place (`kind` 0 once the call returned) instead of inserted and deleted
+/// per call; `sched_process_exit` drops it.
 #[map]
-static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+pub static TLS_CALLS: HashMap<u64, TlsCall> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
 
 #[map]
 static HANDSHAKES: LruHashMap<u64, HandshakeCall> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
@@ -70,9 +75,14 @@ pub fn note_inner_syscall(tgid: u32, pid_tgid: u64, fd: u32) -> bool {
     if let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
         // SAFETY: per-thread record, only this thread writes it.
         let call = unsafe { &mut *call };
-        call.fd = fd;
-        remember(tgid, call.ssl, fd);
-        inside = true;
+        if call.kind != KIND_NONE {
+            // SSL_read usually reads twice (a record, then EAGAIN): bind once per call.
+            if call.fd != fd {
+                call.fd = fd;
+                remember(tgid, call.ssl, fd);
+            }
+            inside = true;
+        }
     }
     if let Some(hs) = HANDSHAKES.get_ptr_mut(&pid_tgid) {
         // SAFETY: as above.
@@ -84,14 +94,23 @@ pub fn note_inner_syscall(tgid: u32, pid_tgid: u64, fd: u32) -> bool {
     inside
 }
 
-/// Maps an SSL object to its socket and marks the socket as TLS.
+/// Maps an SSL object to its socket and marks the socket as TLS. Written only when it changes:
+/// an LRU update costs several lookups.
 #[inline(always)]
 fn remember(tgid: u32, ssl: u64, fd: u32) {
-    let _ = SESSIONS.insert(&SessionKey { tgid, _pad: 0, ssl }, &fd, 0);
+    let session = SessionKey { tgid, _pad: 0, ssl };
+    // SAFETY: value copied out.
+    if unsafe { SESSIONS.get(&session) }.copied() != Some(fd) {
+        let _ = SESSIONS.insert(&session, &fd, 0);
+    }
     let key = SocketKey { pid: tgid, fd };
     if let Some(info) = SOCKETS.get_ptr_mut(&key) {
         // SAFETY: a flag bit set in place; concurrent writers only ever set it too.
-        unsafe { (*info).flags |= SOCKET_FLAG_TLS };
+        unsafe {
+            if (*info).flags & SOCKET_FLAG_TLS == 0 {
+                (*info).flags |= SOCKET_FLAG_TLS;
+            }
+        }
     }
 }
 
@@ -125,7 +144,12 @@ fn enter(ctx: &ProbeContext, kind: u32, ex: bool) -> u32 {
         kind,
         fd: u32::MAX,
     };
-    let _ = TLS_CALLS.insert(&pid_tgid, &call, 0);
+    if let Some(slot) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
+        // SAFETY: this thread's slot; only this thread writes it.
+        unsafe { *slot = call };
+    } else {
+        let _ = TLS_CALLS.insert(&pid_tgid, &call, 0);
+    }
     0
 }
 
@@ -152,21 +176,29 @@ pub fn ssl_write_ex_enter(ctx: ProbeContext) -> u32 {
 /// Return of any of the four: emit the plaintext that moved.
 #[uretprobe]
 pub fn ssl_rw_exit(ctx: RetProbeContext) -> u32 {
-    let Some((tgid, tid, pid_tgid)) = traced_current() else { return 0 };
-    // SAFETY: value copied out before removal.
-    let Some(call) = (unsafe { TLS_CALLS.get(&pid_tgid) }).copied() else { return 0 };
-    let _ = TLS_CALLS.remove(&pid_tgid);
+    // Only threads of traced processes have a slot: the lookup is the PID filter.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(slot) = TLS_CALLS.get_ptr_mut(&pid_tgid) else { return 0 };
+    // SAFETY: this thread's slot, copied out, then marked returned.
+    let call = unsafe { *slot };
+    if call.kind == KIND_NONE {
+        return 0;
+    }
+    unsafe { (*slot).kind = KIND_NONE };
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     // SSL_read/SSL_write and the _ex variants return C int: only the low 32 bits are defined.
     let ret = ctx.ret::<i32>() as i64;
-    let mut fd = if call.fd != u32::MAX { Some(call.fd) } else { session_fd(tgid, call.ssl) };
-    if fd.is_none() {
+    // A plain u32 with u32::MAX for "unknown", not an Option: LLVM leaves the payload of a None
+    // undefined, and the verifier rejects any copy of an uninitialized register.
+    let mut fd = if call.fd != u32::MAX { call.fd } else { session_fd(tgid, call.ssl).unwrap_or(u32::MAX) };
+    if fd == u32::MAX {
         // Memory-BIO stacks (Node.js) read the ciphertext just before SSL_read, and drive the
         // handshake through SSL_read or even SSL_write calls (a write issued during the
         // handshake completes it with the server's flight it was just fed): an unbound session
         // belongs to the socket this thread last read.
         // SAFETY: value copied out.
-        fd = unsafe { LAST_READ_FD.get(&pid_tgid) }.copied();
-        if let Some(fd) = fd {
+        fd = unsafe { LAST_READ_FD.get(&pid_tgid) }.copied().unwrap_or(u32::MAX);
+        if fd != u32::MAX {
             remember(tgid, call.ssl, fd);
         }
     }
@@ -184,10 +216,10 @@ pub fn ssl_rw_exit(ctx: RetProbeContext) -> u32 {
     if moved == 0 {
         return 0;
     }
-    let Some(fd) = fd else {
+    if fd == u32::MAX {
         count(counter::TLS_NO_FD, 1);
         return 0;
-    };
+    }
     let role = socket_info(tgid, fd).map(|i| i.role).unwrap_or(0);
     let rec = Inflight {
         call: if call.kind == KIND_READ { Call::ReadBuf } else { Call::WriteBuf },

@@ -13,7 +13,7 @@ mod sink;
 use std::time::Duration;
 
 use load::LoadResult;
-use sonde_e2e::{TempDir, free_port, servers, sonde::Sonde};
+use sonde_e2e::{TempDir, bpf_stats, free_port, servers, sonde::Sonde};
 
 /// One measured run of a scenario with sonde attached.
 #[derive(Clone, Debug, Default)]
@@ -91,11 +91,11 @@ fn measure(
 
         let sonde = Sonde::start(&args, "", &env);
         let pid = sonde.pid();
-        let (cpu0, (ns0, runs0)) = (probe::cpu_seconds(pid), probe::bpf_run_time(pid));
+        let (cpu0, (ns0, runs0)) = (probe::cpu_seconds(pid), bpf_stats::run_time(pid));
         let on = load();
         // Let sonde finish what the kernel queued before reading its costs.
         std::thread::sleep(Duration::from_millis(500));
-        let (cpu1, (ns1, runs1)) = (probe::cpu_seconds(pid), probe::bpf_run_time(pid));
+        let (cpu1, (ns1, runs1)) = (probe::cpu_seconds(pid), bpf_stats::run_time(pid));
         let rss = probe::peak_rss_mib(pid);
         let finished = sonde.stop();
         assert!(finished.status.success(), "sonde failed:\n{}", finished.stderr);
@@ -140,7 +140,7 @@ fn main() {
     for (name, per_second) in &micro {
         println!("    {name}: {per_second:.0}/s");
     }
-    let _stats = probe::BpfStats::enable();
+    let _stats = bpf_stats::BpfStats::enable();
     let sink = sink::Sink::start();
     let secs = opts.seconds;
     let mut outcomes = Vec::new();

@@ -1,7 +1,5 @@
-//! What sonde costs, read from the kernel: its CPU time and peak RSS from /proc, and the time
-//! its eBPF programs ran (kernel.bpf_stats_enabled; run_time_ns in each program fd's fdinfo).
-
-use std::path::Path;
+//! What sonde costs, read from the kernel: its CPU time and peak RSS from /proc. The time its
+//! eBPF programs ran comes from `sonde_e2e::bpf_stats`.
 
 /// Clock ticks per second for /proc/PID/stat times (USER_HZ, 100 on Linux).
 const TICKS_PER_SECOND: f64 = 100.0;
@@ -25,40 +23,4 @@ pub fn peak_rss_mib(pid: u32) -> f64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
-}
-
-/// Total (run_time_ns, run_cnt) over the eBPF programs a process holds open.
-pub fn bpf_run_time(pid: u32) -> (u64, u64) {
-    let dir = format!("/proc/{pid}/fdinfo");
-    let mut total = (0, 0);
-    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-        let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        if !info.contains("prog_type:") {
-            continue;
-        }
-        let field = |k: &str| {
-            info.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0)
-        };
-        total.0 += field("run_time_ns:");
-        total.1 += field("run_cnt:");
-    }
-    total
-}
-
-/// Turns kernel BPF run-time statistics on for as long as the guard lives.
-pub struct BpfStats(String);
-
-impl BpfStats {
-    pub fn enable() -> Self {
-        let path = Path::new("/proc/sys/kernel/bpf_stats_enabled");
-        let before = std::fs::read_to_string(path).unwrap_or_else(|_| "0".into()).trim().to_owned();
-        std::fs::write(path, "1").expect("enable kernel.bpf_stats_enabled (needs root)");
-        Self(before)
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", &self.0);
-    }
 }
