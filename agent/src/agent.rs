@@ -311,13 +311,13 @@ impl Agent {
             }
         }
         if self.tls_reported.insert(pid) {
-            match (found.is_empty(), tls::unsupported_stack(pid)) {
-                (false, _) => {
-                    let level = if announce { log::Level::Info } else { log::Level::Debug };
-                    log::log!(level, "pid {pid}: TLS traced through {}", found.join("; "));
-                }
-                (true, Some(stack)) => log::warn!("pid {pid}: TLS by {stack}: its encrypted traffic is not traced"),
-                (true, None) => log::debug!("pid {pid}: no TLS library found (plaintext traffic is traced)"),
+            if !found.is_empty() {
+                let level = if announce { log::Level::Info } else { log::Level::Debug };
+                log::log!(level, "pid {pid}: TLS traced through {}", found.join("; "));
+            } else if let Some(stack) = tls::unsupported_stack(pid) {
+                log::warn!("pid {pid}: TLS by {stack}: its encrypted traffic is not traced");
+            } else {
+                log::debug!("pid {pid}: no TLS library found (plaintext traffic is traced)");
             }
         }
     }

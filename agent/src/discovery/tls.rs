@@ -58,25 +58,68 @@ fn parse_dev(s: &str) -> Option<u64> {
 
 /// For a process without OpenSSL: a TLS stack sonde recognizes but cannot trace yet.
 pub fn unsupported_stack(pid: u32) -> Option<&'static str> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(format!("/proc/{pid}/exe")).ok()?;
-    let mut head = Vec::new();
-    f.by_ref().take(64 << 20).read_to_end(&mut head).ok()?;
-    let has = |needle: &[u8]| head.windows(needle.len()).any(|w| w == needle);
-    if has(b"\xff Go buildinf:") && has(b"crypto/tls") {
+    let file = std::fs::File::open(format!("/proc/{pid}/exe")).ok()?;
+    let [go_buildinfo, go_tls, rustls, boringssl] =
+        contains_each(file, &[b"\xff Go buildinf:", b"crypto/tls", b"rustls", b"BoringSSL"]);
+    if go_buildinfo && go_tls {
         Some("Go crypto/tls (not supported yet)")
-    } else if has(b"rustls") {
+    } else if rustls {
         Some("rustls (not supported yet)")
-    } else if has(b"BoringSSL") {
+    } else if boringssl {
         Some("BoringSSL linked statically without exported symbols (not supported yet)")
     } else {
         None
     }
 }
 
+/// Executables are read this far at most.
+const SCAN_LIMIT: u64 = 64 << 20;
+const SCAN_CHUNK: usize = 256 << 10;
+
+/// Which of `needles` occur in the first [`SCAN_LIMIT`] bytes of `file`, read in chunks (an
+/// executable can be tens of megabytes: reading it whole would raise sonde's peak memory by as much).
+fn contains_each<const N: usize>(file: impl std::io::Read, needles: &[&[u8]; N]) -> [bool; N] {
+    use std::io::Read;
+    let finders: Vec<memchr::memmem::Finder<'_>> = needles.iter().map(|n| memchr::memmem::Finder::new(n)).collect();
+    // Bytes kept from the previous chunk so a needle split across two chunks is still found.
+    let overlap = needles.iter().map(|n| n.len()).max().unwrap_or(1).saturating_sub(1);
+    let mut found = [false; N];
+    let mut buf = vec![0u8; overlap + SCAN_CHUNK];
+    let mut kept = 0;
+    let mut file = file.take(SCAN_LIMIT);
+    loop {
+        let n = match file.read(&mut buf[kept..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let window = &buf[..kept + n];
+        for (hit, finder) in found.iter_mut().zip(&finders) {
+            *hit = *hit || finder.find(window).is_some();
+        }
+        if found.iter().all(|f| *f) {
+            break;
+        }
+        kept = overlap.min(window.len());
+        let start = window.len() - kept;
+        buf.copy_within(start..start + kept, 0);
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn needles_are_found_across_chunk_boundaries() {
+        let mut data = vec![b'x'; 3 * SCAN_CHUNK];
+        // One needle straddles the first boundary, one sits at the very end.
+        data[SCAN_CHUNK - 3..SCAN_CHUNK + 7].copy_from_slice(b"crypto/tls");
+        let end = data.len();
+        data[end - 6..].copy_from_slice(b"rustls");
+        let found = contains_each(&data[..], &[b"crypto/tls", b"rustls", b"BoringSSL"]);
+        assert_eq!(found, [true, true, false]);
+    }
 
     #[test]
     fn device_numbers_match_stat() {

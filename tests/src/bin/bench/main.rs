@@ -41,6 +41,9 @@ pub struct Options {
     pub seconds: u32,
     /// `--only a,b`: run only these scenarios (nginx, fixed-rate, redis, pgbench, https).
     pub only: Option<Vec<String>>,
+    /// `--rate N`: the fixed-rate scenario's requests per second, instead of half the measured
+    /// baseline (to compare builds at the same load).
+    pub rate: Option<u32>,
 }
 
 impl Options {
@@ -63,7 +66,8 @@ fn options() -> Options {
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
         .map(|v| v.split(',').map(str::to_owned).collect());
-    Options { pairs: value("--pairs", 5) as usize, seconds: value("--seconds", 5), only }
+    let rate = Some(value("--rate", 0)).filter(|r| *r > 0);
+    Options { pairs: value("--pairs", 5) as usize, seconds: value("--seconds", 5), only, rate }
 }
 
 /// Runs `load` `pairs` times without and with sonde (`sonde_args` select the server).
@@ -166,8 +170,10 @@ fn main() {
 
     // 2. The same server at half the baseline's maximum, open loop.
     if opts.runs("fixed-rate") {
-        let baseline = baseline.unwrap_or_else(|| load::wrk(&url, 32, secs).per_second);
-        let rate = (baseline / 2.0).round();
+        let rate = match opts.rate {
+            Some(rate) => f64::from(rate),
+            None => (baseline.unwrap_or_else(|| load::wrk(&url, 32, secs).per_second) / 2.0).round(),
+        };
         let port = nginx.port;
         outcomes.push(measure(
             "nginx, small file, fixed rate at half the baseline maximum",
