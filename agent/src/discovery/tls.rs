@@ -80,7 +80,7 @@ const SCAN_CHUNK: usize = 256 << 10;
 /// executable can be tens of megabytes: reading it whole would raise sonde's peak memory by as much).
 fn contains_each<const N: usize>(file: impl std::io::Read, needles: &[&[u8]; N]) -> [bool; N] {
     use std::io::Read;
-    let finders: Vec<memchr::memmem::Finder<'_>> = needles.iter().map(|n| memchr::memmem::Finder::new(n)).collect();
+    let finders: Vec<memchr::memmem::Finder<'_>> = needles.iter().map(memchr::memmem::Finder::new).collect();
     // Bytes kept from the previous chunk so a needle split across two chunks is still found.
     let overlap = needles.iter().map(|n| n.len()).max().unwrap_or(1).saturating_sub(1);
     let mut found = [false; N];
