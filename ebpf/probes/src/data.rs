@@ -164,7 +164,7 @@ pub(crate) fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64, ex
             core::ptr::addr_of!(EVENTS).cast_mut().cast(),
             core::ptr::from_mut(scratch).cast(),
             size,
-            wakeup_flags(),
+            wakeup_flags(size),
         )
     };
     if rc < 0 {

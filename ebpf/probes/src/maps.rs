@@ -176,22 +176,22 @@ pub fn header(kind: sonde_common::EventKind, tgid: u32, tid: u32) -> EventHeader
     }
 }
 
-/// Ring buffer flags for one record: wake the reader only once enough is waiting; below
-/// that the reader's own poll interval picks the record up (no wakeup per event).
+/// Ring buffer flags for a record of `size` bytes: wake the reader only when this record makes
+/// the unread data cross the threshold; below it the reader's own poll interval picks records
+/// up. Not on every record above it: while the reader is busy (or lagging) each forced wakeup
+/// would queue an irq_work, a self-interrupt in the traced process's syscall, and under a
+/// hypervisor that costs microseconds per record.
 #[inline(always)]
-pub fn wakeup_flags() -> u64 {
+pub fn wakeup_flags(size: u64) -> u64 {
     let threshold = settings().map(|s| s.wakeup_bytes).unwrap_or(0) as u64;
-    if EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64) >= threshold {
-        BPF_RB_FORCE_WAKEUP as u64
-    } else {
-        BPF_RB_NO_WAKEUP as u64
-    }
+    let unread = EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64);
+    if unread < threshold && unread + size >= threshold { BPF_RB_FORCE_WAKEUP as u64 } else { BPF_RB_NO_WAKEUP as u64 }
 }
 
 /// Copies a fixed-size record to the ring buffer, counting a drop when it is full.
 #[inline(always)]
 pub fn submit<T>(record: &T) {
-    if EVENTS.output::<T>(record, wakeup_flags()).is_err() {
+    if EVENTS.output::<T>(record, wakeup_flags(size_of::<T>() as u64)).is_err() {
         count(counter::RINGBUF_DROPS, 1);
     }
 }

@@ -1,12 +1,9 @@
 //! Load generators and what they report: wrk (saturation), an open-loop fixed-rate HTTP client,
 //! redis-benchmark and pgbench. Each returns requests served, throughput and p50/p99 latency.
 
-use std::{
-    io::{Read, Write},
-    net::TcpStream,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{process::Command, time::Duration};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Clone, Debug, Default)]
 pub struct LoadResult {
@@ -32,36 +29,51 @@ pub fn wrk(url: &str, connections: u32, seconds: u32) -> LoadResult {
 /// request has a scheduled send time and its latency counts from then, so a stall shows up as
 /// latency instead of silently lowering the rate (what wrk2 does).
 pub fn fixed_rate(port: u16, path: &str, rate: f64, connections: u32, seconds: u32) -> LoadResult {
-    let per_conn_interval = Duration::from_secs_f64(connections as f64 / rate);
-    let start = Instant::now() + Duration::from_millis(100);
-    let end = start + Duration::from_secs(seconds as u64);
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
-    let workers: Vec<_> = (0..connections)
-        .map(|c| {
-            let request = request.clone();
-            std::thread::spawn(move || {
-                let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-                s.set_nodelay(true).expect("nodelay");
-                let offset = per_conn_interval.mul_f64(c as f64 / connections as f64);
-                let mut latencies = Vec::new();
-                let mut buf = vec![0u8; 65536];
-                for k in 0u32.. {
-                    let scheduled = start + offset + per_conn_interval * k;
-                    if scheduled >= end {
-                        break;
+    // One thread and an event loop (like wrk2), not a thread per connection: the client's own
+    // scheduling cost stays small, so what the latencies show is the server's.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let request: std::sync::Arc<[u8]> = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").into_bytes().into();
+    let mut all: Vec<f64> = runtime.block_on(async move {
+        let per_conn_interval = Duration::from_secs_f64(connections as f64 / rate);
+        let start = tokio::time::Instant::now() + Duration::from_millis(100);
+        let end = start + Duration::from_secs(seconds as u64);
+        let workers: Vec<_> = (0..connections)
+            .map(|c| {
+                let request = request.clone();
+                tokio::spawn(async move {
+                    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+                    s.set_nodelay(true).expect("nodelay");
+                    let offset = per_conn_interval.mul_f64(c as f64 / connections as f64);
+                    let mut latencies = Vec::new();
+                    let mut buf = vec![0u8; 65536];
+                    let mut previous_done = start;
+                    for k in 0u32.. {
+                        let scheduled = start + offset + per_conn_interval * k;
+                        if scheduled >= end {
+                            break;
+                        }
+                        tokio::time::sleep_until(scheduled).await;
+                        let sent = tokio::time::Instant::now();
+                        s.write_all(&request).await.expect("send");
+                        read_response(&mut s, &mut buf).await;
+                        // A request held back by the previous response counts from its scheduled
+                        // time (a slow server delays the next request: coordinated omission);
+                        // otherwise from when it was sent, so the timer's millisecond granularity
+                        // is not counted as latency.
+                        let from = if previous_done > scheduled { scheduled } else { sent };
+                        previous_done = tokio::time::Instant::now();
+                        latencies.push((previous_done - from).as_secs_f64() * 1000.0);
                     }
-                    if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
-                    s.write_all(request.as_bytes()).expect("send");
-                    read_response(&mut s, &mut buf);
-                    latencies.push(scheduled.elapsed().as_secs_f64() * 1000.0);
-                }
-                latencies
+                    latencies
+                })
             })
-        })
-        .collect();
-    let mut all: Vec<f64> = workers.into_iter().flat_map(|w| w.join().expect("worker")).collect();
+            .collect();
+        let mut all = Vec::new();
+        for w in workers {
+            all.extend(w.await.expect("worker"));
+        }
+        all
+    });
     all.sort_by(f64::total_cmp);
     LoadResult {
         requests: all.len() as u64,
@@ -72,10 +84,10 @@ pub fn fixed_rate(port: u16, path: &str, rate: f64, connections: u32, seconds: u
 }
 
 /// Reads one Content-Length-framed HTTP response.
-fn read_response(s: &mut TcpStream, buf: &mut [u8]) {
+async fn read_response(s: &mut tokio::net::TcpStream, buf: &mut [u8]) {
     let mut got = Vec::new();
     loop {
-        let n = s.read(buf).expect("read response");
+        let n = s.read(buf).await.expect("read response");
         assert!(n > 0, "server closed the connection");
         got.extend_from_slice(&buf[..n]);
         if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
