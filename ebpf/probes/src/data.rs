@@ -137,10 +137,9 @@ pub(crate) fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64, ex
         Call::ReadBuf | Call::WriteBuf => copy_buf(scratch, 0, rec.ptr, want),
         Call::ReadVec | Call::WriteVec => copy_iovecs(scratch, rec.ptr, rec.len, want),
         Call::ReadMsg | Call::WriteMsg => {
-            // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
-            // SAFETY: user pointers read with the fault-tolerant helper.
-            let iov = unsafe { bpf_probe_read_user((rec.ptr + 16) as *const u64) }.unwrap_or(0);
-            let iovlen = unsafe { bpf_probe_read_user((rec.ptr + 24) as *const u64) }.unwrap_or(0);
+            // struct user_msghdr: msg_iov at 16, msg_iovlen at 24, read in one helper call.
+            // SAFETY: user pointer read with the fault-tolerant helper.
+            let [iov, iovlen] = unsafe { bpf_probe_read_user((rec.ptr + 16) as *const [u64; 2]) }.unwrap_or([0, 0]);
             copy_iovecs(scratch, iov, iovlen, want)
         }
         _ => {
@@ -209,11 +208,9 @@ fn copy_iovecs(scratch: &mut DataScratch, iov: u64, iovcnt: u64, want: u64) -> u
         if i >= n || copied >= want {
             break;
         }
-        // struct iovec { void *iov_base; size_t iov_len; }
-        let entry = iov + i * 16;
-        // SAFETY: user pointers read with the fault-tolerant helper.
-        let base = unsafe { bpf_probe_read_user(entry as *const u64) }.unwrap_or(0);
-        let len = unsafe { bpf_probe_read_user((entry + 8) as *const u64) }.unwrap_or(0);
+        // struct iovec { void *iov_base; size_t iov_len; }, read in one helper call.
+        // SAFETY: user pointer read with the fault-tolerant helper.
+        let [base, len] = unsafe { bpf_probe_read_user((iov + i * 16) as *const [u64; 2]) }.unwrap_or([0, 0]);
         let take = len.min(want - copied);
         let got = copy_buf(scratch, copied, base, take);
         if got != take {
