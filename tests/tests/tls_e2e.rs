@@ -240,3 +240,71 @@ fn privileged_untraced_processes_do_not_run_the_tls_probes() {
     assert_eq!(finished.counter("http_parse_errors"), Some(0), "{}", finished.stderr);
     drop((server, nginx));
 }
+
+/// Each per-process probe is its own consumer of the kernel's breakpoint, checked on every hit:
+/// past 16 traced processes mapping one libssl, sonde switches that file to one set of probes for
+/// every process, and TLS traffic is still traced once, exactly.
+#[test]
+fn privileged_many_traced_processes_share_one_set_of_tls_probes() {
+    let Some(_guard) = privileged_test("TLS probes shared past 16 processes") else { return };
+    // Idle servers (listening: a selected process that does not listen makes every file wide).
+    let idle: Vec<std::process::Child> = (0..17)
+        .map(|_| {
+            std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    "import ssl, socket, time\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()\ntime.sleep(120)",
+                ])
+                .spawn()
+                .expect("start python3")
+        })
+        .collect();
+    for child in &idle {
+        let maps = format!("/proc/{}/maps", child.id());
+        let loaded = sonde_e2e::wait_for(WAIT, || {
+            std::fs::read_to_string(&maps).ok().filter(|m| m.contains("libssl.so")).map(|_| ())
+        });
+        assert!(loaded.is_some(), "python3 {} did not load libssl", child.id());
+        let listening = sonde_e2e::wait_for(WAIT, || {
+            let fds = std::fs::read_dir(format!("/proc/{}/fd", child.id())).ok()?;
+            fds.flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:")))
+                .then_some(())
+        });
+        assert!(listening.is_some(), "python3 {} did not open its socket", child.id());
+    }
+    let port = free_port();
+    let server = servers::python_https(port);
+    let receiver = HttpReceiver::start();
+    let pids: Vec<String> = idle.iter().map(|c| c.id().to_string()).collect();
+    let cfg = test_config(&format!(
+        "discovery:\n  - service.name: tls-server\n    open_ports: {port}\n  - service.name: idle\n    pid: [{}]\n",
+        pids.join(", ")
+    ));
+    let sonde = Sonde::start(&[], &cfg, &env(&receiver));
+    let urls: Vec<String> = (0..3).map(|i| format!("https://127.0.0.1:{port}/py/shared{i}")).collect();
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-sk", "-o", "/dev/null"]);
+    for u in &urls {
+        curl.args([u.as_str(), "-o", "/dev/null"]);
+    }
+    assert!(curl.status().expect("run curl").success());
+    receiver.collected.wait_for(3, WAIT);
+    // Late duplicates would arrive after the third span.
+    std::thread::sleep(Duration::from_millis(500));
+    let finished = sonde.stop();
+    for mut child in idle {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(
+        finished.stderr.contains("more traced processes map the file than get probes of their own"),
+        "{}",
+        finished.stderr
+    );
+    let spans: Vec<TestSpan> = receiver.collected.spans();
+    assert_eq!(spans.len(), 3, "{:?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>());
+    assert!(spans.iter().all(|s| s.kind == "SERVER" && s.s("url.scheme") == Some("https")));
+    assert_clean_http(&spans, &finished);
+    drop(server);
+}

@@ -131,6 +131,7 @@ impl Capture {
         }
         tracefs::ensure_mounted().map_err(CaptureError::Tracefs)?;
         raise_memlock();
+        raise_open_files();
         let new_task_field =
             |field| tracefs::field_offset("task", "task_newtask", field).map_err(CaptureError::Tracefs);
         let (new_task_pid_offset, new_task_clone_flags_offset) =
@@ -343,6 +344,19 @@ fn shorten_verifier_log(detail: &str) -> String {
         return detail.to_owned();
     }
     format!("{} [... {} verifier lines ...] {}", lines[0], lines.len() - 7, lines[lines.len() - 6..].join(" | "))
+}
+
+/// Every uprobe attached to one process is a perf event file descriptor (ten per process with
+/// OpenSSL): raise the soft limit on open files to the hard limit (commonly 1024 -> 524288).
+fn raise_open_files() {
+    let mut rlim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls with a valid pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rlim) == 0 && rlim.rlim_cur < rlim.rlim_max {
+            rlim.rlim_cur = rlim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &rlim);
+        }
+    }
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg. Try to raise

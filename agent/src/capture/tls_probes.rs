@@ -6,10 +6,17 @@
 //! HTTPS throughput that way). So probes are attached per traced process: the kernel then plants
 //! breakpoints in that process only.
 //!
-//! The exception is a process traced because its parent is (a backend forked by PostgreSQL, a
-//! client started by a traced shell): such a child can call SSL_read before user space has even
-//! read the fork event, so a file one of them maps gets probes for every process instead, and
-//! the per-process probes on that file are dropped once those are in place.
+//! Exceptions, where a file gets probes for every process instead (and its per-process probes
+//! are dropped once those are in place):
+//! - a process traced because its parent is (a backend forked by PostgreSQL, a client started by
+//!   a traced shell): such a child can call SSL_read before user space has even read the fork
+//!   event;
+//! - a process selected without listening on a port (a shell, a job runner, a client), or a
+//!   traced process's child that runs another program: the programs such processes start are in
+//!   the first case and may map any file, so every probed file gets probes for every process;
+//! - more than [`MAX_PROCESSES_PER_FILE`] traced processes map the file: each per-process probe is
+//!   its own consumer of the kernel's breakpoint, and every hit checks them all;
+//! - attaching to one process failed (e.g. out of file descriptors).
 
 use std::collections::{HashMap, HashSet};
 
@@ -22,12 +29,19 @@ use crate::discovery::tls::TlsCandidate;
 /// (device, inode) of a probed file.
 type FileId = (u64, u64);
 
+const A_CHILD: &str = "started by a traced process, it may call OpenSSL before sonde could attach to it alone";
+
+/// Per-process probe sets on one file before it gets one set for every process instead.
+const MAX_PROCESSES_PER_FILE: usize = 16;
+
 enum FileProbes {
     /// The file has no OpenSSL symbols.
     NoOpenSsl,
     Probed {
         /// What traces the file's users, for logs: "OpenSSL /usr/lib/.../libssl.so.3 (SSL_read, ...)".
         what: String,
+        /// Where the file was found, to attach to it again.
+        path: std::path::PathBuf,
         /// Probes for every process that maps the file.
         wide: Option<TlsLinks>,
         /// Probes for single processes (none once `wide` is set).
@@ -38,31 +52,71 @@ enum FileProbes {
 #[derive(Default)]
 pub struct TlsProbes {
     files: HashMap<FileId, FileProbes>,
-    /// Processes traced because their parent is.
-    via_parent: HashSet<u32>,
+    /// Children of traced processes: their files need probes for every process.
+    children: HashSet<u32>,
+    /// Every file needs probes for every process, and why.
+    all_wide: Option<&'static str>,
 }
 
 impl TlsProbes {
-    /// `pid` is traced because its parent is: its files get probes for every process.
-    pub fn mark_via_parent(&mut self, pid: u32) {
-        self.via_parent.insert(pid);
+    /// The files `pid` maps get probes for every process, because it is a traced process's child.
+    pub fn mark_child(&mut self, pid: u32) {
+        self.children.insert(pid);
+    }
+
+    pub fn is_child(&self, pid: u32) -> bool {
+        self.children.contains(&pid)
+    }
+
+    /// Every probed file, now and later, gets probes for every process, because of `why`.
+    pub fn need_all_wide(&mut self, capture: &mut Capture, why: &'static str) {
+        if self.all_wide.is_some() {
+            return;
+        }
+        self.all_wide = Some(why);
+        log::info!("TLS: uprobes now fire in every process that maps a probed library ({why})");
+        for probes in self.files.values_mut() {
+            let FileProbes::Probed { what, path, wide: wide @ None, per_process } = probes else { continue };
+            match capture.attach_tls(path, TlsScope::AllProcesses) {
+                Ok(links) => {
+                    *wide = Some(links);
+                    for (_, single) in per_process.drain() {
+                        capture.detach_tls(single);
+                    }
+                }
+                Err(e) => log::warn!("TLS: attaching uprobes for every process to {what} failed: {e}"),
+            }
+        }
     }
 
     /// Makes sure `pid`'s calls into `file` are probed. Returns what traces them, or None when
     /// the file has no OpenSSL (or attaching failed, which is logged).
     pub fn ensure(&mut self, capture: &mut Capture, pid: u32, file: &TlsCandidate) -> Option<String> {
-        let wide_needed = self.via_parent.contains(&pid);
+        let mut wide_because = self.all_wide.or_else(|| self.children.contains(&pid).then_some(A_CHILD));
         match self.files.get(&file.id) {
             Some(FileProbes::NoOpenSsl) => return None,
-            Some(FileProbes::Probed { what, wide, per_process })
-                if wide.is_some() || (!wide_needed && per_process.contains_key(&pid)) =>
-            {
-                return Some(what.clone());
+            Some(FileProbes::Probed { what, wide, per_process, .. }) => {
+                if wide.is_some() || (wide_because.is_none() && per_process.contains_key(&pid)) {
+                    return Some(what.clone());
+                }
+                if per_process.len() >= MAX_PROCESSES_PER_FILE {
+                    wide_because = Some("more traced processes map the file than get probes of their own");
+                }
             }
-            _ => {}
+            None => {}
         }
-        let scope = if wide_needed { TlsScope::AllProcesses } else { TlsScope::Process(pid) };
-        let links = match capture.attach_tls(&file.path, scope) {
+        let links = match wide_because {
+            Some(_) => capture.attach_tls(&file.path, TlsScope::AllProcesses),
+            None => match capture.attach_tls(&file.path, TlsScope::Process(pid)) {
+                Err(TlsAttachError::Failed(e)) => {
+                    log::debug!("TLS: attaching uprobes to {} for pid {pid} alone failed: {e}", file.shown);
+                    wide_because = Some("attaching to it alone failed");
+                    capture.attach_tls(&file.path, TlsScope::AllProcesses)
+                }
+                other => other,
+            },
+        };
+        let links = match links {
             Ok(links) => links,
             Err(TlsAttachError::NoOpenSsl) => {
                 self.files.entry(file.id).or_insert(FileProbes::NoOpenSsl);
@@ -77,33 +131,33 @@ impl TlsProbes {
             let kind = if file.is_executable { "OpenSSL linked statically into" } else { "OpenSSL" };
             let what = format!("{kind} {} ({})", file.shown, links.symbols.join(", "));
             log::info!("TLS: attached uprobes to {what}");
-            FileProbes::Probed { what, wide: None, per_process: HashMap::new() }
+            FileProbes::Probed { what, path: file.path.clone(), wide: None, per_process: HashMap::new() }
         });
-        let FileProbes::Probed { what, wide, per_process } = entry else {
+        let FileProbes::Probed { what, wide, per_process, .. } = entry else {
             // Unreachable: a file without OpenSSL does not attach.
             capture.detach_tls(links);
             return None;
         };
-        if wide_needed {
-            *wide = Some(links);
-            // Attached before the per-process probes go, so no call is missed in between; a
-            // call seen by both is emitted once (the return probe consumes the call record).
-            for (_, single) in per_process.drain() {
-                capture.detach_tls(single);
+        match wide_because {
+            Some(why) => {
+                *wide = Some(links);
+                // Attached before the per-process probes go, so no call is missed in between; a
+                // call seen by both is emitted once (the return probe consumes the call record).
+                for (_, single) in per_process.drain() {
+                    capture.detach_tls(single);
+                }
+                log::info!("TLS: uprobes on {} now fire in every process that maps it (pid {pid}: {why})", file.shown);
             }
-            log::info!(
-                "TLS: uprobes on {} now fire in every process that maps it: pid {pid} was started by a traced process and may call OpenSSL before sonde could attach to it alone",
-                file.shown
-            );
-        } else {
-            per_process.insert(pid, links);
+            None => {
+                per_process.insert(pid, links);
+            }
         }
         Some(what.clone())
     }
 
     /// Drops an exited process's own probes.
     pub fn forget(&mut self, capture: &mut Capture, pid: u32) {
-        self.via_parent.remove(&pid);
+        self.children.remove(&pid);
         for probes in self.files.values_mut() {
             if let FileProbes::Probed { per_process, .. } = probes
                 && let Some(links) = per_process.remove(&pid)

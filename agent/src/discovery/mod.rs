@@ -41,13 +41,24 @@ pub struct SeededSocket {
 /// What the caller must do in the kernel and the pipeline.
 #[derive(Debug)]
 pub enum Action {
-    /// Trace `pid` (add it to the PID filter) and track these existing sockets. `via_parent`:
-    /// selected because an ancestor is (a child found running when sonde started).
-    Trace { pid: u32, resource: Arc<Resource>, sockets: Vec<SeededSocket>, via_parent: bool },
+    /// Trace `pid` (add it to the PID filter) and track these existing sockets.
+    Trace { pid: u32, resource: Arc<Resource>, sockets: Vec<SeededSocket>, origin: Origin },
     /// A child the kernel already traces (fork hook): record its resource and inherited sockets.
     Adopt { pid: u32, resource: Arc<Resource>, sockets: Vec<SeededSocket> },
     /// A traced process exec'd a new image: same service, new executable.
     Refresh { pid: u32, resource: Arc<Resource> },
+}
+
+/// Why a process is traced, as far as it matters for how its TLS library is probed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Selected on its own, and listening on a TCP port: a server.
+    Listener,
+    /// Selected on its own, not listening: a client, a shell, a job runner; it may start
+    /// children that use TLS at once.
+    Other,
+    /// A descendant of a traced process, found running when sonde started.
+    Descendant,
 }
 
 pub struct Discovery {
@@ -164,7 +175,15 @@ impl Discovery {
             .unwrap_or_else(|| exe.rsplit('/').next().unwrap_or(&exe).to_owned());
         let resource = Arc::new(self.resource_for(pid, &service, &exe));
         self.traced.insert(pid, resource.clone());
-        Some(Action::Trace { pid, resource, sockets: seed_sockets(pid), via_parent: false })
+        let listening = if needs_ports {
+            !listen_ports.is_empty()
+        } else {
+            // Selected without looking at ports: look now, for this process only.
+            let table = listeners.of(pid);
+            procfs::socket_fds(pid).iter().any(|(_, inode)| table.contains_key(inode))
+        };
+        let origin = if listening { Origin::Listener } else { Origin::Other };
+        Some(Action::Trace { pid, resource, sockets: seed_sockets(pid), origin })
     }
 
     /// The kernel traced a child of a traced process from its first syscall: give it the
@@ -220,7 +239,7 @@ impl Discovery {
         let exe = procfs::exe_path(pid).unwrap_or_default();
         let resource = Arc::new(self.resource_for(pid, &parent.service_name, &exe));
         self.traced.insert(pid, resource.clone());
-        Action::Trace { pid, resource, sockets: seed_sockets(pid), via_parent: true }
+        Action::Trace { pid, resource, sockets: seed_sockets(pid), origin: Origin::Descendant }
     }
 
     fn resource_for(&self, pid: u32, service: &str, exe: &str) -> Resource {

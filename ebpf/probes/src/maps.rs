@@ -176,16 +176,39 @@ pub fn header(kind: sonde_common::EventKind, tgid: u32, tid: u32) -> EventHeader
     }
 }
 
-/// Ring buffer flags for a record of `size` bytes: wake the reader only when this record makes
-/// the unread data cross the threshold; below it the reader's own poll interval picks records
-/// up. Not on every record above it: while the reader is busy (or lagging) each forced wakeup
-/// would queue an irq_work, a self-interrupt in the traced process's syscall, and under a
-/// hypervisor that costs microseconds per record.
+/// Records this CPU wrote without a wakeup while the unread data was above the threshold.
+#[map]
+pub static WAKEUP_SKIPPED: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Above the threshold, one record in this many per CPU still forces a wakeup.
+const WAKEUP_EVERY: u32 = 64;
+
+/// Ring buffer flags for a record of `size` bytes: wake the reader when this record makes the
+/// unread data cross the threshold; below it the reader's own poll interval picks records up.
+/// Above it the reader is awake or behind: only every [`WAKEUP_EVERY`]th record per CPU reminds
+/// it, because each forced wakeup queues an irq_work (a self-interrupt) inside the traced
+/// process's syscall, which under a hypervisor costs microseconds.
 #[inline(always)]
 pub fn wakeup_flags(size: u64) -> u64 {
     let threshold = settings().map(|s| s.wakeup_bytes).unwrap_or(0) as u64;
     let unread = EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64);
-    if unread < threshold && unread + size >= threshold { BPF_RB_FORCE_WAKEUP as u64 } else { BPF_RB_NO_WAKEUP as u64 }
+    if unread + size < threshold {
+        return BPF_RB_NO_WAKEUP as u64;
+    }
+    if unread < threshold {
+        return BPF_RB_FORCE_WAKEUP as u64;
+    }
+    if let Some(skipped) = WAKEUP_SKIPPED.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe {
+            *skipped += 1;
+            if *skipped >= WAKEUP_EVERY {
+                *skipped = 0;
+                return BPF_RB_FORCE_WAKEUP as u64;
+            }
+        }
+    }
+    BPF_RB_NO_WAKEUP as u64
 }
 
 /// Copies a fixed-size record to the ring buffer, counting a drop when it is full.
