@@ -40,7 +40,7 @@ enum FileProbes {
     Probed {
         /// What traces the file's users, for logs: "OpenSSL /usr/lib/.../libssl.so.3 (SSL_read, ...)".
         what: String,
-        /// Where the file was found, to attach to it again.
+        /// Where the file was last found, to attach to it again.
         path: std::path::PathBuf,
         /// Probes for every process that maps the file.
         wide: Option<TlsLinks>,
@@ -93,6 +93,12 @@ impl TlsProbes {
     /// the file has no OpenSSL (or attaching failed, which is logged).
     pub fn ensure(&mut self, capture: &mut Capture, pid: u32, file: &TlsCandidate) -> Option<String> {
         let mut wide_because = self.all_wide.or_else(|| self.children.contains(&pid).then_some(A_CHILD));
+        if let Some(FileProbes::Probed { path, .. }) = self.files.get_mut(&file.id)
+            && *path != file.path
+        {
+            // Paths go through /proc/PID/root: keep one of a process that is alive.
+            path.clone_from(&file.path);
+        }
         match self.files.get(&file.id) {
             Some(FileProbes::NoOpenSsl) => return None,
             Some(FileProbes::Probed { what, wide, per_process, .. }) => {
