@@ -28,10 +28,6 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Safety net behind the mmap events: how often traced processes are re-checked for TLS libraries.
 const TLS_RESCAN_INTERVAL: Duration = Duration::from_secs(10);
-/// Why a process's TLS library gets probes for every process (see `capture::tls_probes`).
-const NOT_A_SERVER: &str =
-    "a process selected without listening on a port may start programs that call OpenSSL at once";
-const CHILD_EXEC: &str = "a traced process's child started another program";
 /// Pending TLS library checks run at least this often while a large batch of events drains.
 const TLS_CHECK_EVERY_EVENTS: u32 = 256;
 
@@ -252,22 +248,12 @@ impl Agent {
 
     fn apply(&mut self, actions: Vec<Action>) {
         for action in actions {
-            let (pid, resource, sockets, in_kernel) = match action {
-                Action::Trace { pid, resource, sockets, origin } => {
-                    match origin {
-                        Origin::Listener => {}
-                        Origin::Other => self.tls_probes.need_all_wide(&mut self.capture, NOT_A_SERVER),
-                        Origin::Descendant => self.tls_probes.mark_child(pid),
-                    }
-                    (pid, resource, sockets, false)
-                }
-                Action::Adopt { pid, resource, sockets } => {
-                    self.tls_probes.mark_child(pid);
-                    (pid, resource, sockets, true)
-                }
+            let (pid, resource, sockets, origin, in_kernel) = match action {
+                Action::Trace { pid, resource, sockets, origin } => (pid, resource, sockets, origin, false),
+                Action::Adopt { pid, resource, sockets } => (pid, resource, sockets, Origin::Descendant, true),
                 Action::Refresh { pid, resource } => {
-                    if self.tls_probes.is_child(pid) {
-                        self.tls_probes.need_all_wide(&mut self.capture, CHILD_EXEC);
+                    if self.tls_enabled {
+                        self.tls_probes.on_exec(&mut self.capture, pid);
                     }
                     // A new image may bring its own TLS library.
                     self.pipeline.set_resource(pid, resource);
@@ -297,6 +283,9 @@ impl Agent {
                 sockets.len()
             );
             self.pipeline.set_resource(pid, resource);
+            if self.tls_enabled {
+                self.tls_probes.on_traced(&mut self.capture, pid, origin);
+            }
             self.attach_tls(pid, !in_kernel);
         }
     }

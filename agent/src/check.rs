@@ -150,8 +150,7 @@ fn tls_finding(capture: &mut Capture, pid: u32) -> Finding {
     let mut traced = Vec::new();
     for c in tls::candidates(pid) {
         if let Ok(links) = capture.attach_tls(&c.path, TlsScope::Process(pid)) {
-            let how = if c.is_executable { "OpenSSL linked statically into" } else { "OpenSSL" };
-            traced.push(format!("{how} {} ({})", c.shown, links.symbols.join(", ")));
+            traced.push(c.describe(&links.symbols));
             capture.detach_tls(links);
         }
     }

@@ -63,6 +63,17 @@ fn assert_https_pairs(spans: &[TestSpan], port: u16, n: usize, path_prefix: &str
     }
 }
 
+/// `n` HTTPS requests from one curl that sonde does not trace (started by the test, not the
+/// launcher), to `https://127.0.0.1:PORT{path_prefix}{i}`.
+fn untraced_curl(port: u16, path_prefix: &str, n: usize) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.arg("-sk");
+    for i in 0..n {
+        cmd.args(["-o", "/dev/null", &format!("https://127.0.0.1:{port}{path_prefix}{i}")]);
+    }
+    assert!(cmd.status().expect("run curl").success());
+}
+
 #[test]
 fn privileged_nginx_https_with_curl() {
     let Some(_guard) = privileged_test("nginx HTTPS") else { return };
@@ -205,25 +216,16 @@ fn privileged_untraced_processes_do_not_run_the_tls_probes() {
     let cfg = test_config(&format!("discovery:\n  - service.name: tls-server\n    open_ports: {traced_port}\n"));
     let sonde = Sonde::start(&[], &cfg, &env(&receiver));
     let stats = sonde_e2e::bpf_stats::BpfStats::enable();
-    let curl = |port: u16, path: &str, n: usize| {
-        let urls: Vec<String> = (0..n).map(|i| format!("https://127.0.0.1:{port}{path}{i}")).collect();
-        let mut cmd = std::process::Command::new("curl");
-        cmd.args(["-sk", "-o", "/dev/null"]);
-        for u in &urls {
-            cmd.args([u.as_str(), "-o", "/dev/null"]);
-        }
-        assert!(cmd.status().expect("run curl").success());
-    };
     // One request first: the server's probes are attached by the time its span is exported.
-    curl(traced_port, "/py/warmup", 1);
+    untraced_curl(traced_port, "/py/warmup", 1);
     assert_eq!(receiver.collected.wait_for(1, WAIT).len(), 1);
 
     let runs = || sonde_e2e::bpf_stats::runs_of(sonde.pid(), "ssl_");
     let before = runs();
     // nginx answers 404 for these paths: every request still goes through SSL_read/SSL_write.
-    curl(other_port, "/untraced/", 20);
+    untraced_curl(other_port, "/untraced/", 20);
     let after_untraced = runs();
-    curl(traced_port, "/py/traced", 5);
+    untraced_curl(traced_port, "/py/traced", 5);
     let spans = receiver.collected.wait_for(6, WAIT);
     let after_traced = runs();
     drop(stats);
@@ -282,13 +284,7 @@ fn privileged_many_traced_processes_share_one_set_of_tls_probes() {
         pids.join(", ")
     ));
     let sonde = Sonde::start(&[], &cfg, &env(&receiver));
-    let urls: Vec<String> = (0..3).map(|i| format!("https://127.0.0.1:{port}/py/shared{i}")).collect();
-    let mut curl = std::process::Command::new("curl");
-    curl.args(["-sk", "-o", "/dev/null"]);
-    for u in &urls {
-        curl.args([u.as_str(), "-o", "/dev/null"]);
-    }
-    assert!(curl.status().expect("run curl").success());
+    untraced_curl(port, "/py/shared", 3);
     receiver.collected.wait_for(3, WAIT);
     // Late duplicates would arrive after the third span.
     std::thread::sleep(Duration::from_millis(500));

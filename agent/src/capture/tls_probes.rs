@@ -24,12 +24,16 @@ use super::{
     Capture,
     loader::{TlsAttachError, TlsLinks, TlsScope},
 };
-use crate::discovery::tls::TlsCandidate;
+use crate::discovery::{Origin, tls::TlsCandidate};
 
 /// (device, inode) of a probed file.
 type FileId = (u64, u64);
 
+/// Why a file gets probes for every process, for the log.
 const A_CHILD: &str = "started by a traced process, it may call OpenSSL before sonde could attach to it alone";
+const NOT_A_SERVER: &str =
+    "a process selected without listening on a port may start programs that call OpenSSL at once";
+const CHILD_EXEC: &str = "a traced process's child started another program";
 
 /// Per-process probe sets on one file before it gets one set for every process instead.
 const MAX_PROCESSES_PER_FILE: usize = 16;
@@ -59,17 +63,26 @@ pub struct TlsProbes {
 }
 
 impl TlsProbes {
-    /// The files `pid` maps get probes for every process, because it is a traced process's child.
-    pub fn mark_child(&mut self, pid: u32) {
-        self.children.insert(pid);
+    /// A process is traced now, for this reason (before its files are probed).
+    pub fn on_traced(&mut self, capture: &mut Capture, pid: u32, origin: Origin) {
+        match origin {
+            Origin::Listener => {}
+            Origin::Other => self.need_all_wide(capture, NOT_A_SERVER),
+            Origin::Descendant => {
+                self.children.insert(pid);
+            }
+        }
     }
 
-    pub fn is_child(&self, pid: u32) -> bool {
-        self.children.contains(&pid)
+    /// A traced process ran exec.
+    pub fn on_exec(&mut self, capture: &mut Capture, pid: u32) {
+        if self.children.contains(&pid) {
+            self.need_all_wide(capture, CHILD_EXEC);
+        }
     }
 
     /// Every probed file, now and later, gets probes for every process, because of `why`.
-    pub fn need_all_wide(&mut self, capture: &mut Capture, why: &'static str) {
+    fn need_all_wide(&mut self, capture: &mut Capture, why: &'static str) {
         if self.all_wide.is_some() {
             return;
         }
@@ -134,8 +147,7 @@ impl TlsProbes {
             }
         };
         let entry = self.files.entry(file.id).or_insert_with(|| {
-            let kind = if file.is_executable { "OpenSSL linked statically into" } else { "OpenSSL" };
-            let what = format!("{kind} {} ({})", file.shown, links.symbols.join(", "));
+            let what = file.describe(&links.symbols);
             log::info!("TLS: attached uprobes to {what}");
             FileProbes::Probed { what, path: file.path.clone(), wide: None, per_process: HashMap::new() }
         });

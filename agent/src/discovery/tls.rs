@@ -18,6 +18,14 @@ pub struct TlsCandidate {
     pub is_executable: bool,
 }
 
+impl TlsCandidate {
+    /// What traces this file's users, for logs: "OpenSSL /usr/lib/.../libssl.so.3 (SSL_read, ...)".
+    pub fn describe(&self, symbols: &[&str]) -> String {
+        let kind = if self.is_executable { "OpenSSL linked statically into" } else { "OpenSSL" };
+        format!("{kind} {} ({})", self.shown, symbols.join(", "))
+    }
+}
+
 /// libssl files mapped by `pid`, then its executable (checked for static OpenSSL).
 pub fn candidates(pid: u32) -> Vec<TlsCandidate> {
     let mut out = Vec::new();

@@ -111,15 +111,22 @@ pub struct Inflight {
     pub _pad: u32,
 }
 
-/// Saves a call's arguments in the thread's slot (written in place when it exists).
+/// Writes a thread's slot in a per-thread map: in place when it exists (a lookup costs a
+/// fraction of an update), inserted the first time.
+#[inline(always)]
+pub fn write_slot<V: Copy>(map: &HashMap<u64, V>, pid_tgid: u64, value: &V) {
+    if let Some(slot) = map.get_ptr_mut(&pid_tgid) {
+        // SAFETY: the slot is this thread's; only this thread writes it.
+        unsafe { *slot = *value };
+    } else {
+        let _ = map.insert(&pid_tgid, value, 0);
+    }
+}
+
+/// Saves a call's arguments in the thread's slot.
 #[inline(always)]
 pub fn save_inflight(pid_tgid: u64, rec: &Inflight) {
-    if let Some(slot) = INFLIGHT.get_ptr_mut(&pid_tgid) {
-        // SAFETY: the slot is this thread's; only this thread writes it.
-        unsafe { *slot = *rec };
-    } else {
-        let _ = INFLIGHT.insert(&pid_tgid, rec, 0);
-    }
+    write_slot(&INFLIGHT, pid_tgid, rec);
 }
 
 /// Takes the arguments the current thread saved at enter, if a saved call is in progress.

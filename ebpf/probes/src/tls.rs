@@ -14,7 +14,9 @@ use sonde_common::{DATA_FLAG_TLS, MAX_INFLIGHT, SOCKET_FLAG_TLS, SocketKey, TRAC
 
 use crate::{
     data::{emit_data, socket_info},
-    maps::{Call, Inflight, LAST_READ_FD, SOCKETS, TRACED_PIDS, count, traced_current, traced_current_flags},
+    maps::{
+        Call, Inflight, LAST_READ_FD, SOCKETS, TRACED_PIDS, count, traced_current, traced_current_flags, write_slot,
+    },
 };
 
 /// A slot whose call has returned.
@@ -144,12 +146,7 @@ fn enter(ctx: &ProbeContext, kind: u32, ex: bool) -> u32 {
         kind,
         fd: u32::MAX,
     };
-    if let Some(slot) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
-        // SAFETY: this thread's slot; only this thread writes it.
-        unsafe { *slot = call };
-    } else {
-        let _ = TLS_CALLS.insert(&pid_tgid, &call, 0);
-    }
+    write_slot(&TLS_CALLS, pid_tgid, &call);
     0
 }
 
