@@ -256,7 +256,7 @@ impl Discovery {
 
 fn exe_of(r: &Resource) -> Option<String> {
     r.attributes.iter().find(|(k, _)| k == "process.executable.path").and_then(|(_, v)| match v {
-        crate::trace::span::AttrValue::Str(s) => Some(s.clone()),
+        crate::trace::span::AttrValue::Str(s) => Some(s.to_string()),
         _ => None,
     })
 }

@@ -19,7 +19,7 @@ use crate::trace::{
 
 fn any(v: &AttrValue) -> AnyValue {
     let value = match v {
-        AttrValue::Str(s) => any_value::Value::StringValue(s.clone()),
+        AttrValue::Str(s) => any_value::Value::StringValue(s.to_string()),
         AttrValue::Int(i) => any_value::Value::IntValue(*i),
         AttrValue::Bool(b) => any_value::Value::BoolValue(*b),
     };
@@ -45,7 +45,7 @@ fn encode_span(s: &Span) -> OtlpSpan {
         parent_span_id: s.context.parent_id.map(|p| p.0.to_vec()).unwrap_or_default(),
         // W3C sampled flag; only sampled spans are exported.
         flags: 0x100 | 1,
-        name: s.name.clone(),
+        name: s.name.to_string(),
         kind: kind as i32,
         start_time_unix_nano: s.start_unix_ns,
         end_time_unix_nano: s.end_unix_ns,

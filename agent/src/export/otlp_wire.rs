@@ -198,7 +198,11 @@ mod tests {
                     parent_id: (i % 2 == 0).then_some(SpanId([9; 8])),
                     sampled: true,
                 },
-                name: if i == 3 { String::new() } else { format!("GET /r/{i}") },
+                name: if i == 3 {
+                    crate::trace::span::Text::default()
+                } else {
+                    compact_str::format_compact!("GET /r/{i}")
+                },
                 kind: if i % 3 == 0 { SpanKind::Client } else { SpanKind::Server },
                 start_unix_ns: 1_700_000_000_000_000_000 + i,
                 end_unix_ns: 1_700_000_000_001_000_000 + i * 1000,

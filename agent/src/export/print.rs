@@ -8,7 +8,7 @@ use crate::trace::span::{AttrValue, Span, Status};
 
 fn attr_json(v: &AttrValue) -> Value {
     match v {
-        AttrValue::Str(s) => Value::String(s.clone()),
+        AttrValue::Str(s) => Value::String(s.to_string()),
         AttrValue::Int(i) => json!(i),
         AttrValue::Bool(b) => json!(b),
     }
@@ -27,7 +27,7 @@ pub fn to_json(span: &Span) -> Value {
         "trace_id": span.context.trace_id.to_string(),
         "span_id": span.context.span_id.to_string(),
         "parent_span_id": span.context.parent_id.map(|p| p.to_string()),
-        "name": span.name,
+        "name": span.name.as_str(),
         "kind": span.kind.as_str(),
         "start_unix_nano": span.start_unix_ns,
         "end_unix_nano": span.end_unix_ns,

@@ -53,7 +53,7 @@ impl Collector for Exposition {
                 if let Some((_, AttrValue::Str(id))) =
                     s.resource.attributes.iter().find(|(k, _)| k == "service.instance.id")
                 {
-                    labels.push(("service_instance_id".into(), id.clone()));
+                    labels.push(("service_instance_id".into(), id.to_string()));
                 }
                 labels.extend(s.attributes.iter().map(|(k, v)| (label(k), attr_text(v))));
                 let mut buckets: Vec<(f64, u64)> =

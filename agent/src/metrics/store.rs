@@ -71,7 +71,7 @@ pub struct MetricsStore {
 
 pub fn attr_text(v: &AttrValue) -> String {
     match v {
-        AttrValue::Str(s) => s.clone(),
+        AttrValue::Str(s) => s.to_string(),
         AttrValue::Int(i) => i.to_string(),
         AttrValue::Bool(b) => b.to_string(),
     }
@@ -199,7 +199,7 @@ mod tests {
                 parent_id: None,
                 sampled: false,
             },
-            name: format!("GET {route}"),
+            name: compact_str::format_compact!("GET {route}"),
             kind: SpanKind::Server,
             start_unix_ns: 1_000_000_000,
             end_unix_ns: 1_000_000_000 + millis * 1_000_000,

@@ -2,9 +2,11 @@
 //! database semantic conventions. Query text is exported sanitized: literal values and command
 //! arguments never leave the host.
 
+use compact_str::ToCompactString;
+
 use super::{
     http_attrs::{ConnAddrs, Mapped},
-    span::{Attr, SpanKind, Status},
+    span::{Attr, SpanKind, Status, Text},
 };
 use crate::protocol::{postgres::PgExchange, redis::RedisExchange, sql};
 
@@ -15,11 +17,11 @@ fn server_and_peer(kind: SpanKind, addrs: &ConnAddrs, attrs: &mut Vec<Attr>) {
         SpanKind::Server => addrs.local,
     };
     if let Some(s) = server {
-        attrs.push(Attr::new("server.address", s.ip().to_string()));
+        attrs.push(Attr::new("server.address", s.ip().to_compact_string()));
         attrs.push(Attr::new("server.port", s.port() as i64));
     }
     if let Some(p) = addrs.peer {
-        attrs.push(Attr::new("network.peer.address", p.ip().to_string()));
+        attrs.push(Attr::new("network.peer.address", p.ip().to_compact_string()));
         attrs.push(Attr::new("network.peer.port", p.port() as i64));
     }
 }
@@ -63,7 +65,7 @@ pub fn map_postgres(ex: &PgExchange, kind: SpanKind, addrs: &ConnAddrs) -> Mappe
         }
         None => Status::Unset,
     };
-    Mapped { name: summary.unwrap_or_else(|| "postgresql".into()), attributes: attrs, status }
+    Mapped { name: summary.map_or_else(|| Text::const_new("postgresql"), Text::from), attributes: attrs, status }
 }
 
 /// `BATCH SELECT` when every statement has the same operation, else `BATCH`.
@@ -82,7 +84,7 @@ pub fn map_redis(ex: &RedisExchange, kind: SpanKind, addrs: &ConnAddrs) -> Mappe
     let mut attrs = vec![
         Attr::new("db.system.name", "redis"),
         Attr::new("db.operation.name", ex.operation.clone()),
-        Attr::new("db.namespace", ex.db.to_string()),
+        Attr::new("db.namespace", ex.db.to_compact_string()),
     ];
     // Arguments (keys, values, passwords) are replaced: the command and its arity stay visible.
     let mut text = ex.operation.clone();

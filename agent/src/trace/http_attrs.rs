@@ -3,9 +3,11 @@
 
 use std::net::SocketAddr;
 
+use compact_str::{ToCompactString, format_compact};
+
 use super::{
     route::{path_of, route_of},
-    span::{Attr, SpanKind, Status},
+    span::{Attr, SpanKind, Status, Text},
 };
 use crate::protocol::http::HttpExchange;
 
@@ -19,7 +21,7 @@ pub struct ConnAddrs {
 const KNOWN_METHODS: [&str; 9] = ["CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"];
 
 pub struct Mapped {
-    pub name: String,
+    pub name: Text,
     pub attributes: Vec<Attr>,
     pub status: Status,
 }
@@ -30,24 +32,24 @@ pub fn map(ex: &HttpExchange, kind: SpanKind, addrs: &ConnAddrs, scheme: &'stati
         ex.method.clone()
     } else {
         attrs.push(Attr::new("http.request.method_original", ex.method.clone()));
-        "_OTHER".to_owned()
+        Text::const_new("_OTHER")
     };
     attrs.push(Attr::new("http.request.method", method.clone()));
     attrs.push(Attr::new("http.response.status_code", ex.status as i64));
-    attrs.push(Attr::new("network.protocol.version", format!("1.{}", ex.version_minor)));
+    attrs.push(Attr::new("network.protocol.version", format_compact!("1.{}", ex.version_minor)));
     let (host, port) = split_host(ex.host.as_deref(), scheme);
     let query = redacted_query(&ex.target);
 
     let name = match kind {
         SpanKind::Server => {
             let route = route_of(&ex.target);
-            attrs.push(Attr::new("url.path", path_of(&ex.target).to_owned()));
-            attrs.push(Attr::new("url.scheme", scheme));
+            attrs.push(Attr::new("url.path", path_of(&ex.target)));
+            attrs.push(Attr::new("url.scheme", Text::const_new(scheme)));
             if let Some(q) = &query {
                 attrs.push(Attr::new("url.query", q.clone()));
             }
             attrs.push(Attr::new("http.route", route.clone()));
-            let server_address = host.or_else(|| addrs.local.map(|a| a.ip().to_string()));
+            let server_address = host.or_else(|| addrs.local.map(|a| a.ip().to_compact_string()));
             let server_port = port.or_else(|| addrs.local.map(|a| a.port()));
             if let Some(h) = server_address {
                 attrs.push(Attr::new("server.address", h));
@@ -56,20 +58,20 @@ pub fn map(ex: &HttpExchange, kind: SpanKind, addrs: &ConnAddrs, scheme: &'stati
                 attrs.push(Attr::new("server.port", p as i64));
             }
             if let Some(peer) = addrs.peer {
-                attrs.push(Attr::new("client.address", peer.ip().to_string()));
+                attrs.push(Attr::new("client.address", peer.ip().to_compact_string()));
                 attrs.push(Attr::new("client.port", peer.port() as i64));
             }
-            if method == "_OTHER" { "HTTP".to_owned() } else { format!("{method} {route}") }
+            if method == "_OTHER" { Text::const_new("HTTP") } else { format_compact!("{method} {route}") }
         }
         SpanKind::Client => {
-            let server_address = host.or_else(|| addrs.peer.map(|a| a.ip().to_string()));
+            let server_address = host.or_else(|| addrs.peer.map(|a| a.ip().to_compact_string()));
             let server_port = port.or_else(|| addrs.peer.map(|a| a.port()));
             let authority = match (&server_address, server_port) {
-                (Some(h), Some(p)) if !is_default_port(scheme, p) => format!("{h}:{p}"),
+                (Some(h), Some(p)) if !is_default_port(scheme, p) => format_compact!("{h}:{p}"),
                 (Some(h), _) => h.clone(),
-                (None, _) => String::new(),
+                (None, _) => Text::default(),
             };
-            let mut full = format!("{scheme}://{authority}{}", path_of(&ex.target));
+            let mut full = format_compact!("{scheme}://{authority}{}", path_of(&ex.target));
             if let Some(q) = &query {
                 full.push('?');
                 full.push_str(q);
@@ -81,11 +83,11 @@ pub fn map(ex: &HttpExchange, kind: SpanKind, addrs: &ConnAddrs, scheme: &'stati
             if let Some(p) = server_port {
                 attrs.push(Attr::new("server.port", p as i64));
             }
-            if method == "_OTHER" { "HTTP".to_owned() } else { method.clone() }
+            if method == "_OTHER" { Text::const_new("HTTP") } else { method.clone() }
         }
     };
     if let Some(peer) = addrs.peer {
-        attrs.push(Attr::new("network.peer.address", peer.ip().to_string()));
+        attrs.push(Attr::new("network.peer.address", peer.ip().to_compact_string()));
         attrs.push(Attr::new("network.peer.port", peer.port() as i64));
     }
     if let Some(ua) = &ex.user_agent {
@@ -100,7 +102,7 @@ pub fn map(ex: &HttpExchange, kind: SpanKind, addrs: &ConnAddrs, scheme: &'stati
         SpanKind::Client => ex.status >= 400,
     };
     let status = if failed {
-        attrs.push(Attr::new("error.type", ex.status.to_string()));
+        attrs.push(Attr::new("error.type", ex.status.to_compact_string()));
         Status::Error(String::new())
     } else {
         Status::Unset
@@ -113,20 +115,20 @@ fn is_default_port(scheme: &str, port: u16) -> bool {
 }
 
 /// Splits a Host header into host and port (IPv6 literals keep their brackets off).
-fn split_host(host: Option<&str>, scheme: &str) -> (Option<String>, Option<u16>) {
+fn split_host(host: Option<&str>, scheme: &str) -> (Option<Text>, Option<u16>) {
     let Some(h) = host.map(str::trim).filter(|h| !h.is_empty()) else {
         return (None, None);
     };
     if let Some(rest) = h.strip_prefix('[') {
         let (addr, after) = rest.split_once(']').unwrap_or((rest, ""));
         let port = after.strip_prefix(':').and_then(|p| p.parse().ok());
-        return (Some(addr.to_owned()), port.or(default_port(scheme)));
+        return (Some(addr.into()), port.or(default_port(scheme)));
     }
     match h.rsplit_once(':') {
         Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !port.is_empty() => {
-            (Some(name.to_owned()), port.parse().ok())
+            (Some(name.into()), port.parse().ok())
         }
-        _ => (Some(h.to_owned()), default_port(scheme)),
+        _ => (Some(h.into()), default_port(scheme)),
     }
 }
 

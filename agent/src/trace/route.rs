@@ -1,16 +1,18 @@
 //! `http.route` without application knowledge: a low-cardinality template of the path in which
 //! segments that look like identifiers become placeholders.
 
+use super::span::Text;
+
 /// Turns `/users/42/orders/9f1c...` into `/users/{id}/orders/{id}`.
 ///
 /// A segment becomes `{id}` when it is numeric, a UUID, a long hex string, or mixes letters and
 /// digits with 16 or more characters (tokens, hashes). The query string is dropped.
-pub fn route_of(target: &str) -> String {
+pub fn route_of(target: &str) -> Text {
     let path = path_of(target);
     if path.is_empty() || path == "/" {
-        return "/".to_owned();
+        return Text::const_new("/");
     }
-    let mut out = String::with_capacity(path.len());
+    let mut out = Text::with_capacity(path.len());
     for (i, seg) in path.split('/').enumerate() {
         if i > 0 {
             out.push('/');

@@ -4,6 +4,11 @@ use std::sync::Arc;
 
 use super::{context::SpanContext, resource::Resource};
 
+/// Span names and string attribute values: short ones (up to 24 bytes: methods, routes, IP
+/// addresses, table names) live inline, so building and cloning a span's attributes does not
+/// allocate once per value.
+pub type Text = compact_str::CompactString;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SpanKind {
     Server,
@@ -21,19 +26,25 @@ impl SpanKind {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum AttrValue {
-    Str(String),
+    Str(Text),
     Int(i64),
     Bool(bool),
 }
 
 impl From<&str> for AttrValue {
     fn from(v: &str) -> Self {
-        AttrValue::Str(v.to_owned())
+        AttrValue::Str(Text::from(v))
     }
 }
 
 impl From<String> for AttrValue {
     fn from(v: String) -> Self {
+        AttrValue::Str(Text::from(v))
+    }
+}
+
+impl From<Text> for AttrValue {
+    fn from(v: Text) -> Self {
         AttrValue::Str(v)
     }
 }
@@ -65,7 +76,7 @@ pub enum Status {
 #[derive(Clone, Debug)]
 pub struct Span {
     pub context: SpanContext,
-    pub name: String,
+    pub name: Text,
     pub kind: SpanKind,
     pub start_unix_ns: u64,
     pub end_unix_ns: u64,

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use framing::{BodyFraming, HalfStream, Step};
 
 use super::{Exchange, ExchangeDetail, Protocol, RequestStart, Segment, Session, SessionEvent, Side};
-use crate::trace::context::TraceParent;
+use crate::trace::{context::TraceParent, span::Text};
 
 /// Requests waiting for a response before the oldest is given up as unmatched.
 pub const MAX_PENDING_REQUESTS: usize = 1024;
@@ -71,13 +71,13 @@ pub fn looks_like_start(side: Side, bytes: &[u8]) -> bool {
 /// A paired HTTP request and response, as parsed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpExchange {
-    pub method: String,
+    pub method: Text,
     /// The request-target as sent: origin form (`/a?b`) or absolute form.
-    pub target: String,
+    pub target: Text,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version_minor: u8,
-    pub host: Option<String>,
-    pub user_agent: Option<String>,
+    pub host: Option<Text>,
+    pub user_agent: Option<Text>,
     pub status: u16,
     pub request_body_bytes: u64,
     pub response_body_bytes: u64,
@@ -87,11 +87,11 @@ pub struct HttpExchange {
 struct Pending {
     seq: u64,
     start_ns: u64,
-    method: String,
-    target: String,
+    method: Text,
+    target: Text,
     version_minor: u8,
-    host: Option<String>,
-    user_agent: Option<String>,
+    host: Option<Text>,
+    user_agent: Option<Text>,
     request_body_bytes: u64,
 }
 
@@ -206,8 +206,8 @@ impl HttpSession {
         self.pending.push_back(Pending {
             seq,
             start_ns: self.requests.first_byte_ns,
-            method: method.to_owned(),
-            target: target.to_owned(),
+            method: method.into(),
+            target: target.into(),
             version_minor: version,
             host: info.host,
             user_agent: info.user_agent,
@@ -306,8 +306,8 @@ impl HttpSession {
 /// The headers sonde cares about, from one head.
 #[derive(Default)]
 struct HeadInfo {
-    host: Option<String>,
-    user_agent: Option<String>,
+    host: Option<Text>,
+    user_agent: Option<Text>,
     traceparent: Option<TraceParent>,
     content_length: Option<u64>,
     chunked: bool,
@@ -315,7 +315,7 @@ struct HeadInfo {
 
 impl HeadInfo {
     fn take(&mut self, h: &httparse::Header<'_>) {
-        let value = || String::from_utf8_lossy(h.value).trim().to_owned();
+        let value = || Text::from(String::from_utf8_lossy(h.value).trim());
         let name = h.name;
         if name.eq_ignore_ascii_case("host") {
             self.host = Some(value());

@@ -10,6 +10,8 @@ use std::collections::VecDeque;
 
 use resp::{Fed, Reader, Value};
 
+use crate::trace::span::Text;
+
 use super::{Exchange, ExchangeDetail, Protocol, RequestStart, Segment, Session, SessionEvent, Side};
 
 /// Commands waiting for replies before the oldest is given up.
@@ -80,20 +82,20 @@ pub fn classify_start(b: &[u8]) -> Option<bool> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RedisExchange {
     /// Command name, upper case, with the subcommand for container commands (`CONFIG GET`).
-    pub operation: String,
+    pub operation: Text,
     /// Arguments after the operation name (their values are never kept).
     pub args: u64,
     /// Database index the command ran against.
     pub db: u32,
     /// Error prefix of an error reply (`ERR`, `WRONGTYPE`, ...).
-    pub error: Option<String>,
+    pub error: Option<Text>,
 }
 
 #[derive(Debug)]
 struct Pending {
     seq: u64,
     start: u64,
-    operation: String,
+    operation: Text,
     args: u64,
     /// SELECT's argument, applied when it succeeds.
     select_db: Option<u32>,
@@ -180,7 +182,7 @@ impl RedisSession {
         }
         let (operation, args) = match v.strings.get(1) {
             Some(sub) if CONTAINER_COMMANDS.contains(&name.as_str()) => {
-                (format!("{name} {}", sub.to_ascii_uppercase()), v.elements.saturating_sub(2))
+                (compact_str::format_compact!("{name} {}", sub.to_ascii_uppercase()), v.elements.saturating_sub(2))
             }
             _ => (name.clone(), v.elements.saturating_sub(1)),
         };
@@ -223,7 +225,7 @@ impl RedisSession {
             return;
         };
         let error = match v.kind {
-            b'-' | b'!' => Some(first_word(v.strings.first().map(String::as_str).unwrap_or("ERR"))),
+            b'-' | b'!' => Some(first_word(v.strings.first().map(Text::as_str).unwrap_or("ERR"))),
             _ => None,
         };
         if error.is_none()
@@ -238,7 +240,7 @@ impl RedisSession {
 
 /// A command got its reply. A command whose name was in bytes beyond the capture kept the
 /// pairing aligned, but a nameless span would say nothing: it is counted instead.
-fn complete(p: Pending, end_ns: u64, db: u32, error: Option<String>, out: &mut Vec<SessionEvent>) {
+fn complete(p: Pending, end_ns: u64, db: u32, error: Option<Text>, out: &mut Vec<SessionEvent>) {
     if p.operation.is_empty() {
         out.push(SessionEvent::Abandoned { seq: p.seq });
         out.push(SessionEvent::ParseError { reason: "command name not captured" });
@@ -271,6 +273,6 @@ impl RedisSession {
     }
 }
 
-fn first_word(s: &str) -> String {
-    s.split_ascii_whitespace().next().unwrap_or("ERR").to_owned()
+fn first_word(s: &str) -> Text {
+    s.split_ascii_whitespace().next().unwrap_or("ERR").into()
 }

@@ -2,6 +2,8 @@
 //! only what pairing and naming need (type, first strings, element count). Bulk payloads are
 //! skipped by length, so values larger than the capture keep framing.
 
+use crate::trace::span::Text;
+
 /// Leaf strings kept per value (command name, subcommand or first argument, third element).
 const KEPT_STRINGS: usize = 3;
 /// Bytes kept per kept string.
@@ -17,7 +19,7 @@ pub struct Value {
     /// RESP type byte of the top value (`*`, `+`, `-`, `$`, `>`, ...), or `i` for an inline command.
     pub kind: u8,
     /// For aggregates, their first leaf strings; for simple values, the value itself.
-    pub strings: Vec<String>,
+    pub strings: Vec<Text>,
     /// Elements of a top-level aggregate (arguments of a command).
     pub elements: u64,
     /// Time of the syscall that carried its first byte.
@@ -153,7 +155,7 @@ impl Reader {
                     b = &b[take..];
                     if take as u8 == left {
                         self.state = State::Type;
-                        let s = String::from_utf8_lossy(&self.bulk).into_owned();
+                        let s = keep(&self.bulk);
                         self.bulk.clear();
                         self.element_done(Some(s), emit);
                     } else {
@@ -176,7 +178,7 @@ impl Reader {
                     gap -= take as u64;
                     if take == left {
                         self.state = State::Type;
-                        let s = String::from_utf8_lossy(&self.bulk).into_owned();
+                        let s = keep(&self.bulk);
                         self.bulk.clear();
                         self.element_done(Some(s), emit);
                     } else {
@@ -252,10 +254,7 @@ impl Reader {
                         }
                     }
                 }
-                _ => self.element_done(
-                    Some(String::from_utf8_lossy(&line[..line.len().min(KEPT_STRING_BYTES)]).into_owned()),
-                    emit,
-                ),
+                _ => self.element_done(Some(keep(&line)), emit),
             },
             _ => {}
         }
@@ -263,7 +262,7 @@ impl Reader {
     }
 
     /// A value (leaf or aggregate) ended at the current depth.
-    fn element_done(&mut self, leaf: Option<String>, emit: &mut impl FnMut(Value)) {
+    fn element_done(&mut self, leaf: Option<Text>, emit: &mut impl FnMut(Value)) {
         if let Some(s) = leaf
             && self.stack.len() <= 1
             && self.current.strings.len() < KEPT_STRINGS
@@ -307,8 +306,8 @@ impl Reader {
     }
 }
 
-fn keep(w: &[u8]) -> String {
-    String::from_utf8_lossy(&w[..w.len().min(KEPT_STRING_BYTES)]).into_owned()
+fn keep(w: &[u8]) -> Text {
+    Text::from_utf8_lossy(&w[..w.len().min(KEPT_STRING_BYTES)])
 }
 
 fn parse_len(line: &[u8]) -> Result<i64, &'static str> {

@@ -19,7 +19,7 @@ fn redis(events: &[SessionEvent]) -> Vec<RedisExchange> {
 }
 
 fn ops(events: &[SessionEvent]) -> Vec<String> {
-    redis(events).into_iter().map(|r| r.operation).collect()
+    redis(events).into_iter().map(|r| r.operation.to_string()).collect()
 }
 
 fn run(fixture: &[u8]) -> Vec<SessionEvent> {

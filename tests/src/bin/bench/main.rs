@@ -57,8 +57,20 @@ impl Options {
     }
 }
 
+const USAGE: &str = "usage: bench [--only nginx,fixed-rate,redis,pgbench,https] [--pairs N] [--seconds S] [--rate R]
+  run as root; without --only it rewrites BENCHMARKS.md";
+
 fn options() -> Options {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Every flag takes a value: anything else (--help, a typo) prints the usage instead of
+    // starting a full run that rewrites BENCHMARKS.md.
+    for pair in args.chunks(2) {
+        let known = ["--only", "--pairs", "--seconds", "--rate"].contains(&pair[0].as_str());
+        if !known || pair.len() < 2 {
+            eprintln!("{USAGE}");
+            std::process::exit(if pair[0] == "--help" || pair[0] == "-h" { 0 } else { 2 });
+        }
+    }
     let value = |flag: &str, default: u32| {
         args.iter()
             .position(|a| a == flag)
