@@ -161,7 +161,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     drop(ring);
     let Agent { capture, pipeline, .. } = agent;
     drop(capture);
-    // Dropping the pipeline drops the queue's sender: the exporter drains and ends.
+    // Dropping the pipeline queues the last partial batch and drops the queue's sender: the
+    // exporter sends what is queued and ends.
     drop(pipeline);
     if let Some(task) = exporter
         && tokio::time::timeout(FLUSH_TIMEOUT, task).await.is_err()
@@ -198,6 +199,7 @@ impl Agent {
             }
         }
         self.check_pending_tls();
+        self.pipeline.flush_exports_if_due();
     }
 
     fn check_pending_tls(&mut self) {

@@ -42,7 +42,7 @@ impl Sinks {
         if let Some(p) = &mut self.printer {
             p.print(&span);
         }
-        if let Some(q) = &self.otlp {
+        if let Some(q) = &mut self.otlp {
             q.push(span);
         }
     }
@@ -83,6 +83,13 @@ impl Pipeline {
             },
             listen_addrs: HashMap::new(),
             events: Vec::new(),
+        }
+    }
+
+    /// Queues the partly filled export batch once it has waited the batch timeout.
+    pub fn flush_exports_if_due(&mut self) {
+        if let Some(q) = &mut self.tracer.sinks.otlp {
+            q.flush_if_due();
         }
     }
 

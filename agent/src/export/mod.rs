@@ -1,5 +1,6 @@
 //! Where finished spans go: stdout (text or JSON lines) and OTLP.
 
+mod grpc_raw;
 pub mod otlp;
 pub mod otlp_encode;
 pub mod otlp_metrics;

@@ -1,27 +1,32 @@
 //! OTLP trace export over gRPC or HTTP/protobuf, configured from the OpenTelemetry environment
-//! variables. Spans wait in a bounded queue; a full queue drops new spans and counts them, so a
-//! dead backend costs bounded memory and never blocks the pipeline. A batch the collector could
-//! not take for a transient reason (unreachable, timeout, 429/502/503/504, gRPC UNAVAILABLE...)
-//! is retried with exponential backoff for up to [`RETRY_MAX_ELAPSED`], then dropped and counted;
-//! a permanent refusal (400, 401, 413...) is dropped and counted at once.
+//! variables. The pipeline collects finished spans into batches and encodes each batch itself
+//! (the spans are freed on the thread that built them, and a queued span costs its encoded
+//! size, a few hundred bytes); the exporter task only sends bytes. The queue is bounded by the
+//! spans it holds: a batch that does not fit is dropped and counted, so a dead backend costs
+//! bounded memory and never blocks the pipeline. A batch the collector could not take for a
+//! transient reason (unreachable, timeout, 429/502/503/504, gRPC UNAVAILABLE...) is retried with
+//! exponential backoff for up to [`RETRY_MAX_ELAPSED`], then dropped and counted; a permanent
+//! refusal (400, 401, 413...) is dropped and counted at once.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use tokio::sync::mpsc;
 
-use super::otlp_encode::encode;
+use super::{grpc_raw::RawGrpcClient, otlp_wire};
 
 /// First wait before retrying a failed batch; doubles up to [`RETRY_MAX_BACKOFF`].
 const RETRY_INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 const RETRY_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long one batch is retried before it is dropped (and counted) to make room for newer spans.
 const RETRY_MAX_ELAPSED: Duration = Duration::from_secs(60);
-/// How often a partly filled batch is topped up from the queue (see [`gather`]). At 400k spans/s
-/// this is 2,000 spans per poll, well inside the default queue of 8,192.
-const GATHER_POLL: Duration = Duration::from_millis(5);
 use crate::{config::OtlpFileConfig, stats::Stats, trace::span::Span};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,30 +165,82 @@ fn parse_headers(raw: &str) -> Result<Vec<(String, String)>, String> {
         .map_err(|_| format!("{raw:?} must be key=value pairs separated by commas"))
 }
 
-/// The pipeline's handle: never blocks.
-#[derive(Clone)]
+/// One export request: an encoded `ExportTraceServiceRequest` and the spans it holds.
+struct Batch {
+    body: Bytes,
+    spans: u64,
+}
+
+/// The pipeline's end of the export queue: never blocks. Spans are collected into a batch,
+/// which is encoded and queued when it is full or [`SpanQueue::flush_if_due`] finds it older
+/// than the batch timeout; whatever is left is queued when the handle is dropped.
 pub struct SpanQueue {
-    tx: mpsc::Sender<Span>,
+    tx: mpsc::UnboundedSender<Batch>,
+    /// Spans in queued batches (the exporter subtracts a batch when it takes it).
+    queued: Arc<AtomicU64>,
+    capacity: u64,
+    batch: Vec<Span>,
+    batch_started: Option<Instant>,
+    batch_spans: usize,
+    batch_timeout: Duration,
     stats: Arc<Stats>,
 }
 
 impl SpanQueue {
-    pub fn push(&self, span: Span) {
-        if self.tx.try_send(span).is_err() {
-            Stats::add(&self.stats.spans_dropped_queue_full, 1);
+    pub fn push(&mut self, span: Span) {
+        if self.batch.is_empty() {
+            self.batch_started = Some(Instant::now());
         }
+        self.batch.push(span);
+        if self.batch.len() >= self.batch_spans {
+            self.flush();
+        }
+    }
+
+    /// Queues a partial batch once its first span has waited the batch timeout. Called after
+    /// every drain of the ring buffer (at least every `capture.poll_interval_ms`).
+    pub fn flush_if_due(&mut self) {
+        if self.batch_started.is_some_and(|t| t.elapsed() >= self.batch_timeout) {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        self.batch_started = None;
+        let spans = self.batch.len() as u64;
+        if spans == 0 {
+            return;
+        }
+        if self.queued.load(Relaxed) + spans > self.capacity {
+            Stats::add(&self.stats.spans_dropped_queue_full, spans);
+        } else {
+            let body = Bytes::from(otlp_wire::encode(&self.batch));
+            self.queued.fetch_add(spans, Relaxed);
+            if self.tx.send(Batch { body, spans }).is_err() {
+                // The exporter has ended (only at shutdown).
+                self.queued.fetch_sub(spans, Relaxed);
+                Stats::add(&self.stats.spans_dropped_export_failed, spans);
+            }
+        }
+        self.batch.clear();
+    }
+}
+
+impl Drop for SpanQueue {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
 enum Transport {
-    Grpc(TraceServiceClient<tonic::transport::Channel>),
+    Grpc(RawGrpcClient),
     Http(hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>),
 }
 
 /// Starts the exporter task; returns the queue and the task to await on shutdown (after the
-/// queue's senders are dropped it drains what is left, then ends).
+/// queue is dropped it sends what is left, then ends).
 pub fn start(settings: OtlpSettings, stats: Arc<Stats>) -> Result<(SpanQueue, tokio::task::JoinHandle<()>), String> {
-    let (tx, rx) = mpsc::channel(settings.queue_spans);
+    let (tx, rx) = mpsc::unbounded_channel();
     let transport = match settings.protocol {
         OtlpProtocol::Grpc => {
             let channel = tonic::transport::Endpoint::from_shared(settings.endpoint.clone())
@@ -191,59 +248,50 @@ pub fn start(settings: OtlpSettings, stats: Arc<Stats>) -> Result<(SpanQueue, to
                 .timeout(settings.timeout)
                 .connect_timeout(settings.timeout)
                 .connect_lazy();
-            Transport::Grpc(TraceServiceClient::new(channel))
+            Transport::Grpc(RawGrpcClient::new(channel))
         }
         OtlpProtocol::HttpProtobuf => Transport::Http(
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
         ),
     };
-    let task = tokio::spawn(export_loop(rx, transport, settings, stats.clone()));
-    Ok((SpanQueue { tx, stats }, task))
+    let queued = Arc::new(AtomicU64::new(0));
+    let queue = SpanQueue {
+        tx,
+        queued: queued.clone(),
+        capacity: settings.queue_spans as u64,
+        batch: Vec::with_capacity(settings.batch_spans),
+        batch_started: None,
+        batch_spans: settings.batch_spans,
+        batch_timeout: settings.batch_timeout,
+        stats: stats.clone(),
+    };
+    let task = tokio::spawn(export_loop(rx, queued, transport, settings, stats));
+    Ok((queue, task))
 }
 
 async fn export_loop(
-    mut rx: mpsc::Receiver<Span>,
+    mut rx: mpsc::UnboundedReceiver<Batch>,
+    queued: Arc<AtomicU64>,
     mut transport: Transport,
     settings: OtlpSettings,
     stats: Arc<Stats>,
 ) {
-    let mut batch = Vec::with_capacity(settings.batch_spans);
     let mut outage = Outage::default();
-    loop {
-        let Some(first) = rx.recv().await else { break };
-        batch.push(first);
-        gather(&mut rx, &mut batch, &settings).await;
-        deliver(&mut transport, &settings, &stats, &mut batch, &rx, &mut outage).await;
+    while let Some(batch) = rx.recv().await {
+        queued.fetch_sub(batch.spans, Relaxed);
+        deliver(&mut transport, &settings, &stats, &batch, &rx, &mut outage).await;
         if rx.is_closed() && outage.since.is_some() {
             // Shutting down with the collector failing: what is still queued cannot be sent in
             // time either. Count it rather than let the flush deadline lose it silently.
             let mut rest = 0;
-            while rx.try_recv().is_ok() {
-                rest += 1;
+            while let Ok(b) = rx.try_recv() {
+                rest += b.spans;
             }
             Stats::add(&stats.spans_dropped_export_failed, rest);
             if rest > 0 {
                 log::warn!("shutting down while the collector fails: dropped {rest} queued spans");
             }
         }
-    }
-}
-
-/// Fills `batch` from the queue until it is full, the queue is closed, or the batch timeout
-/// passes. Polled every [`GATHER_POLL`]: waiting on the queue itself would wake this task (a
-/// thread switch) for every span the pipeline queues on a busy host.
-async fn gather(rx: &mut mpsc::Receiver<Span>, batch: &mut Vec<Span>, settings: &OtlpSettings) {
-    let deadline = tokio::time::Instant::now() + settings.batch_timeout;
-    loop {
-        while batch.len() < settings.batch_spans {
-            let Ok(span) = rx.try_recv() else { break };
-            batch.push(span);
-        }
-        let now = tokio::time::Instant::now();
-        if batch.len() >= settings.batch_spans || rx.is_closed() || now >= deadline {
-            return;
-        }
-        tokio::time::sleep_until((now + GATHER_POLL).min(deadline)).await;
     }
 }
 
@@ -259,15 +307,15 @@ async fn deliver(
     transport: &mut Transport,
     settings: &OtlpSettings,
     stats: &Stats,
-    batch: &mut Vec<Span>,
-    rx: &mpsc::Receiver<Span>,
+    batch: &Batch,
+    rx: &mpsc::UnboundedReceiver<Batch>,
     outage: &mut Outage,
 ) {
-    let n = batch.len() as u64;
+    let n = batch.spans;
     let started = tokio::time::Instant::now();
     let mut backoff = RETRY_INITIAL_BACKOFF;
     loop {
-        match send(transport, settings, batch).await {
+        match send(transport, settings, batch.body.clone()).await {
             Ok(()) => {
                 Stats::add(&stats.spans_exported, n);
                 if let Some(since) = outage.since.take() {
@@ -303,7 +351,6 @@ async fn deliver(
             }
         }
     }
-    batch.clear();
 }
 
 fn dropped(stats: &Stats) -> u64 {
@@ -322,39 +369,28 @@ impl ExportError {
     }
 }
 
-async fn send(transport: &mut Transport, settings: &OtlpSettings, batch: &[Span]) -> Result<(), ExportError> {
+async fn send(transport: &mut Transport, settings: &OtlpSettings, body: Bytes) -> Result<(), ExportError> {
     match transport {
-        Transport::Grpc(client) => {
-            let mut req = tonic::Request::new(encode(batch));
-            for (k, v) in &settings.headers {
-                if let (Ok(k), Ok(v)) = (
-                    k.to_ascii_lowercase().parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
-                    v.parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>(),
-                ) {
-                    req.metadata_mut().insert(k, v);
-                }
-            }
-            client.export(req).await.map(|_| ()).map_err(|e| {
-                use tonic::Code;
-                let retryable = matches!(
-                    e.code(),
-                    Code::Unavailable
-                        | Code::ResourceExhausted
-                        | Code::DeadlineExceeded
-                        | Code::Aborted
-                        | Code::Cancelled
-                        | Code::OutOfRange
-                        | Code::DataLoss
-                );
-                ExportError { message: format!("gRPC export: {}", e.message()), retryable }
-            })
-        }
+        Transport::Grpc(client) => client.export_traces(body, &settings.headers).await.map_err(|e| {
+            use tonic::Code;
+            let retryable = matches!(
+                e.code(),
+                Code::Unavailable
+                    | Code::ResourceExhausted
+                    | Code::DeadlineExceeded
+                    | Code::Aborted
+                    | Code::Cancelled
+                    | Code::OutOfRange
+                    | Code::DataLoss
+            );
+            ExportError { message: format!("gRPC export: {}", e.message()), retryable }
+        }),
         Transport::Http(client) => {
             let mut builder = hyper::Request::post(&settings.endpoint).header("content-type", "application/x-protobuf");
             for (k, v) in &settings.headers {
                 builder = builder.header(k.as_str(), v.as_str());
             }
-            match builder.body(Full::new(Bytes::from(super::otlp_wire::encode(batch)))) {
+            match builder.body(Full::new(body)) {
                 Err(e) => Err(ExportError { message: format!("building the OTLP request: {e}"), retryable: false }),
                 Ok(req) => match tokio::time::timeout(settings.timeout, client.request(req)).await {
                     Err(_) => Err(ExportError::transient("HTTP export timed out".into())),

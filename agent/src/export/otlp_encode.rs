@@ -1,4 +1,5 @@
-//! Spans -> OTLP protobuf messages, grouped by resource.
+//! Spans -> OTLP protobuf messages (the generated structs), grouped by resource: the reference
+//! encoding that `otlp_wire` (which writes every exported batch, HTTP and gRPC) is tested against.
 
 use std::sync::Arc;
 
