@@ -5,7 +5,7 @@
 use compact_str::ToCompactString;
 
 use super::{
-    http_attrs::{ConnAddrs, Mapped},
+    http_attrs::{ConnAddrs, Mapped, ip_text},
     span::{Attr, SpanKind, Status, Text},
 };
 use crate::protocol::{postgres::PgExchange, redis::RedisExchange, sql};
@@ -17,17 +17,18 @@ fn server_and_peer(kind: SpanKind, addrs: &ConnAddrs, attrs: &mut Vec<Attr>) {
         SpanKind::Server => addrs.local,
     };
     if let Some(s) = server {
-        attrs.push(Attr::new("server.address", s.ip().to_compact_string()));
+        attrs.push(Attr::new("server.address", ip_text(s.ip())));
         attrs.push(Attr::new("server.port", s.port() as i64));
     }
     if let Some(p) = addrs.peer {
-        attrs.push(Attr::new("network.peer.address", p.ip().to_compact_string()));
+        attrs.push(Attr::new("network.peer.address", ip_text(p.ip())));
         attrs.push(Attr::new("network.peer.port", p.port() as i64));
     }
 }
 
 pub fn map_postgres(ex: &PgExchange, kind: SpanKind, addrs: &ConnAddrs) -> Mapped {
-    let mut attrs = vec![Attr::new("db.system.name", "postgresql")];
+    let mut attrs = Vec::with_capacity(12);
+    attrs.push(Attr::new("db.system.name", Text::const_new("postgresql")));
     if let Some(db) = &ex.database {
         attrs.push(Attr::new("db.namespace", db.clone()));
     }
@@ -81,11 +82,11 @@ fn batch_operation(sanitized: &str) -> String {
 }
 
 pub fn map_redis(ex: &RedisExchange, kind: SpanKind, addrs: &ConnAddrs) -> Mapped {
-    let mut attrs = vec![
-        Attr::new("db.system.name", "redis"),
-        Attr::new("db.operation.name", ex.operation.clone()),
-        Attr::new("db.namespace", ex.db.to_compact_string()),
-    ];
+    // Room for every attribute a Redis span can have: no regrowth per span.
+    let mut attrs = Vec::with_capacity(10);
+    attrs.push(Attr::new("db.system.name", Text::const_new("redis")));
+    attrs.push(Attr::new("db.operation.name", ex.operation.clone()));
+    attrs.push(Attr::new("db.namespace", ex.db.to_compact_string()));
     // Arguments (keys, values, passwords) are replaced: the command and its arity stay visible.
     let mut text = ex.operation.clone();
     for _ in 0..ex.args.min(64) {

@@ -307,7 +307,12 @@ impl Reader {
 }
 
 fn keep(w: &[u8]) -> Text {
-    Text::from_utf8_lossy(&w[..w.len().min(KEPT_STRING_BYTES)])
+    let w = &w[..w.len().min(KEPT_STRING_BYTES)];
+    // Valid UTF-8 is the rule; the lossy conversion is slow even when it has nothing to replace.
+    match std::str::from_utf8(w) {
+        Ok(s) => Text::from(s),
+        Err(_) => Text::from_utf8_lossy(w),
+    }
 }
 
 fn parse_len(line: &[u8]) -> Result<i64, &'static str> {
