@@ -21,6 +21,7 @@ use sonde_common::{
 
 use super::{
     map_usage::{MapFill, MapUsage},
+    traced_bits::{self, TracedBits},
     tracefs,
 };
 use crate::conn::Role;
@@ -112,6 +113,7 @@ pub struct Capture {
     // Owns the programs (and so their attachments).
     ebpf: Ebpf,
     traced: HashMap<MapData, u32, u32>,
+    traced_bits: TracedBits,
     sockets: HashMap<MapData, SocketKey, SocketInfo>,
     socket_history: HashMap<MapData, SocketKey, SocketHistory>,
     counters: PerCpuArray<MapData, u64>,
@@ -139,6 +141,7 @@ impl Capture {
 
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+            .map_max_entries("TRACED_BITS", traced_bits::words_for_host())
             .load(PROBES)
             .map_err(CaptureError::Load)?;
 
@@ -163,6 +166,11 @@ impl Capture {
             )
             .map_err(|e| CaptureError::Update { name: "SETTINGS", detail: e.to_string() })?;
         let traced = HashMap::try_from(take(&mut ebpf, "TRACED_PIDS")?).map_err(map_err("TRACED_PIDS"))?;
+        let traced_bits = match take(&mut ebpf, "TRACED_BITS")? {
+            aya::maps::Map::Array(data) => TracedBits::map(data, traced_bits::words_for_host())
+                .map_err(|e| CaptureError::Map { name: "TRACED_BITS", detail: format!("mmap: {e}") })?,
+            _ => return Err(CaptureError::Map { name: "TRACED_BITS", detail: "not an array".into() }),
+        };
         let sockets = HashMap::try_from(take(&mut ebpf, "SOCKETS")?).map_err(map_err("SOCKETS"))?;
         let socket_history =
             HashMap::try_from(take(&mut ebpf, "SOCKET_HISTORY")?).map_err(map_err("SOCKET_HISTORY"))?;
@@ -206,7 +214,7 @@ impl Capture {
             tp.attach(category, name).map_err(|e| attach_err(e.to_string()))?;
             attached += 1;
         }
-        Ok(Self { ebpf, traced, sockets, socket_history, counters, ring: Some(ring), usage, attached })
+        Ok(Self { ebpf, traced, traced_bits, sockets, socket_history, counters, ring: Some(ring), usage, attached })
     }
 
     /// Attaches the TLS uprobes to one file that has OpenSSL's SSL_* symbols (a libssl, or an
@@ -275,6 +283,8 @@ impl Capture {
     }
 
     pub fn trace_pid(&mut self, pid: u32) -> Result<(), CaptureError> {
+        // The bit first: the kernel looks at the hash only for pids whose bit is set.
+        self.traced_bits.set(pid);
         self.traced
             .insert(pid, TRACED_FLAG_TRACED, 0)
             .map_err(|e| CaptureError::Update { name: "TRACED_PIDS", detail: e.to_string() })
@@ -282,6 +292,7 @@ impl Capture {
 
     pub fn untrace_pid(&mut self, pid: u32) {
         let _ = self.traced.remove(&pid);
+        self.traced_bits.clear(pid);
     }
 
     pub fn is_traced(&self, pid: u32) -> bool {
@@ -320,7 +331,13 @@ impl Capture {
 
     /// Entries in each per-process/per-connection map (walks every key: call it seldom).
     pub fn map_fill(&self) -> Vec<MapFill> {
-        self.usage.fill()
+        let mut fill = self.usage.fill();
+        fill.push(MapFill {
+            name: "traced_bits",
+            entries: self.traced_bits.count(),
+            capacity: self.traced_bits.capacity(),
+        });
+        fill
     }
 
     pub fn counters(&self) -> KernelCounters {

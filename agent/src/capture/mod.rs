@@ -5,6 +5,7 @@ pub mod events;
 pub mod loader;
 pub mod map_usage;
 pub mod tls_probes;
+mod traced_bits;
 pub mod tracefs;
 
 pub use events::Event;

@@ -17,6 +17,8 @@ pub const SCRATCH_PAYLOAD: usize = 3 * MAX_CAPTURE;
 pub const MAX_IOVECS: u32 = 8;
 /// Entries in the traced-process filter map.
 pub const MAX_TRACED_PIDS: u32 = 16384;
+/// Map flag: the map's values can be mmapped by user space (the traced-process bitmap).
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Entries in the socket map (pid, fd) -> role. LRU, so a leak can never grow it further.
 pub const MAX_SOCKETS: u32 = 65536;
 /// Syscalls in flight between enter and exit (one per thread at most).

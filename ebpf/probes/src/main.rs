@@ -1,10 +1,14 @@
 //! sonde's kernel side: syscall tracepoints that copy socket payloads into a ring buffer, and
 //! process lifecycle tracepoints that keep the PID filter current.
 //!
-//! Every hook does the PID filter first; a process that is not traced costs one map lookup.
+//! Every hook does the PID filter first; a process that is not traced costs one array read.
 //! Copies are bounded by `MAX_CAPTURE`. Nothing is parsed here.
 #![no_std]
 #![no_main]
+// Atomic OR/AND on the traced-process bitmap (maps.rs): the BPF target has no atomic CAS, so
+// core's atomic types do not offer them.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod data;
 mod lifecycle;

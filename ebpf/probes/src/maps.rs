@@ -1,5 +1,7 @@
 //! Maps shared by all hooks, and the small helpers every hook uses.
 
+use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or};
+
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::bpf_get_current_pid_tgid,
@@ -14,6 +16,44 @@ use sonde_common::{
 /// tgid -> flags. Filled by discovery and by the fork hook. The PID filter.
 #[map]
 pub static TRACED_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TRACED_PIDS, 0);
+
+/// One bit per tgid, set before a process enters TRACED_PIDS and cleared after it leaves: the
+/// PID filter's first step. Every hook runs for every process on the host; for the untraced
+/// ones this makes the filter an array read the verifier inlines instead of a hash lookup.
+/// A set bit only says "look in TRACED_PIDS". The agent sizes it from pid_max and maps it
+/// (BPF_F_MMAPABLE) to flip bits with the same atomic operations the fork hook uses.
+#[map]
+pub static TRACED_BITS: Array<u64> = Array::with_max_entries(1, sonde_common::BPF_F_MMAPABLE);
+
+/// False when the process is certainly not traced. Pids beyond the bitmap (pid_max raised
+/// after the agent started) go to the hash.
+#[inline(always)]
+pub fn maybe_traced(tgid: u32) -> bool {
+    match TRACED_BITS.get(tgid / 64) {
+        Some(word) => *word & (1u64 << (tgid % 64)) != 0,
+        None => true,
+    }
+}
+
+/// Sets `tgid`'s bit (atomically: the agent flips other bits of the same word).
+#[inline(always)]
+pub fn mark_traced(tgid: u32) {
+    if let Some(word) = TRACED_BITS.get_ptr_mut(tgid / 64) {
+        // SAFETY: an 8-byte aligned array value, alive as long as the map. (The BPF target
+        // has no compare-and-swap, so AtomicU64 offers no fetch_or; the intrinsic is one
+        // BPF atomic OR instruction.)
+        unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, 1u64 << (tgid % 64)) };
+    }
+}
+
+/// Clears `tgid`'s bit, atomically.
+#[inline(always)]
+pub fn unmark_traced(tgid: u32) {
+    if let Some(word) = TRACED_BITS.get_ptr_mut(tgid / 64) {
+        // SAFETY: as in `mark_traced`.
+        unsafe { atomic_and::<u64, u64, { AtomicOrdering::Relaxed }>(word, !(1u64 << (tgid % 64))) };
+    }
+}
 
 /// (tgid, fd) -> socket info, for TCP sockets born from accept/connect or seeded from /proc.
 #[map]
@@ -132,6 +172,9 @@ pub fn save_inflight(pid_tgid: u64, rec: &Inflight) {
 /// Takes the arguments the current thread saved at enter, if a saved call is in progress.
 #[inline(always)]
 pub fn take_inflight(pid_tgid: u64) -> Option<Inflight> {
+    if !maybe_traced((pid_tgid >> 32) as u32) {
+        return None;
+    }
     let slot = INFLIGHT.get_ptr_mut(&pid_tgid)?;
     // SAFETY: as above.
     let rec = unsafe { *slot };
@@ -147,6 +190,9 @@ pub fn take_inflight(pid_tgid: u64) -> Option<Inflight> {
 pub fn traced_current_flags() -> Option<(u32, u32, u64, u32)> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
+    if !maybe_traced(tgid) {
+        return None;
+    }
     // SAFETY: read-only lookup; the value is copied out.
     let flags = unsafe { TRACED_PIDS.get(&tgid) }.copied()?;
     Some((tgid, pid_tgid as u32, pid_tgid, flags))
