@@ -283,11 +283,13 @@ impl Capture {
     }
 
     pub fn trace_pid(&mut self, pid: u32) -> Result<(), CaptureError> {
-        // The bit first: the kernel looks at the hash only for pids whose bit is set.
-        self.traced_bits.set(pid);
+        // The hash holds every traced pid (for the agent, and for pids beyond the bitmap);
+        // the bitmap is what the kernel reads.
         self.traced
             .insert(pid, TRACED_FLAG_TRACED, 0)
-            .map_err(|e| CaptureError::Update { name: "TRACED_PIDS", detail: e.to_string() })
+            .map_err(|e| CaptureError::Update { name: "TRACED_PIDS", detail: e.to_string() })?;
+        self.traced_bits.set(pid);
+        Ok(())
     }
 
     pub fn untrace_pid(&mut self, pid: u32) {

@@ -1,4 +1,5 @@
-//! The agent's side of TRACED_BITS, the kernel's one-bit-per-tgid first step of the PID filter.
+//! The agent's side of TRACED_BITS, the kernel's PID filter: two bits per tgid (traced, and
+//! uses OpenSSL), in word `pid / 32` at bit `2 * (pid % 32)`.
 //!
 //! The map is mmapped so a bit is flipped with an atomic read-modify-write on the word the
 //! kernel's fork hook also updates atomically: a map update from user space would write the
@@ -11,18 +12,21 @@ use std::{
 
 use aya::maps::MapData;
 
-/// Largest pid Linux can hand out (PID_MAX_LIMIT on 64-bit): a 512 KiB bitmap.
+use sonde_common::TRACED_FLAG_TRACED;
+
+/// Largest pid Linux can hand out (PID_MAX_LIMIT on 64-bit): a 1 MiB bitmap.
 const PID_MAX_LIMIT: u32 = 1 << 22;
+const PIDS_PER_WORD: u32 = 32;
 
 /// Words in the bitmap for this host's pid_max (read at start; pids above it, if pid_max is
-/// raised later, skip the bitmap and go to the hash).
+/// raised later, are filtered through the TRACED_PIDS hash instead).
 pub fn words_for_host() -> u32 {
     let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
         .unwrap_or(PID_MAX_LIMIT)
         .clamp(64, PID_MAX_LIMIT);
-    pid_max.div_ceil(64)
+    pid_max.div_ceil(PIDS_PER_WORD)
 }
 
 pub struct TracedBits {
@@ -59,35 +63,39 @@ impl TracedBits {
         Ok(Self { words: ptr.cast(), len, mapped_bytes, _map: map })
     }
 
-    fn word(&self, pid: u32) -> Option<&AtomicU64> {
-        let index = (pid / 64) as usize;
+    /// The word holding `pid`'s bits, and the shift of its traced bit.
+    fn slot(&self, pid: u32) -> Option<(&AtomicU64, u32)> {
+        let index = (pid / PIDS_PER_WORD) as usize;
         // SAFETY: index checked against the mapped length; u64 words are 8-byte aligned.
-        (index < self.len).then(|| unsafe { &*self.words.add(index) })
+        (index < self.len).then(|| (unsafe { &*self.words.add(index) }, 2 * (pid % PIDS_PER_WORD)))
     }
 
-    /// Before the pid enters TRACED_PIDS.
+    /// Marks the pid traced (its TLS bit, if the kernel set it, stays).
     pub fn set(&self, pid: u32) {
-        if let Some(w) = self.word(pid) {
-            w.fetch_or(1 << (pid % 64), Relaxed);
+        if let Some((w, shift)) = self.slot(pid) {
+            w.fetch_or(u64::from(TRACED_FLAG_TRACED) << shift, Relaxed);
         }
     }
 
-    /// After the pid left TRACED_PIDS.
+    /// Untraced: both bits cleared.
     pub fn clear(&self, pid: u32) {
-        if let Some(w) = self.word(pid) {
-            w.fetch_and(!(1 << (pid % 64)), Relaxed);
+        if let Some((w, shift)) = self.slot(pid) {
+            w.fetch_and(!(3 << shift), Relaxed);
         }
     }
 
-    /// Bits set: reported with the kernel maps' fill, so a bit left behind by an exited
-    /// process shows (the churn test checks it returns to baseline).
+    /// Processes marked traced: reported with the kernel maps' fill, so a mark left behind by
+    /// an exited process shows (the churn test checks it returns to baseline).
     pub fn count(&self) -> u64 {
+        const TRACED_BITS: u64 = 0x5555_5555_5555_5555;
         // SAFETY: `len` words mapped in `map`.
-        (0..self.len).map(|i| u64::from(unsafe { &*self.words.add(i) }.load(Relaxed).count_ones())).sum()
+        (0..self.len)
+            .map(|i| u64::from((unsafe { &*self.words.add(i) }.load(Relaxed) & TRACED_BITS).count_ones()))
+            .sum()
     }
 
     pub fn capacity(&self) -> u64 {
-        self.len as u64 * 64
+        self.len as u64 * u64::from(PIDS_PER_WORD)
     }
 }
 

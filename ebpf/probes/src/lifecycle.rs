@@ -38,8 +38,8 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     }
     // The child has its parent's image, so its parent's flags (TLS library included).
     // SAFETY: value copied out.
-    let flags = unsafe { TRACED_PIDS.get(&tgid) }.copied().unwrap_or(sonde_common::TRACED_FLAG_TRACED);
-    crate::maps::mark_traced(child);
+    let flags = crate::maps::traced_flags(tgid) | sonde_common::TRACED_FLAG_TRACED;
+    crate::maps::add_traced_flags(child, flags);
     let _ = TRACED_PIDS.insert(&child, &flags, 0);
     // SAFETY: helper with no arguments.
     let fork_ns = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
@@ -70,8 +70,11 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     if tid == tgid {
         let _ = HAS_CHILDREN.remove(&tgid);
     }
+    if tid == tgid {
+        // Any process: a pid is reused, and its next owner starts untraced.
+        crate::maps::clear_traced_flags(tgid);
+    }
     if TRACED_PIDS.remove(&tid).is_ok() && tid == tgid {
-        crate::maps::unmark_traced(tgid);
         submit(&ProcEvent { header: header(EventKind::ProcExit, tgid, tid), other_pid: 0, _pad: 0 });
     }
     0

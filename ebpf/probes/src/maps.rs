@@ -17,41 +17,52 @@ use sonde_common::{
 #[map]
 pub static TRACED_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TRACED_PIDS, 0);
 
-/// One bit per tgid, set before a process enters TRACED_PIDS and cleared after it leaves: the
-/// PID filter's first step. Every hook runs for every process on the host; for the untraced
-/// ones this makes the filter an array read the verifier inlines instead of a hash lookup.
-/// A set bit only says "look in TRACED_PIDS". The agent sizes it from pid_max and maps it
-/// (BPF_F_MMAPABLE) to flip bits with the same atomic operations the fork hook uses.
+/// Two bits per tgid, the PID filter: `TRACED_FLAG_TRACED` and `TRACED_FLAG_TLS` (pid `p` uses
+/// bits `2 * (p % 32)` and the one above, in word `p / 32`). Every hook runs for every process
+/// on the host: reading this array is inlined by the verifier, where a hash lookup is a call,
+/// and traced processes need no lookup at all to learn their flags. Set by the agent (which
+/// sizes it from pid_max and mmaps it, BPF_F_MMAPABLE) and by the fork hook, cleared at exit;
+/// both sides use atomic OR/AND, since neighbouring pids share a word.
 #[map]
 pub static TRACED_BITS: Array<u64> = Array::with_max_entries(1, sonde_common::BPF_F_MMAPABLE);
 
-/// False when the process is certainly not traced. Pids beyond the bitmap (pid_max raised
-/// after the agent started) go to the hash.
+/// Where a tgid's flags sit in TRACED_BITS.
 #[inline(always)]
-pub fn maybe_traced(tgid: u32) -> bool {
-    match TRACED_BITS.get(tgid / 64) {
-        Some(word) => *word & (1u64 << (tgid % 64)) != 0,
-        None => true,
+fn bit_slot(tgid: u32) -> (u32, u32) {
+    (tgid / 32, 2 * (tgid % 32))
+}
+
+/// The process's `TRACED_FLAG_*` bits (0: not traced). Pids beyond the bitmap (pid_max raised
+/// after the agent started) are looked up in TRACED_PIDS.
+#[inline(always)]
+pub fn traced_flags(tgid: u32) -> u32 {
+    let (index, shift) = bit_slot(tgid);
+    match TRACED_BITS.get(index) {
+        Some(word) => ((*word >> shift) & 3) as u32,
+        // SAFETY: read-only lookup; the value is copied out.
+        None => unsafe { TRACED_PIDS.get(&tgid) }.copied().unwrap_or(0),
     }
 }
 
-/// Sets `tgid`'s bit (atomically: the agent flips other bits of the same word).
+/// Adds `flags` to the process's bits (atomically: the agent flips bits of the same word).
 #[inline(always)]
-pub fn mark_traced(tgid: u32) {
-    if let Some(word) = TRACED_BITS.get_ptr_mut(tgid / 64) {
+pub fn add_traced_flags(tgid: u32, flags: u32) {
+    let (index, shift) = bit_slot(tgid);
+    if let Some(word) = TRACED_BITS.get_ptr_mut(index) {
         // SAFETY: an 8-byte aligned array value, alive as long as the map. (The BPF target
         // has no compare-and-swap, so AtomicU64 offers no fetch_or; the intrinsic is one
         // BPF atomic OR instruction.)
-        unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, 1u64 << (tgid % 64)) };
+        unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, u64::from(flags & 3) << shift) };
     }
 }
 
-/// Clears `tgid`'s bit, atomically.
+/// Clears the process's bits, atomically.
 #[inline(always)]
-pub fn unmark_traced(tgid: u32) {
-    if let Some(word) = TRACED_BITS.get_ptr_mut(tgid / 64) {
-        // SAFETY: as in `mark_traced`.
-        unsafe { atomic_and::<u64, u64, { AtomicOrdering::Relaxed }>(word, !(1u64 << (tgid % 64))) };
+pub fn clear_traced_flags(tgid: u32) {
+    let (index, shift) = bit_slot(tgid);
+    if let Some(word) = TRACED_BITS.get_ptr_mut(index) {
+        // SAFETY: as in `add_traced_flags`.
+        unsafe { atomic_and::<u64, u64, { AtomicOrdering::Relaxed }>(word, !(3u64 << shift)) };
     }
 }
 
@@ -172,7 +183,7 @@ pub fn save_inflight(pid_tgid: u64, rec: &Inflight) {
 /// Takes the arguments the current thread saved at enter, if a saved call is in progress.
 #[inline(always)]
 pub fn take_inflight(pid_tgid: u64) -> Option<Inflight> {
-    if !maybe_traced((pid_tgid >> 32) as u32) {
+    if traced_flags((pid_tgid >> 32) as u32) == 0 {
         return None;
     }
     let slot = INFLIGHT.get_ptr_mut(&pid_tgid)?;
@@ -190,11 +201,10 @@ pub fn take_inflight(pid_tgid: u64) -> Option<Inflight> {
 pub fn traced_current_flags() -> Option<(u32, u32, u64, u32)> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if !maybe_traced(tgid) {
+    let flags = traced_flags(tgid);
+    if flags == 0 {
         return None;
     }
-    // SAFETY: read-only lookup; the value is copied out.
-    let flags = unsafe { TRACED_PIDS.get(&tgid) }.copied()?;
     Some((tgid, pid_tgid as u32, pid_tgid, flags))
 }
 
