@@ -137,7 +137,7 @@ impl Default for OtlpFileConfig {
         Self {
             endpoint: None,
             protocol: None,
-            queue_spans: 8192,
+            queue_spans: 16384,
             batch_spans: 512,
             batch_timeout_ms: 1000,
             timeout_ms: 5000,
