@@ -167,7 +167,7 @@ impl Capture {
             .map_err(|e| CaptureError::Update { name: "SETTINGS", detail: e.to_string() })?;
         let traced = HashMap::try_from(take(&mut ebpf, "TRACED_PIDS")?).map_err(map_err("TRACED_PIDS"))?;
         let traced_bits = match take(&mut ebpf, "TRACED_BITS")? {
-            aya::maps::Map::Array(data) => TracedBits::map(data, traced_bits::words_for_host())
+            aya::maps::Map::Array(data) => TracedBits::map(data)
                 .map_err(|e| CaptureError::Map { name: "TRACED_BITS", detail: format!("mmap: {e}") })?,
             _ => return Err(CaptureError::Map { name: "TRACED_BITS", detail: "not an array".into() }),
         };

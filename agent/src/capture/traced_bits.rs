@@ -41,9 +41,9 @@ pub struct TracedBits {
 unsafe impl Send for TracedBits {}
 
 impl TracedBits {
-    /// Maps the TRACED_BITS array (created with BPF_F_MMAPABLE, `words` entries of u64).
-    pub fn map(map: MapData, words: u32) -> std::io::Result<Self> {
-        let len = words as usize;
+    /// Maps the TRACED_BITS array (created with BPF_F_MMAPABLE; its length is the map's).
+    pub fn map(map: MapData) -> std::io::Result<Self> {
+        let len = map.info().map_err(std::io::Error::other)?.max_entries() as usize;
         let mapped_bytes = (len * 8).div_ceil(4096) * 4096;
         // SAFETY: a shared read-write mapping of the map's value area, as the kernel documents
         // for mmapable arrays; checked for failure below.
@@ -87,10 +87,10 @@ impl TracedBits {
     /// Processes marked traced: reported with the kernel maps' fill, so a mark left behind by
     /// an exited process shows (the churn test checks it returns to baseline).
     pub fn count(&self) -> u64 {
-        const TRACED_BITS: u64 = 0x5555_5555_5555_5555;
+        const TRACED_FLAG_BITS: u64 = 0x5555_5555_5555_5555;
         // SAFETY: `len` words mapped in `map`.
         (0..self.len)
-            .map(|i| u64::from((unsafe { &*self.words.add(i) }.load(Relaxed) & TRACED_BITS).count_ones()))
+            .map(|i| u64::from((unsafe { &*self.words.add(i) }.load(Relaxed) & TRACED_FLAG_BITS).count_ones()))
             .sum()
     }
 

@@ -6,6 +6,7 @@ use sonde_common::{EventKind, ParentInfo, ProcEvent};
 
 use crate::maps::{
     HAS_CHILDREN, INFLIGHT, LAST_READ_FD, PARENTS, TRACED_PIDS, header, settings, submit, traced_current,
+    traced_current_flags,
 };
 
 #[inline(always)]
@@ -23,7 +24,7 @@ const CLONE_THREAD: u64 = 0x0001_0000;
 /// closed sockets of every thread-per-connection server.
 #[tracepoint]
 pub fn task_newtask(ctx: TracePointContext) -> u32 {
-    let Some((tgid, tid, _)) = traced_current() else { return 0 };
+    let Some((tgid, tid, _, parent_flags)) = traced_current_flags() else { return 0 };
     let Some(s) = settings() else { return 0 };
     // The field offsets differ across kernel versions; the agent reads them from tracefs.
     // SAFETY: offsets taken from this kernel's format file.
@@ -37,8 +38,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // The child has its parent's image, so its parent's flags (TLS library included).
-    // SAFETY: value copied out.
-    let flags = crate::maps::traced_flags(tgid) | sonde_common::TRACED_FLAG_TRACED;
+    let flags = parent_flags | sonde_common::TRACED_FLAG_TRACED;
     crate::maps::add_traced_flags(child, flags);
     let _ = TRACED_PIDS.insert(&child, &flags, 0);
     // SAFETY: helper with no arguments.
@@ -69,8 +69,6 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let _ = crate::tls::TLS_CALLS.remove(&pid_tgid);
     if tid == tgid {
         let _ = HAS_CHILDREN.remove(&tgid);
-    }
-    if tid == tgid {
         // Any process: a pid is reused, and its next owner starts untraced.
         crate::maps::clear_traced_flags(tgid);
     }
