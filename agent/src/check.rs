@@ -79,6 +79,8 @@ pub fn run_checks(selected: &[u32]) -> Vec<Finding> {
         ));
     }
 
+    out.push(kernel_finding());
+
     let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
     out.push(finding(
         "BTF",
@@ -126,6 +128,17 @@ pub fn run_checks(selected: &[u32]) -> Vec<Finding> {
         if kprobes { "available (not used: sonde needs no kprobes)" } else { "absent (fine: sonde needs no kprobes)" },
     ));
 
+    let fentry = aya::sys::is_program_supported(aya::programs::ProgramType::Tracing).unwrap_or(false);
+    out.push(finding(
+        "fentry",
+        Verdict::Ok,
+        if fentry {
+            "available (not used: sonde needs no fentry/fexit)"
+        } else {
+            "absent (fine: sonde needs no fentry/fexit)"
+        },
+    ));
+
     // The definitive test: load and attach sonde's own programs, tracing nothing.
     match Capture::load(CaptureOptions { capture_bytes: 256, ring_buffer_bytes: 1 << 16, wakeup_bytes: 1 << 12 }) {
         Ok(mut c) => {
@@ -141,6 +154,37 @@ pub fn run_checks(selected: &[u32]) -> Vec<Finding> {
         Err(e) => out.push(finding("BPF + ring buffer", Verdict::Fatal, e.to_string())),
     }
     out
+}
+
+/// The oldest kernel sonde's programs need: BPF ring buffers, `bpf_ringbuf_query` and
+/// CAP_BPF/CAP_PERFMON came in 5.8 (mmapable arrays and `bpf_probe_read_user` in 5.5).
+pub const MIN_KERNEL: (u32, u32) = (5, 8);
+
+/// The running kernel's release, and whether it is new enough.
+fn kernel_finding() -> Finding {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+    let (min_major, min_minor) = MIN_KERNEL;
+    match kernel_version(&release) {
+        Some(v) if v >= MIN_KERNEL => {
+            finding("kernel", Verdict::Ok, format!("Linux {release} (sonde needs {min_major}.{min_minor} or newer)"))
+        }
+        Some(_) => finding(
+            "kernel",
+            Verdict::Fatal,
+            format!("Linux {release} is too old: sonde needs {min_major}.{min_minor} or newer (BPF ring buffer)"),
+        ),
+        None => finding(
+            "kernel",
+            Verdict::Degraded,
+            format!("release {release:?} not understood; sonde needs {min_major}.{min_minor}+"),
+        ),
+    }
+}
+
+/// (major, minor) of a kernel release such as `6.1.0-50-amd64` or `5.10.223`.
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// Which TLS library a selected process uses and whether sonde can trace it (the uprobes are
@@ -184,5 +228,20 @@ pub fn report(findings: &[Finding]) -> i32 {
     } else {
         println!("\nsonde can trace on this host.");
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_version;
+
+    #[test]
+    fn kernel_versions_are_read_from_distribution_releases() {
+        assert_eq!(kernel_version("6.1.0-50-amd64"), Some((6, 1)));
+        assert_eq!(kernel_version("6.12.95+deb12-amd64"), Some((6, 12)));
+        assert_eq!(kernel_version("5.10.0-32-amd64"), Some((5, 10)));
+        assert_eq!(kernel_version("6.18.0"), Some((6, 18)));
+        assert_eq!(kernel_version("garbage"), None);
+        assert!(kernel_version("5.4.0-100-generic").unwrap() < super::MIN_KERNEL);
     }
 }

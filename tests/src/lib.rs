@@ -59,10 +59,14 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
+/// How long a server may take to listen: generous, since the kernel matrix runs the servers
+/// under software emulation (a Python server takes seconds to start there).
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Waits until something accepts TCP connections on the port.
 pub fn wait_listening(port: u16) {
-    wait_for(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).ok())
-        .unwrap_or_else(|| panic!("nothing listens on 127.0.0.1:{port} after 10s"));
+    wait_for(LISTEN_TIMEOUT, || std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .unwrap_or_else(|| panic!("nothing listens on 127.0.0.1:{port} after {} s", LISTEN_TIMEOUT.as_secs()));
 }
 
 /// A fresh temporary directory, removed on drop.

@@ -71,7 +71,7 @@ impl Sonde {
         }
         let child = cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr).spawn().expect("spawn sonde");
         let mut s = Self { child: Some(child), dir };
-        let ready = crate::wait_for(Duration::from_secs(30), || {
+        let ready = crate::wait_for(Duration::from_secs(60), || {
             // An exit (e.g. a configuration error) fails at once rather than after the timeout.
             let exited = s.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             assert!(exited.is_none(), "sonde exited with {exited:?}:\n{}", s.stderr());

@@ -5,17 +5,19 @@
 
 mod demo;
 mod fuzz;
+mod kernels;
 mod setup;
 
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str = "usage: cargo xtask <setup|build|test|demo [--seconds N]|bench [--pairs N] [--seconds S]|fuzz [--seconds S] [--only T,..]>
+const USAGE: &str = "usage: cargo xtask <setup|build|test|demo [--seconds N]|bench [--pairs N] [--seconds S]|fuzz [--seconds S] [--only T,..]|kernels [--only 5.10,6.1,6.12,host]>
 
   setup   install what is missing: Debian packages, the nightly's rust-src, bpf-linker (LLVM 22)
   build   setup, then build the release binary target/release/sonde
-  test    setup, build, then run every test (unit, parser sweeps, end-to-end as root)
+  test    setup, build, then run every test (unit, parser sweeps, end-to-end as root), then the kernel matrix
+  kernels setup, build, boot each kernel of the matrix under QEMU: sonde check + the smoke test in each
   demo    setup, build, start two HTTP services on loopback, trace them and print spans live
   bench   setup, build, measure sonde against no agent (nginx, redis, pgbench, HTTPS); writes BENCHMARKS.md
   fuzz    setup, install cargo-fuzz, run each parser's fuzz target from the seed corpus (default 60 s each)";
@@ -31,7 +33,16 @@ fn main() -> Result<()> {
         Some("test") => {
             setup::run()?;
             build()?;
-            test()
+            let suite = test();
+            // The kernel matrix runs even after a failure, so one run reports both.
+            let matrix = kernels::run(None);
+            suite.and(matrix)
+        }
+        Some("kernels") => {
+            setup::run()?;
+            build()?;
+            let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).map(String::as_str);
+            kernels::run(only)
         }
         Some("demo") => {
             setup::run()?;
@@ -79,7 +90,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
     setup::add_tool_paths(&mut c);

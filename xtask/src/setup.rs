@@ -55,7 +55,21 @@ fn installed(pkg: &str) -> bool {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    apt_install(PACKAGES)
+}
+
+/// Prints what a setup step does, runs it, and says how long it took.
+pub fn step(what: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    println!("==> {what}");
+    let started = std::time::Instant::now();
+    f()?;
+    println!("    done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Installs the Debian packages of `packages` that are missing.
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }

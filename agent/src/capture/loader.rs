@@ -22,7 +22,7 @@ use sonde_common::{
 use super::{
     map_usage::{MapFill, MapUsage},
     traced_bits::{self, TracedBits},
-    tracefs,
+    tracefs, verifier_log,
 };
 use crate::conn::Role;
 
@@ -81,6 +81,8 @@ pub enum CaptureError {
     Load(#[source] aya::EbpfError),
     #[error("eBPF map {name} is missing or has the wrong type: {detail}")]
     Map { name: &'static str, detail: String },
+    #[error("loading eBPF program {program} failed: {detail}")]
+    ProgramLoad { program: String, detail: String },
     #[error("attaching {program} to tracepoint {category}/{name} failed: {detail}")]
     Attach { program: String, category: &'static str, name: String, detail: String },
     #[error("updating eBPF map {name}: {detail}")]
@@ -194,23 +196,18 @@ impl Capture {
                         name: name.to_owned(),
                         detail: e.to_string(),
                     })?;
-                probe.load().map_err(|e| CaptureError::Attach {
-                    program: name.to_owned(),
-                    category: "uprobe",
-                    name: name.to_owned(),
-                    detail: shorten_verifier_log(&e.to_string()),
-                })?;
+                probe.load().map_err(|e| load_err(name, &e))?;
                 continue;
             };
             let attach_err = |detail: String| CaptureError::Attach {
                 program: name.to_owned(),
                 category,
                 name: name.to_owned(),
-                detail: shorten_verifier_log(&detail),
+                detail,
             };
             let tp: &mut TracePoint =
                 program.try_into().map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
-            tp.load().map_err(|e| attach_err(e.to_string()))?;
+            tp.load().map_err(|e| load_err(name, &e))?;
             tp.attach(category, name).map_err(|e| attach_err(e.to_string()))?;
             attached += 1;
         }
@@ -356,13 +353,8 @@ impl Capture {
     }
 }
 
-/// Verifier logs run to thousands of lines: keep the first line and the verdict at the end.
-fn shorten_verifier_log(detail: &str) -> String {
-    let lines: Vec<&str> = detail.lines().collect();
-    if lines.len() <= 12 {
-        return detail.to_owned();
-    }
-    format!("{} [... {} verifier lines ...] {}", lines[0], lines.len() - 7, lines[lines.len() - 6..].join(" | "))
+fn load_err(program: &str, error: &aya::programs::ProgramError) -> CaptureError {
+    CaptureError::ProgramLoad { program: program.to_owned(), detail: verifier_log::describe_load_error(program, error) }
 }
 
 /// Every uprobe attached to one process is a perf event file descriptor (ten per process with

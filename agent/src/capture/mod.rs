@@ -7,6 +7,7 @@ pub mod map_usage;
 pub mod tls_probes;
 mod traced_bits;
 pub mod tracefs;
+mod verifier_log;
 
 pub use events::Event;
 pub use loader::Capture;

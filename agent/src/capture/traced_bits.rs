@@ -1,22 +1,24 @@
-//! The agent's side of TRACED_BITS, the kernel's PID filter: two bits per tgid (traced, and
-//! uses OpenSSL), in word `pid / 32` at bit `2 * (pid % 32)`.
+//! The agent's side of TRACED_BITS, the kernel's PID filter: one byte of flags per tgid (traced,
+//! and uses OpenSSL), byte `pid % 8` of word `pid / 8`.
 //!
-//! The map is mmapped so a bit is flipped with an atomic read-modify-write on the word the
-//! kernel's fork hook also updates atomically: a map update from user space would write the
-//! whole word back and could erase a bit the kernel set in between.
+//! The map is mmapped so the agent writes exactly one pid's byte, as the kernel's hooks do: a map
+//! update from user space would write the whole word back and could erase flags the kernel set in
+//! between for a neighbouring pid. (A byte per pid rather than two bits: kernels before 5.12 have
+//! no BPF atomic OR/AND, so the kernel side can only store whole bytes.)
 
 use std::{
     os::fd::{AsFd, AsRawFd},
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed},
 };
 
 use aya::maps::MapData;
 
 use sonde_common::TRACED_FLAG_TRACED;
 
-/// Largest pid Linux can hand out (PID_MAX_LIMIT on 64-bit): a 1 MiB bitmap.
+/// Largest pid Linux can hand out (PID_MAX_LIMIT on 64-bit): a 4 MiB array at most (32 KiB for
+/// the common pid_max of 32768).
 const PID_MAX_LIMIT: u32 = 1 << 22;
-const PIDS_PER_WORD: u32 = 32;
+const PIDS_PER_WORD: u32 = 8;
 
 /// Words in the bitmap for this host's pid_max (read at start; pids above it, if pid_max is
 /// raised later, are filtered through the TRACED_PIDS hash instead).
@@ -63,31 +65,31 @@ impl TracedBits {
         Ok(Self { words: ptr.cast(), len, mapped_bytes, _map: map })
     }
 
-    /// The word holding `pid`'s bits, and the shift of its traced bit.
-    fn slot(&self, pid: u32) -> Option<(&AtomicU64, u32)> {
+    /// The byte holding `pid`'s flags.
+    fn slot(&self, pid: u32) -> Option<&AtomicU8> {
         let index = (pid / PIDS_PER_WORD) as usize;
-        // SAFETY: index checked against the mapped length; u64 words are 8-byte aligned.
-        (index < self.len).then(|| (unsafe { &*self.words.add(index) }, 2 * (pid % PIDS_PER_WORD)))
+        // SAFETY: the word index is checked against the mapped length, the byte is one of its 8.
+        (index < self.len).then(|| unsafe { &*self.words.cast::<AtomicU8>().add(pid as usize) })
     }
 
-    /// Marks the pid traced (its TLS bit, if the kernel set it, stays).
+    /// Marks the pid traced (its TLS flag, if the kernel set it, stays).
     pub fn set(&self, pid: u32) {
-        if let Some((w, shift)) = self.slot(pid) {
-            w.fetch_or(u64::from(TRACED_FLAG_TRACED) << shift, Relaxed);
+        if let Some(flags) = self.slot(pid) {
+            flags.fetch_or(TRACED_FLAG_TRACED as u8, Relaxed);
         }
     }
 
-    /// Untraced: both bits cleared.
+    /// Untraced: every flag cleared.
     pub fn clear(&self, pid: u32) {
-        if let Some((w, shift)) = self.slot(pid) {
-            w.fetch_and(!(3 << shift), Relaxed);
+        if let Some(flags) = self.slot(pid) {
+            flags.store(0, Relaxed);
         }
     }
 
     /// Processes marked traced: reported with the kernel maps' fill, so a mark left behind by
     /// an exited process shows (the churn test checks it returns to baseline).
     pub fn count(&self) -> u64 {
-        const TRACED_FLAG_BITS: u64 = 0x5555_5555_5555_5555;
+        const TRACED_FLAG_BITS: u64 = 0x0101_0101_0101_0101;
         // SAFETY: `len` words mapped in `map`.
         (0..self.len)
             .map(|i| u64::from((unsafe { &*self.words.add(i) }.load(Relaxed) & TRACED_FLAG_BITS).count_ones()))

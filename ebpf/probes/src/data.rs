@@ -182,9 +182,11 @@ pub(crate) fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64, ex
 #[inline(always)]
 fn copy_buf(scratch: &mut DataScratch, offset: u64, src: u64, want: u64) -> u64 {
     // Masks give the verifier its bounds: offset < MAX_CAPTURE, len < 2 * MAX_CAPTURE,
-    // and the payload area is 3 * MAX_CAPTURE long.
-    let offset = offset & (MAX_CAPTURE as u64 - 1);
-    let len = want & (2 * MAX_CAPTURE as u64 - 1);
+    // and the payload area is 3 * MAX_CAPTURE long. `black_box` keeps LLVM from dropping a mask
+    // it can prove redundant: verifiers before 6.x cannot follow that proof (a bound learnt from
+    // comparing two registers), so the mask must stay in the code they check.
+    let offset = core::hint::black_box(offset) & (MAX_CAPTURE as u64 - 1);
+    let len = core::hint::black_box(want) & (2 * MAX_CAPTURE as u64 - 1);
     if len == 0 {
         return 0;
     }

@@ -39,7 +39,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     }
     // The child has its parent's image, so its parent's flags (TLS library included).
     let flags = parent_flags | sonde_common::TRACED_FLAG_TRACED;
-    crate::maps::add_traced_flags(child, flags);
+    crate::maps::set_traced_flags(child, flags);
     let _ = TRACED_PIDS.insert(&child, &flags, 0);
     // SAFETY: helper with no arguments.
     let fork_ns = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };

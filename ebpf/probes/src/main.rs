@@ -5,10 +5,6 @@
 //! Copies are bounded by `MAX_CAPTURE`. Nothing is parsed here.
 #![no_std]
 #![no_main]
-// Atomic OR/AND on the traced-process bitmap (maps.rs): the BPF target has no atomic CAS, so
-// core's atomic types do not offer them.
-#![feature(core_intrinsics)]
-#![allow(internal_features)]
 
 mod data;
 mod lifecycle;

@@ -1,7 +1,5 @@
 //! Maps shared by all hooks, and the small helpers every hook uses.
 
-use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or};
-
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::bpf_get_current_pid_tgid,
@@ -17,53 +15,49 @@ use sonde_common::{
 #[map]
 pub static TRACED_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TRACED_PIDS, 0);
 
-/// Two bits per tgid, the PID filter: `TRACED_FLAG_TRACED` and `TRACED_FLAG_TLS` (pid `p` uses
-/// bits `2 * (p % 32)` and the one above, in word `p / 32`). Every hook runs for every process
-/// on the host: reading this array is inlined by the verifier, where a hash lookup is a call,
-/// and traced processes need no lookup at all to learn their flags. Set by the agent (which
-/// sizes it from pid_max and mmaps it, BPF_F_MMAPABLE) and by the fork hook, cleared at exit;
-/// both sides use atomic OR/AND, since neighbouring pids share a word.
+/// One byte per tgid, the PID filter: `TRACED_FLAG_TRACED` and `TRACED_FLAG_TLS` (pid `p` is byte
+/// `p % 8` of word `p / 8`). Every hook runs for every process on the host: reading this array is
+/// inlined by the verifier, where a hash lookup is a call, and traced processes need no lookup at
+/// all to learn their flags. Set by the agent (which sizes it from pid_max and mmaps it,
+/// BPF_F_MMAPABLE) and by the fork hook, cleared at exit. A byte per pid, not two bits: each
+/// writer stores only its own pid's byte, so no atomic OR/AND is needed (kernels before 5.12 lack
+/// them) and a write can never erase a neighbouring pid's flags.
 #[map]
 pub static TRACED_BITS: Array<u64> = Array::with_max_entries(1, sonde_common::BPF_F_MMAPABLE);
 
-/// Where a tgid's flags sit in TRACED_BITS.
+/// Where a tgid's flags sit in TRACED_BITS: (word, byte in the word).
 #[inline(always)]
-fn bit_slot(tgid: u32) -> (u32, u32) {
-    (tgid / 32, 2 * (tgid % 32))
+fn flag_slot(tgid: u32) -> (u32, u32) {
+    (tgid / 8, tgid % 8)
 }
 
 /// The process's `TRACED_FLAG_*` bits (0: not traced). Pids beyond the bitmap (pid_max raised
 /// after the agent started) are looked up in TRACED_PIDS.
 #[inline(always)]
 pub fn traced_flags(tgid: u32) -> u32 {
-    let (index, shift) = bit_slot(tgid);
+    let (index, byte) = flag_slot(tgid);
     match TRACED_BITS.get(index) {
-        Some(word) => ((*word >> shift) & 3) as u32,
+        Some(word) => ((*word >> (8 * byte)) & 3) as u32,
         // SAFETY: read-only lookup; the value is copied out.
         None => unsafe { TRACED_PIDS.get(&tgid) }.copied().unwrap_or(0),
     }
 }
 
-/// Adds `flags` to the process's bits (atomically: the agent flips bits of the same word).
+/// Writes the process's flag byte (`TRACED_FLAG_*` bits).
 #[inline(always)]
-pub fn add_traced_flags(tgid: u32, flags: u32) {
-    let (index, shift) = bit_slot(tgid);
+pub fn set_traced_flags(tgid: u32, flags: u32) {
+    let (index, byte) = flag_slot(tgid);
     if let Some(word) = TRACED_BITS.get_ptr_mut(index) {
-        // SAFETY: an 8-byte aligned array value, alive as long as the map. (The BPF target
-        // has no compare-and-swap, so AtomicU64 offers no fetch_or; the intrinsic is one
-        // BPF atomic OR instruction.)
-        unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, u64::from(flags & 3) << shift) };
+        // SAFETY: byte `byte` (< 8) of an 8-byte array value, alive as long as the map. A
+        // volatile single-byte store: exactly this pid's byte is written.
+        unsafe { core::ptr::write_volatile(word.cast::<u8>().add(byte as usize), (flags & 3) as u8) };
     }
 }
 
-/// Clears the process's bits, atomically.
+/// Clears the process's flags.
 #[inline(always)]
 pub fn clear_traced_flags(tgid: u32) {
-    let (index, shift) = bit_slot(tgid);
-    if let Some(word) = TRACED_BITS.get_ptr_mut(index) {
-        // SAFETY: as in `add_traced_flags`.
-        unsafe { atomic_and::<u64, u64, { AtomicOrdering::Relaxed }>(word, !(3u64 << shift)) };
-    }
+    set_traced_flags(tgid, 0);
 }
 
 /// (tgid, fd) -> socket info, for TCP sockets born from accept/connect or seeded from /proc.

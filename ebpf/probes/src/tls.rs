@@ -128,7 +128,7 @@ fn session_fd(tgid: u32, ssl: u64) -> Option<u32> {
 fn traced_tls_call() -> Option<u64> {
     let (tgid, _, pid_tgid, flags) = traced_current_flags()?;
     if flags & TRACED_FLAG_TLS == 0 {
-        crate::maps::add_traced_flags(tgid, TRACED_FLAG_TLS);
+        crate::maps::set_traced_flags(tgid, flags | TRACED_FLAG_TLS);
         // Pids beyond the bitmap keep their flags in the hash only.
         if let Some(flags) = TRACED_PIDS.get_ptr_mut(&tgid) {
             // SAFETY: a bit set in place; every writer only ever sets bits.
