@@ -7,7 +7,12 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
-    capture::{Capture, Event, events::decode, loader::CaptureOptions, tls_probes::TlsProbes},
+    capture::{
+        Capture, Event,
+        events::{decode, last_loss},
+        loader::CaptureOptions,
+        tls_probes::TlsProbes,
+    },
     config::{AgentConfig, PrintMode},
     conn::table::DataIn,
     discovery::{Action, Discovery, Origin, tls},
@@ -185,6 +190,7 @@ impl Agent {
         let mut since_tls_check = 0;
         while let Some(item) = ring.next() {
             Stats::add(&self.stats.events_read, 1);
+            self.pipeline.note_kernel_losses(last_loss(&item));
             match decode(&item) {
                 Ok(ev) => self.handle(ev),
                 Err(e) => {
@@ -221,11 +227,12 @@ impl Agent {
             Event::ConnOpen { pid, fd, ts_ns, role, listen_fd, peer, .. } => {
                 self.pipeline.on_open(pid, fd, role, listen_fd, peer, ts_ns);
             }
+            Event::ConnLocal { pid, fd, local } => self.pipeline.on_local_addr(pid, fd, local),
             Event::ConnClose { pid, fd, ts_ns } => self.pipeline.on_close(pid, fd, ts_ns),
-            Event::ProcFork { parent, child } => {
+            Event::ProcFork { parent, child, new_netns } => {
                 // Threads are not adopted (they share their process's connections).
                 if let Some(a) = self.discovery.on_fork(parent, child) {
-                    self.pipeline.on_fork(parent, child);
+                    self.pipeline.on_fork(parent, child, new_netns);
                     self.apply(vec![a]);
                 }
             }

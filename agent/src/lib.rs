@@ -17,3 +17,4 @@ pub mod pipeline;
 pub mod protocol;
 pub mod stats;
 pub mod trace;
+pub mod tracer;

@@ -1,8 +1,13 @@
 //! The user-space pipeline: capture events -> connections -> protocol sessions -> span
 //! contexts -> finished spans -> sinks. Plain function calls, no reaching back.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
+pub use crate::tracer::Sinks;
 use crate::{
     clock::Clock,
     conn::{
@@ -10,61 +15,32 @@ use crate::{
         table::{Conn, DataIn},
     },
     discovery::{SeededSocket, socket_addrs},
-    export::{otlp::SpanQueue, print::Printer},
     metrics::MetricsStore,
-    protocol::{Protocol, SessionEvent},
+    protocol::SessionEvent,
     stats::Stats,
-    trace::{
-        assemble::assemble,
-        context::{SpanContext, TraceParent},
-        http_attrs::ConnAddrs,
-        ids::{SpanId, TraceId},
-        resource::Resource,
-        sampler::Sampler,
-        span::{Span, SpanKind},
-    },
+    trace::{http_attrs::ConnAddrs, resource::Resource, sampler::Sampler},
+    tracer::{Mirror, Tracer, Unjoinable, unjoinable_reason},
 };
 
-/// Server span contexts per thread, for parenting client calls; bounded.
-const MAX_THREAD_CONTEXTS: usize = 65536;
-/// Unanswered request contexts kept per connection.
-const MAX_CONTEXTS_PER_CONN: usize = 1024;
-
-/// Where finished spans go.
-#[derive(Default)]
-pub struct Sinks {
-    pub printer: Option<Printer>,
-    pub otlp: Option<SpanQueue>,
-}
-
-impl Sinks {
-    fn emit(&mut self, span: Span) {
-        if let Some(p) = &mut self.printer {
-            p.print(&span);
-        }
-        if let Some(q) = &mut self.otlp {
-            q.push(span);
-        }
-    }
-}
-
-/// Everything span creation needs besides the connection itself.
-struct Tracer {
-    /// (pid, tid) -> the server span that thread is serving now.
-    threads: HashMap<(u32, u32), SpanContext>,
-    resources: HashMap<u32, Arc<Resource>>,
-    sampler: Sampler,
-    clock: Clock,
-    stats: Arc<Stats>,
-    sinks: Sinks,
-    metrics: Arc<MetricsStore>,
-}
+/// Early own-address reports kept for connections about to open (each is consumed at once).
+const MAX_EARLY_LOCALS: usize = 4096;
 
 pub struct Pipeline {
     conns: ConnTable,
     tracer: Tracer,
     /// Local address of listening sockets, by (pid, listen fd).
     listen_addrs: HashMap<(u32, u32), Option<SocketAddr>>,
+    /// Client connections by the server address they connected to: the candidates for the
+    /// other end of a traced server's connection.
+    clients_by_peer: HashMap<SocketAddr, Vec<ConnKey>>,
+    /// Own addresses of connecting sockets reported before their connect returned (loopback
+    /// handshakes complete inside connect), for the connection about to open.
+    early_locals: HashMap<ConnKey, SocketAddr>,
+    /// Network namespace of each process (loopback addresses repeat across namespaces).
+    netns: HashMap<u32, Option<u64>>,
+    /// The kernel's latest-loss mark (every record carries it) and how often it changed.
+    last_loss: u32,
+    loss_epoch: u64,
     events: Vec<SessionEvent>,
 }
 
@@ -72,25 +48,31 @@ impl Pipeline {
     pub fn new(sampler: Sampler, stats: Arc<Stats>, sinks: Sinks, metrics: Arc<MetricsStore>) -> Self {
         Self {
             conns: ConnTable::default(),
-            tracer: Tracer {
-                threads: HashMap::new(),
-                resources: HashMap::new(),
-                sampler,
-                clock: Clock::calibrated(),
-                stats,
-                sinks,
-                metrics,
-            },
+            tracer: Tracer::new(sampler, stats, sinks, metrics),
             listen_addrs: HashMap::new(),
+            clients_by_peer: HashMap::new(),
+            early_locals: HashMap::new(),
+            netns: HashMap::new(),
+            last_loss: 0,
+            loss_epoch: 0,
             events: Vec::new(),
         }
     }
 
-    /// Queues the partly filled export batch once it has waited the batch timeout.
-    pub fn flush_exports_if_due(&mut self) {
-        if let Some(q) = &mut self.tracer.sinks.otlp {
-            q.flush_if_due();
+    /// Every record carries the kernel's mark of its latest lost record: a change means some
+    /// connection may have lost bytes, so request positions of connections opened before no
+    /// longer prove anything.
+    pub fn note_kernel_losses(&mut self, last_loss: u32) {
+        if last_loss != self.last_loss {
+            self.last_loss = last_loss;
+            self.loss_epoch += 1;
         }
+    }
+
+    /// Queues the partly filled export batch once it has waited the batch timeout, and gives up
+    /// same-host joins that waited too long (call after each drain of the ring buffer).
+    pub fn flush_exports_if_due(&mut self) {
+        self.tracer.tick(Clock::monotonic_now());
     }
 
     pub fn recalibrate_clock(&mut self) {
@@ -101,12 +83,17 @@ impl Pipeline {
         self.conns.len()
     }
 
+    /// Server requests in flight, which client calls may be parented to.
     pub fn thread_context_count(&self) -> usize {
-        self.tracer.threads.len()
+        self.tracer.in_flight_count()
     }
 
+    /// A process is traced from now on (its identity is known). Its network namespace is read
+    /// now, while it surely lives: a short-lived process may be gone when its connections are
+    /// looked at.
     pub fn set_resource(&mut self, pid: u32, resource: Arc<Resource>) {
-        self.tracer.resources.insert(pid, resource);
+        self.tracer.set_resource(pid, resource);
+        self.netns_of(pid);
     }
 
     /// A process exited: its connections close (what they complete becomes spans, what they
@@ -116,20 +103,28 @@ impl Pipeline {
         for key in self.conns.keys_of(pid) {
             self.on_close(key.pid, key.fd, now);
         }
-        self.tracer.resources.remove(&pid);
-        self.tracer.threads.retain(|(p, _), _| *p != pid);
+        self.tracer.remove_process(pid);
         self.listen_addrs.retain(|(p, _), _| *p != pid);
+        self.netns.remove(&pid);
     }
 
-    /// A traced process forked: the child starts with its parent's connections.
-    pub fn on_fork(&mut self, parent: u32, child: u32) {
+    /// A traced process forked: the child starts with its parent's connections, and its
+    /// network namespace unless it got a new one.
+    pub fn on_fork(&mut self, parent: u32, child: u32, new_netns: bool) {
         self.conns.inherit(parent, child);
+        let netns = if new_netns { None } else { self.netns_of(parent) };
+        self.netns.insert(child, netns);
+        for key in self.conns.keys_of(child) {
+            if let Some(peer) = self.conns.get(&key).filter(|c| c.role == Role::Client).and_then(|c| c.addrs.peer) {
+                self.clients_by_peer.entry(canonical(peer)).or_default().push(key);
+            }
+        }
     }
 
     /// A connection that existed before the process was traced.
     pub fn open_seeded(&mut self, pid: u32, s: &SeededSocket) {
         let addrs = ConnAddrs { local: Some(s.local), peer: Some(s.peer) };
-        self.open(ConnKey { pid, fd: s.fd }, s.role, addrs, Clock::monotonic_now());
+        self.open(ConnKey { pid, fd: s.fd }, s.role, addrs, Clock::monotonic_now(), false);
     }
 
     /// accept/connect returned a new connection.
@@ -146,6 +141,7 @@ impl Pipeline {
             (Role::Server, Some(lfd)) => {
                 *self.listen_addrs.entry((pid, lfd)).or_insert_with(|| socket_addrs(pid, lfd).map(|(local, _)| local))
             }
+            (Role::Client, _) => self.early_locals.remove(&ConnKey { pid, fd }),
             _ => None,
         };
         let mut addrs = ConnAddrs { local, peer };
@@ -156,15 +152,39 @@ impl Pipeline {
                 addrs.peer = addrs.peer.or(Some(p));
             }
         }
-        self.open(ConnKey { pid, fd }, role, addrs, ts_ns);
+        self.open(ConnKey { pid, fd }, role, addrs, ts_ns, true);
     }
 
-    fn open(&mut self, key: ConnKey, role: Role, addrs: ConnAddrs, ts_ns: u64) {
+    /// A connection the process made is established: its own address (the kernel reports it
+    /// before the first byte can be sent on it).
+    pub fn on_local_addr(&mut self, pid: u32, fd: u32, local: Option<SocketAddr>) {
+        let (key, Some(local)) = (ConnKey { pid, fd }, local) else { return };
+        match self.conns.get_mut(&key) {
+            Some(conn) if conn.role == Role::Client && !conn.saw_bytes => conn.addrs.local = Some(local),
+            _ => {
+                if self.early_locals.len() >= MAX_EARLY_LOCALS {
+                    self.early_locals.clear();
+                }
+                self.early_locals.insert(key, local);
+            }
+        }
+    }
+
+    fn open(&mut self, key: ConnKey, role: Role, addrs: ConnAddrs, ts_ns: u64, from_birth: bool) {
         let mut events = std::mem::take(&mut self.events);
         if let Some(mut old) = self.conns.close(key, ts_ns, &mut events) {
-            self.tracer.apply(key, &mut old, &mut events);
+            self.finish_conn(key, &mut old, &mut events);
         }
         self.conns.open(key, role, addrs, ts_ns, &mut events);
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.from_birth = from_birth;
+            conn.loss_epoch = self.loss_epoch;
+        }
+        if role == Role::Client
+            && let Some(peer) = addrs.peer
+        {
+            self.clients_by_peer.entry(canonical(peer)).or_default().push(key);
+        }
         self.events = events;
     }
 
@@ -172,10 +192,26 @@ impl Pipeline {
         let key = ConnKey { pid, fd };
         let mut events = std::mem::take(&mut self.events);
         if let Some(mut conn) = self.conns.close(key, ts_ns, &mut events) {
-            self.tracer.apply(key, &mut conn, &mut events);
+            self.finish_conn(key, &mut conn, &mut events);
         }
         events.clear();
         self.events = events;
+    }
+
+    /// A connection left the table: what its close completed becomes spans, and it is no
+    /// longer a candidate for anything.
+    fn finish_conn(&mut self, key: ConnKey, conn: &mut Conn, events: &mut Vec<SessionEvent>) {
+        self.tracer.apply(key, conn, false, None, events);
+        self.tracer.closed(key, conn);
+        if conn.role == Role::Client
+            && let Some(peer) = conn.addrs.peer
+            && let Some(list) = self.clients_by_peer.get_mut(&canonical(peer))
+        {
+            list.retain(|k| *k != key);
+            if list.is_empty() {
+                self.clients_by_peer.remove(&canonical(peer));
+            }
+        }
     }
 
     /// One syscall's bytes on socket `fd` of `pid`; `role` is what the kernel's socket map knows.
@@ -184,119 +220,114 @@ impl Pipeline {
         let ts_ns = data.ts_ns;
         let uncopied = data.byte_count.saturating_sub(data.payload.len() as u64);
         if uncopied > 0 {
-            Stats::add(&self.tracer.stats.bytes_not_captured, uncopied);
+            Stats::add(&self.tracer.stats().bytes_not_captured, uncopied);
         }
         if self.conns.get(&key).is_none() && role != Role::Unknown {
             // Inherited from a parent, or the open event was lost: the kernel knows the role.
             let addrs =
                 socket_addrs(pid, fd).map(|(l, p)| ConnAddrs { local: Some(l), peer: Some(p) }).unwrap_or_default();
-            self.open(key, role, addrs, ts_ns);
+            self.open(key, role, addrs, ts_ns, false);
         }
         let mut events = std::mem::take(&mut self.events);
         self.conns.on_data(key, data, &mut events);
-        if !events.is_empty()
-            && let Some(conn) = self.conns.get_mut(&key)
-        {
-            self.tracer.apply(key, conn, &mut events);
+        if !events.is_empty() {
+            let starts = events.iter().any(|e| matches!(e, SessionEvent::RequestStarted(_)));
+            let mirror = if starts { self.mirror(key) } else { None };
+            let epoch = self.loss_epoch;
+            if let Some(conn) = self.conns.get_mut(&key) {
+                let joinable = joinable(conn, epoch);
+                self.tracer.apply(key, conn, joinable, mirror, &mut events);
+            }
         }
         events.clear();
         self.events = events;
     }
-}
 
-impl Tracer {
-    fn apply(&mut self, key: ConnKey, conn: &mut Conn, events: &mut Vec<SessionEvent>) {
-        let protocol = conn.protocol();
-        for ev in events.drain(..) {
-            match ev {
-                SessionEvent::RequestStarted(rs) => {
-                    let ctx = self.context_for(key.pid, rs.tid, conn.role, rs.traceparent.as_ref());
-                    if conn.role == Role::Server {
-                        if self.threads.len() >= MAX_THREAD_CONTEXTS {
-                            self.threads.clear();
-                        }
-                        self.threads.insert((key.pid, rs.tid), ctx);
-                    }
-                    conn.contexts.push_back((rs.seq, rs.tid, ctx));
-                    if conn.contexts.len() > MAX_CONTEXTS_PER_CONN {
-                        conn.contexts.pop_front();
-                    }
+    /// The traced client end of server connection `key`, found once per connection: a client
+    /// connection to this server's address whose own address is this connection's peer (in
+    /// the same network namespace for loopback addresses).
+    fn mirror(&mut self, key: ConnKey) -> Option<Mirror> {
+        let conn = self.conns.get(&key)?;
+        if conn.role != Role::Server {
+            return None;
+        }
+        let found = match conn.mirror {
+            Some(found) => found,
+            None => {
+                let found = self.find_mirror(key);
+                // Both ends now know whom they talk to (the service graph's edge).
+                let client_service = found.and_then(|(client, _)| self.tracer.service_of(client.pid));
+                let server_service = self.tracer.service_of(key.pid);
+                if let Some(conn) = self.conns.get_mut(&key) {
+                    conn.mirror = Some(found);
+                    conn.peer_service = client_service;
                 }
-                SessionEvent::Completed(ex) => {
-                    let found = conn.contexts.iter().position(|(seq, _, _)| *seq == ex.seq);
-                    let (tid, ctx) = match found.and_then(|i| conn.contexts.remove(i)) {
-                        Some((_, tid, ctx)) => (Some(tid), ctx),
-                        None => (None, self.context_for(key.pid, 0, conn.role, None)),
-                    };
-                    if conn.role == Role::Server
-                        && let Some(tid) = tid
-                        && self.threads.get(&(key.pid, tid)) == Some(&ctx)
-                    {
-                        self.threads.remove(&(key.pid, tid));
-                    }
-                    Stats::add(&self.stats.spans_created, 1);
-                    let kind = if conn.role == Role::Client { SpanKind::Client } else { SpanKind::Server };
-                    let resource =
-                        self.resources.get(&key.pid).cloned().unwrap_or_else(|| Arc::new(unknown_resource(key.pid)));
-                    let clock = self.clock;
-                    let span = assemble(&ex, kind, ctx, &conn.addrs, conn.tls, resource, |t| clock.to_unix_ns(t));
-                    // Metrics count every request; sampling only decides what is exported.
-                    self.metrics.record(&span);
-                    if !ctx.sampled {
-                        Stats::add(&self.stats.spans_unsampled, 1);
-                        continue;
-                    }
-                    self.sinks.emit(span);
+                if let Some((client, _)) = found
+                    && let Some(c) = self.conns.get_mut(&client)
+                {
+                    c.peer_service = server_service;
                 }
-                SessionEvent::Abandoned { seq } => conn.contexts.retain(|(s, _, _)| *s != seq),
-                SessionEvent::ParseError { reason } => {
-                    match protocol {
-                        Some(Protocol::Http) => Stats::add(&self.stats.http_parse_errors, 1),
-                        Some(Protocol::Postgres) => Stats::add(&self.stats.postgres_parse_errors, 1),
-                        Some(Protocol::Redis) => Stats::add(&self.stats.redis_parse_errors, 1),
-                        None => {}
-                    }
-                    log::debug!("pid {} fd {}: parse error: {reason}", key.pid, key.fd);
-                }
-                SessionEvent::UnmatchedRequest => Stats::add(&self.stats.unmatched_requests, 1),
-                SessionEvent::Unrecognized => Stats::add(&self.stats.streams_unrecognized, 1),
-                SessionEvent::UnmatchedResponse => Stats::add(&self.stats.unmatched_responses, 1),
+                found
             }
-        }
+        };
+        let (client_key, client_id) = found?;
+        let client = self.conns.get(&client_key).filter(|c| c.id == client_id)?;
+        let joinable = joinable(client, self.loss_epoch);
+        let unjoinable = if joinable { Unjoinable::None } else { unjoinable_reason(client) };
+        Some(Mirror { conn_id: client_id, joinable, unjoinable })
     }
 
-    /// Identity of a new span: a server span continues an incoming traceparent or starts a
-    /// trace; a client span is a child of the server span its thread is serving, if any.
-    fn context_for(&self, pid: u32, tid: u32, role: Role, incoming: Option<&TraceParent>) -> SpanContext {
-        let span_id = SpanId::random();
-        if role == Role::Client
-            && let Some(parent) = self.threads.get(&(pid, tid))
-        {
-            return SpanContext {
-                trace_id: parent.trace_id,
-                span_id,
-                parent_id: Some(parent.span_id),
-                sampled: parent.sampled,
-            };
-        }
-        let remote = if role == Role::Server { incoming } else { None };
-        let trace_id = remote.map(|p| p.trace_id).unwrap_or_else(TraceId::random);
-        SpanContext {
-            trace_id,
-            span_id,
-            parent_id: remote.map(|p| p.parent_id),
-            sampled: self.sampler.should_sample(trace_id, remote),
-        }
+    fn find_mirror(&mut self, key: ConnKey) -> Option<(ConnKey, u64)> {
+        let conn = self.conns.get(&key)?;
+        let (local, peer) = (canonical(conn.addrs.local?), canonical(conn.addrs.peer?));
+        let candidates = self.clients_by_peer.get(&local)?.clone();
+        log::trace!(
+            "conn {key:?}: client ends to {local}: {:?}",
+            candidates.iter().map(|c| (c, self.conns.get(c).map(|c| c.addrs.local))).collect::<Vec<_>>()
+        );
+        // Loopback addresses repeat in every network namespace: both ends must share one (an
+        // unknown namespace matches nothing).
+        let server_netns = if local.ip().is_loopback() { Some(self.netns_of(key.pid)?) } else { None };
+        candidates.into_iter().find_map(|candidate| {
+            if let Some(ns) = server_netns
+                && self.netns_of(candidate.pid) != Some(ns)
+            {
+                return None;
+            }
+            let client = self.conns.get(&candidate)?;
+            (client.addrs.local.map(canonical) == Some(peer)).then_some((candidate, client.id))
+        })
+    }
+
+    fn netns_of(&mut self, pid: u32) -> Option<u64> {
+        *self.netns.entry(pid).or_insert_with(|| {
+            let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+            let text = link.to_str()?;
+            text.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+        })
     }
 }
 
-fn unknown_resource(pid: u32) -> Resource {
-    let identity = crate::trace::resource::ProcessIdentity {
-        pid,
-        service_name: "unknown_service".into(),
-        exe_path: String::new(),
-        host_name: crate::discovery::procfs::host_name(),
-        start_ticks: 0,
-    };
-    Resource::for_process(&identity, &[])
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.tracer.finish();
+    }
+}
+
+/// Request positions on a connection can be matched with the other end's: it was seen from its
+/// first byte, its parser never lost its place, no kernel event was lost since it opened, and its
+/// plaintext is the syscalls' (TLS plaintext may start after the first bytes).
+fn joinable(conn: &Conn, loss_epoch: u64) -> bool {
+    conn.from_birth && !conn.desynced && !conn.tls && conn.role != Role::Unknown && conn.loss_epoch == loss_epoch
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`, a dual-stack listener's view) as IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
 }

@@ -23,6 +23,19 @@ pub struct Stats {
     pub unmatched_requests: AtomicU64,
     pub unmatched_responses: AtomicU64,
     pub spans_created: AtomicU64,
+    /// Server spans joined to their same-host client span.
+    pub context_joined: AtomicU64,
+    /// Spans left without the parent they may have had, by reason (`sonde_context_unlinked_total`).
+    pub context_unlinked_ambiguous: AtomicU64,
+    pub context_unlinked_other_thread: AtomicU64,
+    pub context_unlinked_partner_missing: AtomicU64,
+    pub context_unlinked_expired: AtomicU64,
+    pub context_unlinked_before_start: AtomicU64,
+    pub context_unlinked_desync: AtomicU64,
+    pub context_unlinked_tls: AtomicU64,
+    /// Server requests waiting for their same-host client now, and the spans held meanwhile.
+    pub joins_waiting: AtomicU64,
+    pub spans_held: AtomicU64,
     pub spans_unsampled: AtomicU64,
     pub spans_exported: AtomicU64,
     pub spans_dropped_queue_full: AtomicU64,
@@ -50,11 +63,26 @@ impl Stats {
         counter.load(Relaxed)
     }
 
+    /// Spans left without the parent they may have had, by reason label.
+    pub fn unlinked(&self) -> [(&'static str, u64); 7] {
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        [
+            ("ambiguous", g(&self.context_unlinked_ambiguous)),
+            ("other_thread", g(&self.context_unlinked_other_thread)),
+            ("partner_missing", g(&self.context_unlinked_partner_missing)),
+            ("expired", g(&self.context_unlinked_expired)),
+            ("connection_before_start", g(&self.context_unlinked_before_start)),
+            ("stream_desync", g(&self.context_unlinked_desync)),
+            ("tls", g(&self.context_unlinked_tls)),
+        ]
+    }
+
     /// One line for the log: every counter, named.
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Relaxed);
-        format!(
-            "events_read={} events_lost={} events_undecodable={} bytes_captured={} bytes_not_captured={} tls_events={} tls_unattributed={} http_parse_errors={} postgres_parse_errors={} redis_parse_errors={} streams_unrecognized={} unmatched_requests={} unmatched_responses={} spans_created={} spans_unsampled={} spans_exported={} spans_dropped_queue_full={} spans_dropped_export_failed={} export_errors={} traced_processes={}",
+        let unlinked: String = self.unlinked().iter().map(|(why, n)| format!(" context_unlinked_{why}={n}")).collect();
+        let line = format!(
+            "events_read={} events_lost={} events_undecodable={} bytes_captured={} bytes_not_captured={} tls_events={} tls_unattributed={} http_parse_errors={} postgres_parse_errors={} redis_parse_errors={} streams_unrecognized={} unmatched_requests={} unmatched_responses={} spans_created={} context_joined={} context_unlinked={} spans_unsampled={} spans_exported={} spans_dropped_queue_full={} spans_dropped_export_failed={} export_errors={} traced_processes={}",
             g(&self.events_read),
             g(&self.kernel_ringbuf_drops),
             g(&self.events_undecodable),
@@ -69,12 +97,15 @@ impl Stats {
             g(&self.unmatched_requests),
             g(&self.unmatched_responses),
             g(&self.spans_created),
+            g(&self.context_joined),
+            self.unlinked().iter().map(|(_, n)| n).sum::<u64>(),
             g(&self.spans_unsampled),
             g(&self.spans_exported),
             g(&self.spans_dropped_queue_full),
             g(&self.spans_dropped_export_failed),
             g(&self.export_errors),
             g(&self.traced_processes),
-        )
+        );
+        line + &unlinked
     }
 }

@@ -325,15 +325,34 @@ fn compose_stack_and_image_are_consistent() {
 }
 
 /// Every PromQL expression deploy/ ships, with where it comes from.
+/// What Grafana's service map (Tempo datasource, `serviceMap`) queries: Tempo's service-graph
+/// series, by client and server.
+const SERVICE_MAP_SERIES: [&str; 3] = [
+    "sum by (client, server) (rate(traces_service_graph_request_total[5m]))",
+    "sum by (client, server) (rate(traces_service_graph_request_failed_total[5m]))",
+    "sum by (client, server, le) (rate(traces_service_graph_request_server_seconds_bucket[5m]))",
+];
+
 fn shipped_expressions() -> Vec<(String, String)> {
     let mut out = Vec::new();
     let dash_path = deploy().join("compose/grafana/dashboards/sonde-red.json");
     let dash: serde_json::Value = serde_json::from_str(&read(&dash_path)).expect("dashboard");
     for panel in dash["panels"].as_array().expect("panels") {
         for t in panel["targets"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            if t["queryType"] == "serviceMap" {
+                // Tempo's service map: the series Grafana queries from the datasource it names.
+                for expr in SERVICE_MAP_SERIES {
+                    out.push((format!("service map of panel {:?}", panel["title"]), expr.to_string()));
+                }
+                continue;
+            }
             out.push((format!("dashboard panel {:?}", panel["title"]), t["expr"].as_str().expect("expr").to_owned()));
         }
     }
+    let ds = yaml_docs(&read(&deploy().join("compose/grafana/provisioning/datasources/datasources.yaml"))).remove(0);
+    let tempo =
+        ds["datasources"].as_sequence().expect("datasources").iter().find(|d| d["type"] == "tempo").expect("tempo");
+    assert_eq!(tempo["jsonData"]["serviceMap"]["datasourceUid"], "prometheus", "the service map reads Prometheus");
     for v in dash["templating"]["list"].as_array().expect("variables") {
         let q = v["definition"].as_str().expect("definition");
         let inner = q.trim_start_matches("label_values(").trim_end_matches(')');
@@ -393,6 +412,7 @@ fn privileged_dashboard_and_rules_use_only_metrics_sonde_exports() {
         let n = exposition_names(&t);
         (n.metrics.contains("db_client_operation_duration_seconds_bucket")
             && n.metrics.contains("http_client_request_duration_seconds_bucket")
+            && n.metrics.contains("traces_service_graph_request_total")
             && n.labels.contains("db_response_status_code")
             && n.labels.contains("error_type"))
         .then_some(t)
@@ -429,6 +449,7 @@ fn privileged_dashboard_and_rules_use_only_metrics_sonde_exports() {
         "db_client_operation_duration_seconds_bucket",
         "sonde_events_lost_total",
         "sonde_spans_dropped_total",
+        "traces_service_graph_request_total",
     ] {
         assert!(used.metrics.contains(m), "nothing shipped uses {m}");
     }

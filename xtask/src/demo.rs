@@ -101,7 +101,15 @@ pub fn run(seconds: u64) -> Result<()> {
     };
     let _orders = python(
         "app.py",
-        vec![orders_port.to_string(), pg_port.to_string(), redis_port.to_string(), "unused-with-trust-auth".into()],
+        // --lazy: the database connections open with the first request, when sonde sees both
+        // ends from their first byte, so the database spans join the request's trace.
+        vec![
+            orders_port.to_string(),
+            pg_port.to_string(),
+            redis_port.to_string(),
+            "unused-with-trust-auth".into(),
+            "--lazy".into(),
+        ],
     )?;
     let _frontend =
         python("http_server.py", vec![frontend_port.to_string(), "--backend".into(), orders_port.to_string()])?;

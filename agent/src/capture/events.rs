@@ -4,8 +4,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use sonde_common::{
-    ConnEvent, DATA_FLAG_TLS, DATA_FLAG_UNCOPIED, DIR_INGRESS, DataEvent, EventHeader, EventKind, ProcEvent,
-    ROLE_CLIENT, ROLE_SERVER, RawSockaddr,
+    ConnEvent, DATA_FLAG_TLS, DATA_FLAG_UNCOPIED, DIR_INGRESS, DataEvent, EventHeader, EventKind, PROC_FLAG_NEW_NETNS,
+    ProcEvent, ROLE_CLIENT, ROLE_SERVER, RawSockaddr,
 };
 
 use crate::conn::{Role, table::Direction};
@@ -35,6 +35,12 @@ pub enum Event<'a> {
         listen_fd: Option<u32>,
         peer: Option<SocketAddr>,
     },
+    /// A connected socket's own address, known once it is established.
+    ConnLocal {
+        pid: u32,
+        fd: u32,
+        local: Option<SocketAddr>,
+    },
     ConnClose {
         pid: u32,
         fd: u32,
@@ -43,6 +49,8 @@ pub enum Event<'a> {
     ProcFork {
         parent: u32,
         child: u32,
+        /// The child has its own network namespace.
+        new_netns: bool,
     },
     ProcExec {
         pid: u32,
@@ -76,6 +84,12 @@ fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
+/// The kernel's mark of its latest lost record when this record was made (0 for a record too
+/// short to hold it).
+pub fn last_loss(bytes: &[u8]) -> u32 {
+    read::<EventHeader>(bytes).map(|h| h.last_loss).unwrap_or(0)
+}
+
 pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     let header: EventHeader = read(bytes)?;
     let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
@@ -104,11 +118,18 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             let listen_fd = (c.listen_fd != u32::MAX).then_some(c.listen_fd);
             Event::ConnOpen { pid, tid, fd: c.fd, ts_ns, role, listen_fd, peer: sockaddr(&c.peer) }
         }
+        EventKind::ConnLocal => {
+            let c: ConnEvent = read(bytes)?;
+            Event::ConnLocal { pid, fd: c.fd, local: sockaddr(&c.local) }
+        }
         EventKind::ConnClose => {
             let c: ConnEvent = read(bytes)?;
             Event::ConnClose { pid, fd: c.fd, ts_ns }
         }
-        EventKind::ProcFork => Event::ProcFork { parent: pid, child: read::<ProcEvent>(bytes)?.other_pid },
+        EventKind::ProcFork => {
+            let p: ProcEvent = read(bytes)?;
+            Event::ProcFork { parent: pid, child: p.other_pid, new_netns: p.flags & PROC_FLAG_NEW_NETNS != 0 }
+        }
         EventKind::ProcExec => Event::ProcExec { pid },
         EventKind::ProcExit => Event::ProcExit { pid },
         EventKind::Listen => Event::Listen { pid },
@@ -148,7 +169,7 @@ mod tests {
     }
 
     fn header(kind: EventKind) -> EventHeader {
-        EventHeader { kind: kind as u32, pid: 10, tid: 11, _pad: 0, ts_ns: 99 }
+        EventHeader { kind: kind as u32, pid: 10, tid: 11, last_loss: 0, ts_ns: 99 }
     }
 
     #[test]
@@ -180,6 +201,7 @@ mod tests {
             listen_fd: 3,
             _pad: 0,
             peer: RawSockaddr { family: 2, port_be: 8080u16.to_be(), addr },
+            local: RawSockaddr::EMPTY,
         };
         let bytes = as_bytes(&c);
         let ev = decode(&bytes).unwrap();

@@ -140,6 +140,8 @@ impl Capture {
             |field| tracefs::field_offset("task", "task_newtask", field).map_err(CaptureError::Tracefs);
         let (new_task_pid_offset, new_task_clone_flags_offset) =
             (new_task_field("pid")?, new_task_field("clone_flags")?);
+        let sock_field =
+            |field| tracefs::field_offset("sock", "inet_sock_set_state", field).map_err(CaptureError::Tracefs);
 
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
@@ -163,6 +165,14 @@ impl Capture {
                     _pad: 0,
                     self_pid: std::process::id(),
                     wakeup_bytes: opts.wakeup_bytes,
+                    sock_skaddr_offset: sock_field("skaddr")?,
+                    sock_oldstate_offset: sock_field("oldstate")?,
+                    sock_newstate_offset: sock_field("newstate")?,
+                    sock_sport_offset: sock_field("sport")?,
+                    sock_family_offset: sock_field("family")?,
+                    sock_protocol_offset: sock_field("protocol")?,
+                    sock_saddr_offset: sock_field("saddr")?,
+                    sock_saddr_v6_offset: sock_field("saddr_v6")?,
                 },
                 0,
             )
@@ -187,6 +197,8 @@ impl Capture {
                 "sched"
             } else if name.starts_with("task_") {
                 "task"
+            } else if name.starts_with("inet_sock_") {
+                "sock"
             } else {
                 // TLS uprobes: loaded now, attached per library file as processes are found.
                 let probe: &mut UProbe =

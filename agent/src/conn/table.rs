@@ -1,13 +1,16 @@
 //! The connection table: routes each syscall's bytes to the right protocol session.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
 
 use crate::{
     protocol::{
         Protocol, Segment, Session, SessionEvent, Side,
         detect::{Detection, detect},
     },
-    trace::{context::SpanContext, http_attrs::ConnAddrs},
+    trace::{context::Lineage, http_attrs::ConnAddrs, span::Text},
 };
 
 /// Bytes kept while a connection's protocol is undecided (e.g. a client writing 1 byte at a time).
@@ -46,24 +49,51 @@ enum Parser {
 }
 
 pub struct Conn {
+    /// Unique over the agent's life: an fd number is reused, a connection id never is.
+    pub id: u64,
     pub role: Role,
     pub addrs: ConnAddrs,
     parser: Parser,
-    /// Span contexts of requests seen and not yet answered, by session sequence number,
-    /// with the thread that made the request.
-    pub contexts: VecDeque<(u64, u32, SpanContext)>,
+    /// Spans of requests seen and not yet answered, by session sequence number, with the
+    /// thread that made the request.
+    pub contexts: VecDeque<(u64, u32, Lineage)>,
     /// The connection carries TLS: only plaintext from the TLS library is parsed.
     pub tls: bool,
+    /// Its birth (accept/connect) was seen, so its stream was seen from the first byte.
+    pub from_birth: bool,
+    /// Bytes were seen on it (a child inheriting it then starts mid-stream).
+    pub saw_bytes: bool,
+    /// The parser lost its place once (a parse error, a response without request): request
+    /// positions on it no longer match the other end's.
+    pub desynced: bool,
+    /// The agent's count of kernel event losses when it opened: any loss since may have taken
+    /// some of its bytes.
+    pub loss_epoch: u64,
+    /// Server connections: the traced client socket at the other end, once looked up
+    /// (`Some(None)`: none is traced here).
+    pub mirror: Option<Option<(ConnKey, u64)>>,
+    /// The service at the other end when that end is traced here too (for the service graph).
+    pub peer_service: Option<Text>,
 }
+
+/// Source of connection ids.
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Conn {
     pub fn new(role: Role, addrs: ConnAddrs) -> Self {
         Self {
+            id: NEXT_CONN_ID.fetch_add(1, Relaxed),
             role,
             addrs,
             parser: Parser::Undecided { buffered: Vec::new(), side: None, first_ts: 0, first_tid: 0, attempts: 0 },
             contexts: VecDeque::new(),
             tls: false,
+            from_birth: false,
+            saw_bytes: false,
+            desynced: false,
+            loss_epoch: 0,
+            mirror: None,
+            peer_service: None,
         }
     }
 
@@ -151,20 +181,26 @@ impl ConnTable {
     /// A forked child holds its parent's connections: same roles and addresses, fresh parsers
     /// (whichever process uses a socket from now on gets its own stream).
     pub fn inherit(&mut self, parent: u32, child: u32) {
-        let copies: Vec<(ConnKey, Role, ConnAddrs)> = self
+        let copies: Vec<(ConnKey, Conn)> = self
             .conns
             .range(Self::range_of(parent))
-            .map(|(k, c)| (ConnKey { pid: child, fd: k.fd }, c.role, c.addrs))
+            .map(|(k, c)| {
+                let mut copy = Conn::new(c.role, c.addrs);
+                // The child reads the stream from where the parent left it: from its start only
+                // if the parent never touched it (fork-after-accept servers).
+                copy.from_birth = c.from_birth && !c.saw_bytes;
+                copy.loss_epoch = c.loss_epoch;
+                (ConnKey { pid: child, fd: k.fd }, copy)
+            })
             .collect();
-        for (key, role, addrs) in copies {
-            self.conns.insert(key, Conn::new(role, addrs));
-        }
+        self.conns.extend(copies);
     }
 
     /// Routes one syscall's bytes. Unknown connections are created with [`Role::Unknown`].
     pub fn on_data(&mut self, key: ConnKey, data: DataIn<'_>, out: &mut Vec<SessionEvent>) {
         let DataIn { dir, payload: bytes, byte_count, ts_ns, tid, tls } = data;
         let conn = self.conns.entry(key).or_insert_with(|| Conn::new(Role::Unknown, ConnAddrs::default()));
+        conn.saw_bytes = true;
         if tls && !conn.tls {
             // Plaintext from the TLS library from now on: whatever was parsed so far was the
             // handshake (or a protocol's own TLS negotiation), so start over.

@@ -9,7 +9,8 @@ use opentelemetry_proto::tonic::{
     collector::metrics::v1::{ExportMetricsServiceRequest, metrics_service_client::MetricsServiceClient},
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     metrics::v1::{
-        AggregationTemporality, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics, metric::Data,
+        AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics,
+        Sum, metric::Data, number_data_point,
     },
     resource::v1::Resource as OtlpResource,
 };
@@ -19,7 +20,8 @@ use super::otlp::{OtlpProtocol, OtlpSettings};
 use crate::{
     metrics::{
         MetricsStore,
-        instruments::{INSTRUMENTS, Unit},
+        instruments::{DURATION_BOUNDS, INSTRUMENTS, Unit},
+        service_graph::{self, Edge, EdgePoint},
     },
     stats::Stats,
     trace::span::AttrValue,
@@ -80,23 +82,100 @@ pub fn encode(store: &MetricsStore, now_unix_ns: u64) -> ExportMetricsServiceReq
     }
     let scope =
         InstrumentationScope { name: "sonde".into(), version: env!("CARGO_PKG_VERSION").into(), ..Default::default() };
-    ExportMetricsServiceRequest {
-        resource_metrics: by_resource
-            .into_iter()
-            .map(|(r, metrics)| ResourceMetrics {
-                resource: Some(OtlpResource {
-                    attributes: r
-                        .attributes
-                        .iter()
-                        .map(|(k, v)| KeyValue { key: k.clone(), value: Some(any(v)) })
-                        .collect(),
-                    ..Default::default()
-                }),
-                scope_metrics: vec![ScopeMetrics { scope: Some(scope.clone()), metrics, schema_url: String::new() }],
-                schema_url: String::new(),
-            })
-            .collect(),
+    let graph = service_graph_metrics(store, now_unix_ns);
+    let mut resource_metrics: Vec<ResourceMetrics> = by_resource
+        .into_iter()
+        .map(|(r, metrics)| ResourceMetrics {
+            resource: Some(OtlpResource {
+                attributes: r
+                    .attributes
+                    .iter()
+                    .map(|(k, v)| KeyValue { key: k.clone(), value: Some(any(v)) })
+                    .collect(),
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics { scope: Some(scope.clone()), metrics, schema_url: String::new() }],
+            schema_url: String::new(),
+        })
+        .collect();
+    if !graph.is_empty() {
+        // Edges join two services: they belong to no process's resource.
+        let host = crate::discovery::procfs::host_name();
+        resource_metrics.push(ResourceMetrics {
+            resource: Some(OtlpResource {
+                attributes: vec![
+                    KeyValue { key: "service.name".into(), value: Some(any(&AttrValue::from("sonde"))) },
+                    KeyValue { key: "host.name".into(), value: Some(any(&AttrValue::from(host))) },
+                ],
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics { scope: Some(scope), metrics: graph, schema_url: String::new() }],
+            schema_url: String::new(),
+        });
     }
+    ExportMetricsServiceRequest { resource_metrics }
+}
+
+/// Tempo's service-graph metrics: two cumulative sums and two histograms per edge.
+fn service_graph_metrics(store: &MetricsStore, now_unix_ns: u64) -> Vec<Metric> {
+    let edges = store.service_graph.snapshot();
+    if edges.is_empty() {
+        return Vec::new();
+    }
+    let attributes = |e: &Edge| -> Vec<KeyValue> {
+        let kv = |k: &str, v: &str| KeyValue { key: k.into(), value: Some(any(&AttrValue::from(v))) };
+        if e.overflow {
+            return vec![KeyValue { key: "otel.metric.overflow".into(), value: Some(any(&AttrValue::Bool(true))) }];
+        }
+        vec![kv("client", &e.client), kv("server", &e.server), kv("connection_type", e.connection_type)]
+    };
+    let sum = |name: &str, pick: fn(&EdgePoint) -> u64| Metric {
+        name: name.into(),
+        data: Some(Data::Sum(Sum {
+            data_points: edges
+                .iter()
+                .map(|(e, p)| NumberDataPoint {
+                    attributes: attributes(e),
+                    start_time_unix_nano: p.server.start_unix_ns.min(p.client.start_unix_ns),
+                    time_unix_nano: now_unix_ns,
+                    value: Some(number_data_point::Value::AsInt(pick(p) as i64)),
+                    ..Default::default()
+                })
+                .collect(),
+            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+            is_monotonic: true,
+        })),
+        ..Default::default()
+    };
+    let histogram = |name: &str, server_side: bool| Metric {
+        name: name.into(),
+        unit: "s".into(),
+        data: Some(Data::Histogram(Histogram {
+            data_points: edges
+                .iter()
+                .map(|(e, p)| (e, if server_side { &p.server } else { &p.client }))
+                .filter(|(_, h)| h.count > 0)
+                .map(|(e, h)| HistogramDataPoint {
+                    attributes: attributes(e),
+                    start_time_unix_nano: h.start_unix_ns,
+                    time_unix_nano: now_unix_ns,
+                    count: h.count,
+                    sum: Some(h.sum),
+                    bucket_counts: h.bucket_counts.clone(),
+                    explicit_bounds: DURATION_BOUNDS.to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
+            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+        })),
+        ..Default::default()
+    };
+    vec![
+        sum(service_graph::REQUEST_TOTAL, |p| p.total),
+        sum(service_graph::REQUEST_FAILED_TOTAL, |p| p.failed),
+        histogram(service_graph::SERVER_SECONDS, true),
+        histogram(service_graph::CLIENT_SECONDS, false),
+    ]
 }
 
 /// Exports every `interval` until the task is aborted; a final export runs on `flush`.

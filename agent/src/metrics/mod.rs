@@ -4,6 +4,7 @@
 
 pub mod instruments;
 pub mod prometheus;
+pub mod service_graph;
 mod store;
 
 pub use store::{HistogramPoint, MetricsStore, SeriesSnapshot};

@@ -15,13 +15,14 @@ use prometheus_client::{
 
 use super::{
     MetricsStore,
-    instruments::{INSTRUMENTS, Unit as OurUnit},
+    instruments::{DURATION_BOUNDS, INSTRUMENTS, Unit as OurUnit},
+    service_graph::{self, Edge, EdgePoint},
     store::attr_text,
 };
 use crate::{capture::map_usage::MapFill, stats::Stats, trace::span::AttrValue};
 
 /// A counter family: name, help, label key, and (label value, count) per series.
-type LabelledCounter = (&'static str, &'static str, &'static str, [(&'static str, u64); 3]);
+type LabelledCounter = (&'static str, &'static str, &'static str, Vec<(&'static str, u64)>);
 
 /// OpenTelemetry attribute name -> Prometheus label name.
 fn label(name: &str) -> String {
@@ -64,7 +65,68 @@ impl Collector for Exposition {
                 family.encode_histogram::<Vec<(String, String)>>(s.point.sum, s.point.count, &buckets, None)?;
             }
         }
+        self.encode_service_graph(&mut encoder)?;
         self.encode_self_metrics(&mut encoder)
+    }
+}
+
+/// Labels of a service-graph edge.
+fn edge_labels(edge: &Edge) -> Vec<(String, String)> {
+    if edge.overflow {
+        return vec![("otel_metric_overflow".into(), "true".into())];
+    }
+    vec![
+        ("client".into(), edge.client.to_string()),
+        ("server".into(), edge.server.to_string()),
+        ("connection_type".into(), edge.connection_type.into()),
+    ]
+}
+
+fn histogram_buckets(point: &crate::metrics::HistogramPoint) -> Vec<(f64, u64)> {
+    let mut buckets: Vec<(f64, u64)> =
+        DURATION_BOUNDS.iter().copied().zip(point.bucket_counts.iter().copied()).collect();
+    buckets.push((f64::MAX, point.bucket_counts.last().copied().unwrap_or(0)));
+    buckets
+}
+
+impl Exposition {
+    /// Tempo's service-graph series (no resource labels: an edge joins two services).
+    fn encode_service_graph(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let edges = self.store.service_graph.snapshot();
+        for (name, help, pick) in [
+            (
+                service_graph::REQUEST_TOTAL,
+                "Requests between two services (Tempo service graph).",
+                (|p: &EdgePoint| p.total) as fn(&EdgePoint) -> u64,
+            ),
+            (service_graph::REQUEST_FAILED_TOTAL, "Failed requests between two services.", |p: &EdgePoint| p.failed),
+        ] {
+            let base = name.strip_suffix("_total").unwrap_or(name);
+            let mut metric = encoder.encode_descriptor(base, help, None, MetricType::Counter)?;
+            for (edge, point) in &edges {
+                ConstCounter::new(pick(point)).encode(metric.encode_family(&edge_labels(edge))?)?;
+            }
+        }
+        for (name, help, server_side) in [
+            (service_graph::SERVER_SECONDS, "Request duration as the server saw it, per edge.", true),
+            (service_graph::CLIENT_SECONDS, "Request duration as the client saw it, per edge.", false),
+        ] {
+            let base = name.strip_suffix("_seconds").unwrap_or(name);
+            let mut metric = encoder.encode_descriptor(base, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+            for (edge, point) in &edges {
+                let h = if server_side { &point.server } else { &point.client };
+                if h.count == 0 {
+                    continue;
+                }
+                metric.encode_family(&edge_labels(edge))?.encode_histogram::<Vec<(String, String)>>(
+                    h.sum,
+                    h.count,
+                    &histogram_buckets(h),
+                    None,
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -72,7 +134,7 @@ impl Exposition {
     fn encode_self_metrics(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let st = &self.stats;
         let g = Stats::get;
-        let counters: [(&str, &str, u64); 11] = [
+        let counters: [(&str, &str, u64); 12] = [
             ("sonde_events_read", "Records read from the kernel ring buffer.", g(&st.events_read)),
             (
                 "sonde_events_lost",
@@ -93,6 +155,11 @@ impl Exposition {
             ),
             ("sonde_unmatched_responses", "Responses without a request.", g(&st.unmatched_responses)),
             ("sonde_spans_exported", "Spans accepted by the OTLP backend.", g(&st.spans_exported)),
+            (
+                "sonde_context_joined",
+                "Server spans joined to the client span of a caller traced on this host.",
+                g(&st.context_joined),
+            ),
             ("sonde_export_errors", "Failed OTLP export requests.", g(&st.export_errors)),
             ("sonde_tls_unattributed", "TLS plaintext whose socket could not be identified.", g(&st.kernel_tls_no_fd)),
             (
@@ -106,12 +173,12 @@ impl Exposition {
             let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
             counter.encode(metric)?;
         }
-        let labelled: [LabelledCounter; 2] = [
+        let labelled: [LabelledCounter; 3] = [
             (
                 "sonde_parse_errors",
                 "Bytes a protocol parser could not frame, by protocol.",
                 "protocol",
-                [
+                vec![
                     ("http", g(&st.http_parse_errors)),
                     ("postgresql", g(&st.postgres_parse_errors)),
                     ("redis", g(&st.redis_parse_errors)),
@@ -121,11 +188,17 @@ impl Exposition {
                 "sonde_spans_dropped",
                 "Spans dropped before export, by reason.",
                 "reason",
-                [
+                vec![
                     ("queue_full", g(&st.spans_dropped_queue_full)),
                     ("export_failed", g(&st.spans_dropped_export_failed)),
                     ("unsampled", g(&st.spans_unsampled)),
                 ],
+            ),
+            (
+                "sonde_context_unlinked",
+                "Spans started without the parent they may have had (no unambiguous evidence), by reason.",
+                "reason",
+                st.unlinked().to_vec(),
             ),
         ];
         for (name, help, key, values) in labelled {
@@ -136,8 +209,14 @@ impl Exposition {
                 ConstCounter::new(value).encode(family)?;
             }
         }
-        let gauges: [(&str, &str, u64); 2] = [
+        let gauges: [(&str, &str, u64); 4] = [
             ("sonde_traced_processes", "Processes sonde traces now.", g(&st.traced_processes)),
+            (
+                "sonde_joins_waiting",
+                "Server requests waiting for their same-host client request to be seen.",
+                g(&st.joins_waiting),
+            ),
+            ("sonde_spans_held", "Finished spans held until their same-host join resolves.", g(&st.spans_held)),
             (
                 "sonde_connections_tracked",
                 "Connections sonde holds state for now (user space).",

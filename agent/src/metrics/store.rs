@@ -27,11 +27,11 @@ pub struct HistogramPoint {
 }
 
 impl HistogramPoint {
-    fn new(buckets: usize, now: u64) -> Self {
+    pub(crate) fn new(buckets: usize, now: u64) -> Self {
         Self { bucket_counts: vec![0; buckets + 1], sum: 0.0, count: 0, start_unix_ns: now }
     }
 
-    fn record(&mut self, bounds: &[f64], v: f64) {
+    pub(crate) fn record(&mut self, bounds: &[f64], v: f64) {
         let i = bounds.iter().position(|b| v <= *b).unwrap_or(bounds.len());
         self.bucket_counts[i] += 1;
         self.sum += v;
@@ -64,6 +64,8 @@ struct InstrumentSeries {
 
 pub struct MetricsStore {
     max_series: usize,
+    /// Edges between services (same cap on edges as on attribute sets).
+    pub service_graph: super::service_graph::ServiceGraph,
     instruments: std::sync::Mutex<Vec<InstrumentSeries>>,
     /// Measurements that went to an overflow series because the cap was reached.
     pub overflowed: AtomicU64,
@@ -87,6 +89,7 @@ impl MetricsStore {
     pub fn new(max_series: usize) -> Self {
         Self {
             max_series,
+            service_graph: super::service_graph::ServiceGraph::new(max_series),
             instruments: std::sync::Mutex::new(INSTRUMENTS.iter().map(|_| InstrumentSeries::default()).collect()),
             overflowed: AtomicU64::new(0),
         }

@@ -67,6 +67,8 @@ pub struct RequestStart {
     pub ts_ns: u64,
     /// Trace context the request carried (W3C traceparent).
     pub traceparent: Option<TraceParent>,
+    /// HTTP request target (path and query): evidence for parenting a proxy's upstream call.
+    pub target: Option<crate::trace::span::Text>,
 }
 
 /// A request paired with its response.

@@ -59,6 +59,36 @@ pub struct SpanContext {
     pub sampled: bool,
 }
 
+/// A same-host join that has not resolved yet (see `join.rs`).
+pub type PendingId = u64;
+
+/// Which trace a span in progress belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceRef {
+    Known {
+        trace_id: TraceId,
+        sampled: bool,
+    },
+    /// The trace of a server request whose same-host client has not been seen yet.
+    Pending(PendingId),
+}
+
+/// A span in progress: its id, its parent, and its trace, known or pending a same-host join.
+/// It becomes a [`SpanContext`] when the trace is known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lineage {
+    pub span_id: SpanId,
+    pub parent_id: Option<SpanId>,
+    pub trace: TraceRef,
+}
+
+impl Lineage {
+    /// A child span of this one, in the same trace.
+    pub fn child(&self) -> Lineage {
+        Lineage { span_id: SpanId::random(), parent_id: Some(self.span_id), trace: self.trace }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

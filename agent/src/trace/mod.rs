@@ -6,6 +6,8 @@ pub mod context;
 pub mod db_attrs;
 pub mod http_attrs;
 pub mod ids;
+pub mod join;
+pub mod parent;
 pub mod resource;
 pub mod route;
 pub mod sampler;

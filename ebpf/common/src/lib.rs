@@ -45,6 +45,9 @@ pub enum EventKind {
     /// A traced process mapped a file executable (a library loading, dlopen included): a
     /// [`ProcEvent`]; user space looks for a TLS library to probe.
     ExecMapping = 8,
+    /// A socket a traced process connected is established: its own address, in a [`ConnEvent`]
+    /// (`local`).
+    ConnLocal = 9,
 }
 
 impl EventKind {
@@ -58,6 +61,7 @@ impl EventKind {
             6 => Self::ProcExit,
             7 => Self::Listen,
             8 => Self::ExecMapping,
+            9 => Self::ConnLocal,
             _ => return None,
         })
     }
@@ -99,7 +103,9 @@ pub struct EventHeader {
     pub pid: u32,
     /// Thread id.
     pub tid: u32,
-    pub _pad: u32,
+    /// Low 32 bits of the kernel time of the latest record that could not be queued (any CPU),
+    /// read when this one was made: a record made after a loss carries a changed value.
+    pub last_loss: u32,
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the syscall returned.
     pub ts_ns: u64,
 }
@@ -153,6 +159,8 @@ pub struct ConnEvent {
     pub _pad: u32,
     /// The peer's address when the syscall exposed it (accept with a buffer, connect).
     pub peer: RawSockaddr,
+    /// [`EventKind::ConnLocal`]: the socket's own address and port; empty otherwise.
+    pub local: RawSockaddr,
 }
 
 /// Process lifecycle: fork (pid = parent, other_pid = child), exec, exit, listen (other_pid = fd).
@@ -161,8 +169,12 @@ pub struct ConnEvent {
 pub struct ProcEvent {
     pub header: EventHeader,
     pub other_pid: u32,
-    pub _pad: u32,
+    /// `PROC_FLAG_*` bits.
+    pub flags: u32,
 }
+
+/// Fork flag: the child was created in a new network namespace (CLONE_NEWNET).
+pub const PROC_FLAG_NEW_NETNS: u32 = 1;
 
 /// Value in the socket map: what the kernel needs to know about a tracked fd.
 #[repr(C)]
@@ -243,6 +255,15 @@ pub struct Settings {
     pub self_pid: u32,
     /// Wake user space once this many bytes are waiting in the ring buffer; below, it polls.
     pub wakeup_bytes: u32,
+    /// Offsets of fields of the `sock:inet_sock_set_state` record (read from tracefs).
+    pub sock_skaddr_offset: u32,
+    pub sock_oldstate_offset: u32,
+    pub sock_newstate_offset: u32,
+    pub sock_sport_offset: u32,
+    pub sock_family_offset: u32,
+    pub sock_protocol_offset: u32,
+    pub sock_saddr_offset: u32,
+    pub sock_saddr_v6_offset: u32,
 }
 
 #[cfg(feature = "user")]

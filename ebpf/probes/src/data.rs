@@ -6,16 +6,18 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_probe_read_user as probe_read_user_raw},
-    macros::tracepoint,
+    macros::{map, tracepoint},
+    maps::LruHashMap,
     programs::TracePointContext,
 };
 use sonde_common::{
     ConnEvent, DATA_FLAG_TLS, DATA_FLAG_UNCOPIED, DIR_EGRESS, DIR_INGRESS, EventKind, MAX_CAPTURE, MAX_IOVECS,
-    ROLE_CLIENT, ROLE_SERVER, RawSockaddr, SOCKET_FLAG_TLS, SocketInfo, SocketKey, TRACED_FLAG_TLS, counter,
+    MAX_INFLIGHT, ROLE_CLIENT, ROLE_SERVER, RawSockaddr, SOCKET_FLAG_TLS, SocketInfo, SocketKey, TRACED_FLAG_TLS,
+    counter,
 };
 
 use crate::maps::{
-    Call, DataScratch, EVENTS, HAS_CHILDREN, HISTORY_DEPTH, Inflight, LAST_READ_FD, PARENTS, SCRATCH, SOCKET_HISTORY,
+    Call, DataScratch, EVENTS, HAS_CHILDREN, HISTORY_DEPTH, INFLIGHT, Inflight, LAST_READ_FD, PARENTS, SCRATCH, SOCKET_HISTORY,
     SOCKETS, SocketHistory, count, header, save_inflight, settings, submit, take_inflight, traced_current,
     traced_current_flags, wakeup_flags,
 };
@@ -167,7 +169,7 @@ pub(crate) fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64, ex
         )
     };
     if rc < 0 {
-        count(counter::RINGBUF_DROPS, 1);
+        crate::maps::count_loss();
     } else {
         if extra_flags & DATA_FLAG_TLS != 0 {
             count(counter::TLS_EVENTS, 1);
@@ -261,7 +263,7 @@ fn remember_previous(key: &SocketKey, previous: SocketInfo) {
 }
 
 #[inline(always)]
-fn track_socket(tgid: u32, tid: u32, fd: u32, role: u32, listen_fd: u32, peer: RawSockaddr) {
+fn track_socket(tgid: u32, tid: u32, fd: u32, role: u32, listen_fd: u32, peer: RawSockaddr, local: RawSockaddr) {
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     let key = SocketKey { pid: tgid, fd };
     // SAFETY: read-only lookups; values are copied out.
@@ -271,7 +273,7 @@ fn track_socket(tgid: u32, tid: u32, fd: u32, role: u32, listen_fd: u32, peer: R
         remember_previous(&key, previous);
     }
     let _ = SOCKETS.insert(&key, &SocketInfo { role, flags: 0, opened_ns: now, closed_ns: 0 }, 0);
-    submit(&ConnEvent { header: header(EventKind::ConnOpen, tgid, tid), fd, role, listen_fd, _pad: 0, peer });
+    submit(&ConnEvent { header: header(EventKind::ConnOpen, tgid, tid), fd, role, listen_fd, _pad: 0, peer, local });
 }
 
 #[inline(always)]
@@ -284,7 +286,7 @@ fn on_accepted(tgid: u32, tid: u32, rec: &Inflight, ret: i64) {
     if peer.family != 0 && peer.family != AF_INET && peer.family != AF_INET6 {
         return;
     }
-    track_socket(tgid, tid, ret as u32, ROLE_SERVER, rec.fd, peer);
+    track_socket(tgid, tid, ret as u32, ROLE_SERVER, rec.fd, peer, RawSockaddr::EMPTY);
 }
 
 #[inline(always)]
@@ -296,7 +298,76 @@ fn on_connected(tgid: u32, tid: u32, rec: &Inflight, ret: i64) {
     if peer.family != AF_INET && peer.family != AF_INET6 {
         return;
     }
-    track_socket(tgid, tid, rec.fd, ROLE_CLIENT, u32::MAX, peer);
+    track_socket(tgid, tid, rec.fd, ROLE_CLIENT, u32::MAX, peer, RawSockaddr::EMPTY);
+}
+
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_CLOSE: i32 = 7;
+const IPPROTO_TCP: u16 = 6;
+
+/// Kernel socket address -> the traced (process, fd) connecting it, from its SYN_SENT transition
+/// (inside connect, in the caller's context) until it is established or closed.
+#[map]
+static CONNECTING: LruHashMap<u64, SocketKey> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+
+/// TCP state changes, kept only for sockets a traced thread connects: when one is established
+/// its own address and port (which the kernel picks inside connect, after SYN_SENT) are reported,
+/// so user space can find the server end of a connection between two traced processes. The
+/// transition may run in softirq context on any CPU, so the socket is recognised by its kernel
+/// address, never by the current task. It precedes the client's first byte: a socket sends no
+/// data before it is established.
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let Some(s) = settings() else { return 0 };
+    // SAFETY: offsets taken from this kernel's format file; reads are bounds-checked helpers.
+    let u16_at = |off: u32| unsafe { ctx.read_at::<u16>(off as usize) }.unwrap_or(0);
+    let i32_at = |off: u32| unsafe { ctx.read_at::<i32>(off as usize) }.unwrap_or(0);
+    if u16_at(s.sock_protocol_offset) != IPPROTO_TCP {
+        return 0;
+    }
+    let sk = unsafe { ctx.read_at::<u64>(s.sock_skaddr_offset as usize) }.unwrap_or(0);
+    match (i32_at(s.sock_oldstate_offset), i32_at(s.sock_newstate_offset)) {
+        (_, TCP_SYN_SENT) => {
+            let Some((tgid, _, pid_tgid)) = traced_current() else { return 0 };
+            // SAFETY: this thread's slot, copied out.
+            let Some(rec) = INFLIGHT.get_ptr_mut(&pid_tgid).map(|r| unsafe { *r }) else { return 0 };
+            if rec.call == Call::Connect {
+                let _ = CONNECTING.insert(&sk, &SocketKey { pid: tgid, fd: rec.fd }, 0);
+            }
+        }
+        (TCP_SYN_SENT, TCP_ESTABLISHED) => {
+            // SAFETY: value copied out before removal.
+            let Some(owner) = (unsafe { CONNECTING.get(&sk) }).copied() else { return 0 };
+            let _ = CONNECTING.remove(&sk);
+            let family = u16_at(s.sock_family_offset);
+            let mut local = RawSockaddr { family, port_be: u16_at(s.sock_sport_offset).to_be(), addr: [0; 16] };
+            match family {
+                AF_INET => {
+                    let v4 = unsafe { ctx.read_at::<[u8; 4]>(s.sock_saddr_offset as usize) }.unwrap_or([0; 4]);
+                    local.addr[..4].copy_from_slice(&v4);
+                }
+                AF_INET6 => {
+                    local.addr = unsafe { ctx.read_at::<[u8; 16]>(s.sock_saddr_v6_offset as usize) }.unwrap_or([0; 16])
+                }
+                _ => return 0,
+            }
+            submit(&ConnEvent {
+                header: header(EventKind::ConnLocal, owner.pid, 0),
+                fd: owner.fd,
+                role: ROLE_CLIENT,
+                listen_fd: u32::MAX,
+                _pad: 0,
+                peer: RawSockaddr::EMPTY,
+                local,
+            });
+        }
+        (_, TCP_CLOSE) => {
+            let _ = CONNECTING.remove(&sk);
+        }
+        _ => {}
+    }
+    0
 }
 
 /// Enter of accept/connect: any traced thread, any fd (the socket is not tracked yet).
@@ -348,6 +419,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         listen_fd: u32::MAX,
         _pad: 0,
         peer: RawSockaddr::EMPTY,
+        local: RawSockaddr::EMPTY,
     });
     0
 }

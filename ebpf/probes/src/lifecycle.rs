@@ -17,6 +17,8 @@ fn current_ids() -> (u32, u32) {
 
 /// A new thread shares its process's everything: not a child to trace or announce.
 const CLONE_THREAD: u64 = 0x0001_0000;
+/// The child gets its own network namespace (its loopback is not its parent's).
+const CLONE_NEWNET: u64 = 0x4000_0000;
 
 /// Runs in the parent while it creates a task, before the task can run: a child process is added
 /// to the filter before it can make a syscall. Threads (CLONE_THREAD) are skipped: they are
@@ -28,8 +30,8 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     let Some(s) = settings() else { return 0 };
     // The field offsets differ across kernel versions; the agent reads them from tracefs.
     // SAFETY: offsets taken from this kernel's format file.
-    let Ok(flags) = (unsafe { ctx.read_at::<u64>(s.new_task_clone_flags_offset as usize) }) else { return 0 };
-    if flags & CLONE_THREAD != 0 {
+    let Ok(clone_flags) = (unsafe { ctx.read_at::<u64>(s.new_task_clone_flags_offset as usize) }) else { return 0 };
+    if clone_flags & CLONE_THREAD != 0 {
         return 0;
     }
     // SAFETY: as above.
@@ -45,7 +47,8 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     let fork_ns = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     let _ = PARENTS.insert(&child, &ParentInfo { parent: tgid, _pad: 0, fork_ns }, 0);
     let _ = HAS_CHILDREN.insert(&tgid, &1, 0);
-    submit(&ProcEvent { header: header(EventKind::ProcFork, tgid, tid), other_pid: child, _pad: 0 });
+    let new_netns = if clone_flags & CLONE_NEWNET != 0 { sonde_common::PROC_FLAG_NEW_NETNS } else { 0 };
+    submit(&ProcEvent { header: header(EventKind::ProcFork, tgid, tid), other_pid: child, flags: new_netns });
     0
 }
 
@@ -53,7 +56,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current_ids();
-    submit(&ProcEvent { header: header(EventKind::ProcExec, tgid, tid), other_pid: 0, _pad: 0 });
+    submit(&ProcEvent { header: header(EventKind::ProcExec, tgid, tid), other_pid: 0, flags: 0 });
     0
 }
 
@@ -73,7 +76,7 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
         crate::maps::clear_traced_flags(tgid);
     }
     if TRACED_PIDS.remove(&tid).is_ok() && tid == tgid {
-        submit(&ProcEvent { header: header(EventKind::ProcExit, tgid, tid), other_pid: 0, _pad: 0 });
+        submit(&ProcEvent { header: header(EventKind::ProcExit, tgid, tid), other_pid: 0, flags: 0 });
     }
     0
 }
@@ -85,7 +88,7 @@ pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
     let ok = unsafe { ctx.read_at::<i64>(16) }.map(|r| r == 0).unwrap_or(false);
     if ok {
         let (tgid, tid) = current_ids();
-        submit(&ProcEvent { header: header(EventKind::Listen, tgid, tid), other_pid: 0, _pad: 0 });
+        submit(&ProcEvent { header: header(EventKind::Listen, tgid, tid), other_pid: 0, flags: 0 });
     }
     0
 }
@@ -101,7 +104,7 @@ pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
     let prot = unsafe { ctx.read_at::<u64>(16 + 8 * 2) }.unwrap_or(0);
     let fd = unsafe { ctx.read_at::<i64>(16 + 8 * 4) }.unwrap_or(-1);
     if prot & PROT_EXEC != 0 && fd >= 0 {
-        submit(&ProcEvent { header: header(EventKind::ExecMapping, tgid, tid), other_pid: fd as u32, _pad: 0 });
+        submit(&ProcEvent { header: header(EventKind::ExecMapping, tgid, tid), other_pid: fd as u32, flags: 0 });
     }
     0
 }

@@ -221,13 +221,31 @@ pub fn count(index: u32, by: u64) {
     }
 }
 
+/// Kernel time of the latest record that did not fit in the ring buffer, any CPU (index 0).
+/// Every record carries what it read here, so user space learns of a loss before it uses any
+/// record made after it: request positions on connections are only trusted while nothing was
+/// lost. A plain store is enough (no BPF atomics before 5.12): every loss writes a time no record
+/// has carried yet, whichever store lands last.
+#[map]
+pub static LAST_LOSS: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Counts one lost record.
+#[inline(always)]
+pub fn count_loss() {
+    count(counter::RINGBUF_DROPS, 1);
+    if let Some(last) = LAST_LOSS.get_ptr_mut(0) {
+        // SAFETY: an 8-byte aligned array value, alive as long as the map; one 8-byte store.
+        unsafe { core::ptr::write_volatile(last, aya_ebpf::helpers::bpf_ktime_get_ns()) };
+    }
+}
+
 #[inline(always)]
 pub fn header(kind: sonde_common::EventKind, tgid: u32, tid: u32) -> EventHeader {
     EventHeader {
         kind: kind as u32,
         pid: tgid,
         tid,
-        _pad: 0,
+        last_loss: LAST_LOSS.get(0).map(|t| *t as u32).unwrap_or(0),
         // SAFETY: helper with no arguments.
         ts_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
     }
@@ -272,6 +290,6 @@ pub fn wakeup_flags(size: u64) -> u64 {
 #[inline(always)]
 pub fn submit<T>(record: &T) {
     if EVENTS.output::<T>(record, wakeup_flags(size_of::<T>() as u64)).is_err() {
-        count(counter::RINGBUF_DROPS, 1);
+        count_loss();
     }
 }

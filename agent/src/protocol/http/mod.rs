@@ -202,6 +202,7 @@ impl HttpSession {
             tid: self.requests.first_tid,
             ts_ns: self.requests.first_byte_ns,
             traceparent: info.traceparent,
+            target: Some(target.into()),
         }));
         self.pending.push_back(Pending {
             seq,

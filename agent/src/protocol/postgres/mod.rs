@@ -228,6 +228,7 @@ impl Pairing {
                 let seq = self.seq();
                 out.push(SessionEvent::RequestStarted(RequestStart {
                     seq,
+                    target: None,
                     tid: msg.first_tid,
                     ts_ns: msg.first_ts,
                     traceparent: None,
@@ -267,6 +268,7 @@ impl Pairing {
                 let seq = self.seq();
                 out.push(SessionEvent::RequestStarted(RequestStart {
                     seq,
+                    target: None,
                     tid: msg.first_tid,
                     ts_ns: msg.first_ts,
                     traceparent: None,

@@ -191,6 +191,7 @@ impl RedisSession {
         let seq = self.next_seq;
         out.push(SessionEvent::RequestStarted(RequestStart {
             seq,
+            target: None,
             tid: v.first_tid,
             ts_ns: v.first_ts,
             traceparent: None,
