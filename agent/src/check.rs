@@ -100,6 +100,7 @@ pub fn run_checks(selected: &[u32]) -> Vec<Finding> {
     for (tp, why) in [
         ("syscalls/sys_enter_read", "syscall tracepoints carry all plaintext traffic"),
         ("task/task_newtask", "children of traced processes are traced from their first syscall"),
+        ("sock/inet_sock_set_state", "a connecting socket's own address, to join traces on this host"),
     ] {
         let ok = events.join(tp).is_dir();
         out.push(finding(

@@ -83,11 +83,6 @@ impl Pipeline {
         self.conns.len()
     }
 
-    /// Server requests in flight, which client calls may be parented to.
-    pub fn thread_context_count(&self) -> usize {
-        self.tracer.in_flight_count()
-    }
-
     /// A process is traced from now on (its identity is known). Its network namespace is read
     /// now, while it surely lives: a short-lived process may be gone when its connections are
     /// looked at.
@@ -281,10 +276,6 @@ impl Pipeline {
         let conn = self.conns.get(&key)?;
         let (local, peer) = (canonical(conn.addrs.local?), canonical(conn.addrs.peer?));
         let candidates = self.clients_by_peer.get(&local)?.clone();
-        log::trace!(
-            "conn {key:?}: client ends to {local}: {:?}",
-            candidates.iter().map(|c| (c, self.conns.get(c).map(|c| c.addrs.local))).collect::<Vec<_>>()
-        );
         // Loopback addresses repeat in every network namespace: both ends must share one (an
         // unknown namespace matches nothing).
         let server_netns = if local.ip().is_loopback() { Some(self.netns_of(key.pid)?) } else { None };

@@ -116,11 +116,6 @@ impl Tracer {
         self.in_flight.remove_process(pid);
     }
 
-    /// Server requests in flight (the contexts client calls may be parented to).
-    pub fn in_flight_count(&self) -> usize {
-        self.in_flight.count()
-    }
-
     /// The connection closed: nothing on it is in flight any more.
     pub fn closed(&mut self, key: ConnKey, conn: &Conn) {
         self.in_flight.close_conn(key.pid, conn.id);

@@ -171,8 +171,20 @@ pub fn run(seconds: u64) -> Result<()> {
     Ok(())
 }
 
-/// One line per series of the request-count histograms sonde serves: rate, errors, duration.
+/// One line per series of the request-count histograms sonde serves: rate, errors, duration;
+/// then the service graph's edges.
 fn print_red_summary(exposition: &str) {
+    print_histograms(exposition);
+    println!("\n==> service graph (traces_service_graph_request_total): who called whom, how often");
+    for line in exposition.lines().filter(|l| l.starts_with("traces_service_graph_request_total{")) {
+        if let Some((labels, count)) = line.rsplit_once(' ') {
+            let labels = labels.trim_start_matches("traces_service_graph_request_total");
+            println!("  {count:>5}  {labels}");
+        }
+    }
+}
+
+fn print_histograms(exposition: &str) {
     println!("\n==> RED metrics from sonde's Prometheus endpoint (count, mean duration per series):");
     for family in [
         "http_server_request_duration_seconds",
