@@ -263,7 +263,10 @@ impl Tracer {
         }
         let key = JoinKey { client_conn: mirror.conn_id, seq: rs.seq };
         let mut out = std::mem::take(&mut self.released);
-        let joined = self.joiner.server_request(key, SpanId::random(), rs.ts_ns, &self.sampler, &mut out);
+        // The wait runs from now, not from the request's kernel time: when the agent is behind,
+        // the client's record may still be on its way however old the server's is.
+        let now = Clock::monotonic_now();
+        let joined = self.joiner.server_request(key, SpanId::random(), now, &self.sampler, &mut out);
         self.emit_released(&mut out);
         self.released = out;
         match joined {

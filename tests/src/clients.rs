@@ -144,6 +144,17 @@ pub fn prometheus_query(port: u16, expr: &str) -> Vec<(serde_json::Value, f64)> 
         .unwrap_or_default()
 }
 
+/// GETs every URL with one curl, up to `parallel` connections at once (each its own connection).
+pub fn curl_parallel(urls: &[String], parallel: usize) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "--no-progress-meter", "--parallel", "--parallel-immediate", "--parallel-max"]);
+    cmd.arg(parallel.to_string());
+    for url in urls {
+        cmd.args(["-o", "/dev/null", url]);
+    }
+    assert!(cmd.status().expect("run curl").success(), "curl --parallel failed");
+}
+
 /// sonde's (or any) Prometheus text exposition.
 pub fn scrape(port: u16) -> String {
     curl(&[], &[format!("http://127.0.0.1:{port}/metrics")])

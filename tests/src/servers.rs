@@ -139,6 +139,22 @@ pub fn nginx_with(port: u16, tls: Option<()>) -> Server {
         "daemon off;\nmaster_process on;\nworker_processes 2;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  sendfile on;\n  keepalive_requests 100000;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    {listen}\n    root {root};\n    location /teapot {{ return 418 \"short and stout\"; }}\n  }}\n}}\n",
         root = root.display()
     );
+    start_nginx(dir, &conf, port)
+}
+
+/// nginx as a reverse proxy on `port`: one worker (an event loop serving every connection on one
+/// thread) forwarding every path unchanged to `backend` over kept-alive upstream connections.
+pub fn nginx_proxy(port: u16, backend: u16) -> Server {
+    let dir = TempDir::new("nginx-proxy");
+    let d = dir.path().display();
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nworker_processes 1;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  upstream backend {{ server 127.0.0.1:{backend}; keepalive 16; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backend;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+    );
+    start_nginx(dir, &conf, port)
+}
+
+/// Runs nginx with `conf` (written into `dir`, its prefix) until it listens on `port`.
+fn start_nginx(dir: TempDir, conf: &str, port: u16) -> Server {
     let conf_path = dir.path().join("nginx.conf");
     std::fs::write(&conf_path, conf).expect("nginx.conf");
     let child = Command::new("/usr/sbin/nginx")
@@ -156,29 +172,13 @@ pub fn nginx_with(port: u16, tls: Option<()>) -> Server {
     Server { child, port, _dir: Some(dir) }
 }
 
-/// nginx as a reverse proxy on `port`: one worker (an event loop serving every connection on one
-/// thread) forwarding every path unchanged to `backend` over kept-alive upstream connections.
-pub fn nginx_proxy(port: u16, backend: u16) -> Server {
-    let dir = TempDir::new("nginx-proxy");
-    let d = dir.path().display();
-    let conf = format!(
-        "daemon off;\nmaster_process on;\nworker_processes 1;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  upstream backend {{ server 127.0.0.1:{backend}; keepalive 16; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backend;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
-    );
-    let conf_path = dir.path().join("nginx.conf");
-    std::fs::write(&conf_path, conf).expect("nginx.conf");
-    let child = Command::new("/usr/sbin/nginx")
-        .arg("-c")
-        .arg(&conf_path)
-        .arg("-p")
-        .arg(dir.path())
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start nginx (apt-get install nginx-light, or run cargo xtask setup)");
-    wait_listening(port);
-    Server { child, port, _dir: Some(dir) }
+/// A child process (and its process group) stopped when this is dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        stop_group(&mut self.0);
+    }
 }
 
 /// Password of the test PostgreSQL's superuser: md5 auth makes it cross the wire, so the tests

@@ -214,7 +214,7 @@ fn privileged_http_service_with_database_children_in_one_trace() {
         .args([app_port.to_string(), pg_port.to_string(), redis_port.to_string(), PG_PASSWORD.to_string()])
         .spawn()
         .expect("start app.py");
-    let app = KillOnDrop(app);
+    let app = servers::KillOnDrop(app);
     sonde_e2e::wait_listening(app_port);
     let receiver = HttpReceiver::start();
     let cfg = test_config(&format!("discovery:\n  - service.name: orders\n    open_ports: {app_port}\n"));
@@ -246,14 +246,6 @@ fn privileged_http_service_with_database_children_in_one_trace() {
     assert_eq!(select.i("server.port"), Some(pg_port as i64), "connection opened before sonde: addresses from /proc");
     assert_eq!(finished.counter("events_lost"), Some(0));
     drop((app, pg, redis));
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        servers::stop_group(&mut self.0);
-    }
 }
 
 /// A burst of connections: PostgreSQL accepts, forks, closes and accepts again on the same fd

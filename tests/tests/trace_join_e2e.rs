@@ -57,14 +57,6 @@ fn counter(finished: &Finished, name: &str) -> u64 {
     finished.counter(name).unwrap_or_else(|| panic!("no {name} in the final counters:\n{}", finished.stderr))
 }
 
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        servers::stop_group(&mut self.0);
-    }
-}
-
 /// The demo's chain, all four traced: frontend -> orders -> PostgreSQL + Redis. One trace per
 /// request with exactly its nine spans and the right parent at every hop.
 #[test]
@@ -73,7 +65,7 @@ fn privileged_frontend_orders_and_databases_are_one_trace_per_request() {
     let (frontend_port, orders_port, pg_port, redis_port) = (free_port(), free_port(), free_port(), free_port());
     let pg = servers::postgres(pg_port);
     let redis = servers::redis(redis_port);
-    let orders = KillOnDrop(
+    let orders = servers::KillOnDrop(
         std::os::unix::process::CommandExt::process_group(&mut std::process::Command::new("python3"), 0)
             .arg(fixture("app.py"))
             .args([orders_port.to_string(), pg_port.to_string(), redis_port.to_string(), PG_PASSWORD.to_string()])
@@ -246,15 +238,16 @@ fn privileged_nginx_proxy_links_upstream_calls_only_to_their_request() {
     let receiver = HttpReceiver::start();
     let sonde = Sonde::start(&[], &selectors(&[("proxy", proxy_port), ("backend", backend_port)]), &env(&receiver));
     const N: usize = 400;
-    let mut cmd = std::process::Command::new("curl");
-    cmd.args(["-s", "--no-progress-meter", "--parallel", "--parallel-immediate", "--parallel-max", "40"]);
-    for i in 0..N {
-        cmd.args(["-o", "/dev/null", &format!("http://127.0.0.1:{proxy_port}/p/{i}")]);
-    }
-    assert!(cmd.status().expect("run curl").success());
+    let urls: Vec<String> = (0..N).map(|i| format!("http://127.0.0.1:{proxy_port}/p/{i}")).collect();
+    sonde_e2e::clients::curl_parallel(&urls, 40);
     let spans = receiver.collected.wait_for(3 * N, WAIT);
     let finished = sonde.stop();
-    assert_eq!(spans.len(), 3 * N, "a proxy SERVER, a proxy CLIENT and a backend SERVER span per request");
+    assert_eq!(
+        spans.len(),
+        3 * N,
+        "a proxy SERVER, a proxy CLIENT and a backend SERVER span per request\n{}",
+        finished.stderr.lines().filter(|l| l.contains("final counters")).collect::<String>()
+    );
     let find = |kind: &str, service: &str, path: &str| -> &TestSpan {
         let all: Vec<&TestSpan> = spans.iter().collect();
         one(&all, &format!("{kind} {service} {path}"), |s| {
@@ -267,7 +260,12 @@ fn privileged_nginx_proxy_links_upstream_calls_only_to_their_request() {
         let incoming = find("SERVER", "proxy", &path);
         let upstream = find("CLIENT", "proxy", &path);
         let backend_span = find("SERVER", "backend", &path);
-        assert_eq!(backend_span.parent_id.as_ref(), Some(&upstream.span_id), "{path}: joined to nginx's call");
+        assert_eq!(
+            backend_span.parent_id.as_ref(),
+            Some(&upstream.span_id),
+            "{path}: joined to nginx's call\n{}",
+            finished.stderr.lines().filter(|l| l.contains("final counters")).collect::<String>()
+        );
         assert_eq!(backend_span.trace_id, upstream.trace_id, "{path}");
         match &upstream.parent_id {
             Some(parent) => {
@@ -293,7 +291,7 @@ fn privileged_node_concurrent_calls_get_no_wrong_parent() {
     let Some(_guard) = privileged_test("Node.js fan-out parenting") else { return };
     let (front, back) = (free_port(), free_port());
     let backend = servers::python_http(back, None);
-    let node = KillOnDrop(
+    let node = servers::KillOnDrop(
         std::os::unix::process::CommandExt::process_group(&mut std::process::Command::new("node"), 0)
             .arg(fixture("node_fanout.js"))
             .args([front.to_string(), back.to_string()])
@@ -304,12 +302,8 @@ fn privileged_node_concurrent_calls_get_no_wrong_parent() {
     let receiver = HttpReceiver::start();
     let sonde = Sonde::start(&[], &selectors(&[("fanout", front), ("backend", back)]), &env(&receiver));
     const N: usize = 100;
-    let mut cmd = std::process::Command::new("curl");
-    cmd.args(["-s", "--no-progress-meter", "--parallel", "--parallel-immediate", "--parallel-max", "20"]);
-    for i in 0..N {
-        cmd.args(["-o", "/dev/null", &format!("http://127.0.0.1:{front}/n/{i}")]);
-    }
-    assert!(cmd.status().expect("run curl").success());
+    let urls: Vec<String> = (0..N).map(|i| format!("http://127.0.0.1:{front}/n/{i}")).collect();
+    sonde_e2e::clients::curl_parallel(&urls, 20);
     let spans = receiver.collected.wait_for(5 * N, WAIT);
     let finished = sonde.stop();
     assert_eq!(spans.len(), 5 * N);
