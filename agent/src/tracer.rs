@@ -201,7 +201,10 @@ impl Tracer {
                             span.context = ctx;
                             out.push(span);
                         }
-                        Resolved::Pending(id) => self.joiner.hold(id, span, &self.sampler, &mut out),
+                        Resolved::Pending { id, parent_id } => {
+                            span.context.parent_id = parent_id;
+                            self.joiner.hold(id, span, &self.sampler, &mut out)
+                        }
                         Resolved::Expired => {
                             self.joiner.counts.expired += 1;
                             out.push(own_trace(span, &self.sampler));

@@ -51,8 +51,12 @@ pub enum ServerJoin {
 #[derive(Debug, PartialEq)]
 pub enum Resolved {
     Known(SpanContext),
-    /// Still pending on this join.
-    Pending(PendingId),
+    /// Still pending on join `id`; `parent_id` is the span's parent as far as the joins already
+    /// resolved tell it (a server span joined to a pending client span has its parent already).
+    Pending {
+        id: PendingId,
+        parent_id: Option<SpanId>,
+    },
     /// Its join was forgotten (bounds or age): the span starts its own trace.
     Expired,
 }
@@ -181,7 +185,7 @@ impl Joiner {
             let is_root_span = first_hop && root.span_id == lineage.span_id;
             first_hop = false;
             match root.state {
-                State::Waiting { .. } => return Resolved::Pending(id),
+                State::Waiting { .. } => return Resolved::Pending { id, parent_id },
                 State::Joined { parent, trace: next } => {
                     if is_root_span {
                         parent_id = Some(parent);
@@ -278,14 +282,8 @@ impl Joiner {
                     span.context = ctx;
                     out.push(span);
                 }
-                Resolved::Pending(next) => {
-                    // Keep the parent this hop gave the span.
-                    if let Some(root) = self.roots.get(&id)
-                        && root.span_id == span.context.span_id
-                        && let State::Joined { parent, .. } = root.state
-                    {
-                        span.context.parent_id = Some(parent);
-                    }
+                Resolved::Pending { id: next, parent_id } => {
+                    span.context.parent_id = parent_id;
                     self.held.entry(next).or_default().push(span);
                     self.held_count += 1;
                 }
@@ -390,7 +388,7 @@ mod tests {
         // The server's own outgoing call started meanwhile, and both finished before the join.
         let child = server.child();
         for l in [&child, &server] {
-            let Resolved::Pending(id) = j.resolve(l) else { panic!("pending") };
+            let Resolved::Pending { id, .. } = j.resolve(l) else { panic!("pending") };
             j.hold(id, span(l), &sampler, &mut out);
         }
         assert!(out.is_empty());
@@ -421,14 +419,29 @@ mod tests {
         let ServerJoin::Waiting(c_server) = j.server_request(c_key, SpanId([3; 8]), 0, &sampler, &mut out) else {
             panic!()
         };
-        let Resolved::Pending(id) = j.resolve(&c_server) else { panic!() };
+        let Resolved::Pending { id, .. } = j.resolve(&c_server) else { panic!() };
         j.hold(id, span(&c_server), &sampler, &mut out);
         j.client_request(c_key, b_call, 0, &sampler, &mut out);
         assert!(out.is_empty(), "B's trace is still unknown");
+        // A second request of C's is seen before B's second call, joins it, and finishes while
+        // B's trace is still unknown: it waits on B's join, with the parent its own join gave.
+        let c_key2 = JoinKey { seq: 1, ..c_key };
+        let b_call2 = b_server.child();
+        let ServerJoin::Waiting(c_server2) = j.server_request(c_key2, SpanId([4; 8]), 0, &sampler, &mut out) else {
+            panic!()
+        };
+        j.client_request(c_key2, b_call2, 0, &sampler, &mut out);
+        let Resolved::Pending { id, parent_id } = j.resolve(&c_server2) else { panic!() };
+        assert_eq!(parent_id, Some(b_call2.span_id), "the parent from C's own join");
+        let mut held = span(&c_server2);
+        held.context.parent_id = parent_id;
+        j.hold(id, held, &sampler, &mut out);
         j.client_request(KEY, known(1, false), 0, &sampler, &mut out);
-        assert_eq!(out.len(), 1);
+        assert_eq!(out.len(), 2);
         let c = &out[0].context;
         assert_eq!((c.trace_id, c.parent_id, c.sampled), (TraceId([1; 16]), Some(b_call.span_id), false));
+        let c2 = &out[1].context;
+        assert_eq!((c2.trace_id, c2.parent_id), (TraceId([1; 16]), Some(b_call2.span_id)));
     }
 
     #[test]
@@ -437,7 +450,7 @@ mod tests {
         let ServerJoin::Waiting(server) = j.server_request(KEY, SpanId([9; 8]), 0, &sampler, &mut out) else {
             panic!()
         };
-        let Resolved::Pending(id) = j.resolve(&server) else { panic!() };
+        let Resolved::Pending { id, .. } = j.resolve(&server) else { panic!() };
         j.hold(id, span(&server), &sampler, &mut out);
         j.expire(PARTNER_WAIT_NS - 1, &sampler, &mut out);
         assert!(out.is_empty());
