@@ -174,8 +174,10 @@ fn privileged_pipelined_requests_join_in_order() {
     let server = servers::python_http(port, None);
     let mut launcher = Launcher::start();
     let receiver = HttpReceiver::start();
+    // A loaded machine lets the client read all 30 responses (about 4.5 KB) in one recv: the
+    // capture must hold them, or the last ones are lost (counted, but not what this tests).
     let config = test_config(&format!(
-        "discovery:\n  - service.name: server\n    open_ports: {port}\n  - service.name: client\n    pid: [{}]\n",
+        "capture:\n  max_bytes: 8192\ndiscovery:\n  - service.name: server\n    open_ports: {port}\n  - service.name: client\n    pid: [{}]\n",
         launcher.pid()
     ));
     let sonde = Sonde::start(&[], &config, &env(&receiver));
@@ -184,7 +186,12 @@ fn privileged_pipelined_requests_join_in_order() {
     assert_eq!(launcher.run(&format!("python3 {} {port} {N}", client.display())), 0);
     let spans = receiver.collected.wait_for(2 * N, WAIT);
     let finished = sonde.stop();
-    assert_eq!(spans.len(), 2 * N);
+    let missing: Vec<String> = (0..N)
+        .flat_map(|i| ["CLIENT", "SERVER"].map(|k| (i, k)))
+        .filter(|(i, k)| !spans.iter().any(|s| s.kind == *k && path_is(s, &format!("/pipe/{i}"))))
+        .map(|(i, k)| format!("{k} /pipe/{i}"))
+        .collect();
+    assert_eq!(spans.len(), 2 * N, "missing {missing:?}\n{}", finished.stderr);
     for i in 0..N {
         let path = format!("/pipe/{i}");
         let c = one(&spans.iter().collect::<Vec<_>>(), "client", |s| s.kind == "CLIENT" && path_is(s, &path));
