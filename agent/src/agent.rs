@@ -20,7 +20,12 @@ use crate::{
     metrics::{MetricsStore, prometheus},
     pipeline::{Pipeline, Sinks},
     stats::Stats,
+    trace::{
+        context::Injected,
+        ids::{SpanId, TraceId},
+    },
 };
+use sonde_common::inject_reason;
 
 /// Full /proc rescans, a safety net behind the exec/listen/fork events.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
@@ -58,12 +63,19 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         capture_bytes: cfg.capture.max_bytes,
         ring_buffer_bytes: cfg.capture.ring_buffer_bytes,
         wakeup_bytes: cfg.capture.wakeup_bytes,
+        inject_http: cfg.inject_http.then(|| cfg.sampler.root_bound()),
     })
     .map_err(|e| match crate::check::missing_tracing_capabilities().as_slice() {
         [] => anyhow::anyhow!(e),
         missing => anyhow::anyhow!("{e}\nmissing capabilities: {} (grant them, or run as root)", missing.join(", ")),
     })?;
     log::info!("attached {} eBPF programs (syscall and sched tracepoints)", capture.attached);
+    if let Some(injection) = &capture.injection {
+        log::info!(
+            "traceparent injection on: outgoing HTTP/1.x requests of traced processes (sockops on {}, sk_msg)",
+            injection.cgroup.display()
+        );
+    }
     let ring = capture.take_ring().ok_or_else(|| anyhow::anyhow!("ring buffer already taken"))?;
 
     let mut sinks = Sinks::default();
@@ -113,6 +125,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         pipeline: Pipeline::new(cfg.sampler, stats.clone(), sinks, metrics.clone()),
         stats: stats.clone(),
     };
+    if agent.capture.injection.is_some() {
+        agent.pipeline.enable_injection();
+    }
     let actions = agent.discovery.scan_all();
     agent.apply(actions);
     log::info!("tracing {} processes; waiting for more to match the selectors", agent.discovery.traced_count());
@@ -139,7 +154,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             }
             _ = poll.tick() => agent.drain(ring.get_mut()),
             _ = rescan.tick() => {
-                let actions = agent.discovery.scan_all();
+                if agent.capture.injection.is_some() {
+        agent.pipeline.enable_injection();
+    }
+    let actions = agent.discovery.scan_all();
                 agent.apply(actions);
                 for pid in agent.discovery.prune_dead() {
                     agent.forget_process(pid);
@@ -252,6 +270,29 @@ impl Agent {
             Event::ExecMapping { pid } => {
                 self.tls_pending.insert(pid);
             }
+            Event::Inject { pid, fd, reason, offset, trace_id, span_id, sampled, parent_id, key } => {
+                if reason == inject_reason::INJECTED {
+                    let injected = Injected {
+                        offset,
+                        trace_id: TraceId(trace_id),
+                        span_id: SpanId(span_id),
+                        parent_id: parent_id.map(SpanId),
+                        sampled,
+                    };
+                    self.pipeline.on_injected(pid, fd, injected);
+                } else if let Some(injection) = &mut self.capture.injection {
+                    log::debug!(
+                        "pid {pid} fd {fd}: traceparent injection gave the connection up ({})",
+                        inject_reason::NAMES[reason as usize % inject_reason::NAMES.len()]
+                    );
+                    injection.release(&key);
+                }
+            }
+        }
+        if let Some(injection) = &mut self.capture.injection {
+            for (pid_tgid, ctx) in self.pipeline.take_thread_contexts() {
+                injection.set_thread_context(pid_tgid, ctx);
+            }
         }
     }
 
@@ -347,6 +388,11 @@ impl Agent {
         s.kernel_tls_events.store(k.tls_events, std::sync::atomic::Ordering::Relaxed);
         s.kernel_tls_no_fd.store(k.tls_no_fd, std::sync::atomic::Ordering::Relaxed);
         s.traced_processes.store(self.discovery.traced_count() as u64, std::sync::atomic::Ordering::Relaxed);
+        if let Some(injection) = &self.capture.injection {
+            for (slot, n) in s.kernel_inject.iter().zip(injection.counts()) {
+                slot.store(n, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         s.connections_tracked.store(self.pipeline.connection_count() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 

@@ -46,6 +46,16 @@ pub struct FileConfig {
     pub export: ExportConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub propagation: PropagationConfig,
+}
+
+/// Trace context propagation that changes traffic (opt-in).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PropagationConfig {
+    /// Write a W3C traceparent into outgoing plaintext HTTP/1.x requests of traced processes.
+    pub inject_http: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,6 +163,8 @@ pub struct CliSelection {
     pub pids: Vec<u32>,
     pub print: Option<PrintMode>,
     pub prometheus_port: Option<u16>,
+    /// `--inject-traceparent`.
+    pub inject_traceparent: bool,
 }
 
 /// Everything the agent needs, validated.
@@ -170,6 +182,8 @@ pub struct AgentConfig {
     pub prometheus: Option<std::net::SocketAddr>,
     /// OTLP metrics export and its interval, if an endpoint is configured.
     pub otlp_metrics: Option<(OtlpSettings, std::time::Duration)>,
+    /// Traceparent injection into outgoing HTTP/1.x requests (`propagation.inject_http`).
+    pub inject_http: bool,
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -319,6 +333,7 @@ pub fn build(file: FileConfig, cli: CliSelection, env: Env<'_>) -> Result<AgentC
         max_series: file.metrics.max_series,
         prometheus,
         otlp_metrics,
+        inject_http: file.propagation.inject_http || cli.inject_traceparent,
     })
 }
 
@@ -345,6 +360,11 @@ pub fn describe(c: &AgentConfig) -> String {
         let _ = writeln!(out, "  {}. {}", i + 1, parts.join(" "));
     }
     let _ = writeln!(out, "print: {:?}", c.print);
+    let _ = writeln!(
+        out,
+        "traceparent injection: {}",
+        if c.inject_http { "on (outgoing HTTP/1.x requests of traced processes)" } else { "off" }
+    );
     let otlp = |o: &OtlpSettings| format!("{} ({:?}, {} headers)", o.endpoint, o.protocol, o.headers.len());
     let _ = writeln!(out, "traces: {}", c.otlp.as_ref().map(otlp).unwrap_or_else(|| "not exported".into()));
     let _ = writeln!(

@@ -44,6 +44,10 @@ struct RunArgs {
     /// Serve Prometheus metrics on this port (127.0.0.1 unless the config says otherwise).
     #[arg(long)]
     prometheus_port: Option<u16>,
+    /// Write a W3C traceparent header into outgoing plaintext HTTP/1.x requests of traced
+    /// processes (changes their traffic; same as `propagation.inject_http: true`).
+    #[arg(long)]
+    inject_traceparent: bool,
 }
 
 impl SelectionArgs {
@@ -54,8 +58,13 @@ impl SelectionArgs {
 
 impl RunArgs {
     fn split(self) -> (Option<PathBuf>, CliSelection) {
-        let Self { selection: SelectionArgs { config, open_ports, exe_path, pids }, print, prometheus_port } = self;
-        (config, CliSelection { open_ports, exe_path, pids, print, prometheus_port })
+        let Self {
+            selection: SelectionArgs { config, open_ports, exe_path, pids },
+            print,
+            prometheus_port,
+            inject_traceparent,
+        } = self;
+        (config, CliSelection { open_ports, exe_path, pids, print, prometheus_port, inject_traceparent })
     }
 }
 
@@ -84,7 +93,7 @@ fn main() {
             let selected = if selection.is_empty() {
                 Vec::new()
             } else {
-                let (config, cli) = RunArgs { selection, print: None, prometheus_port: None }.split();
+                let (config, cli) = RunArgs { selection, print: None, prometheus_port: None, inject_traceparent: false }.split();
                 match load_config(config, cli) {
                     Ok(cfg) => sonde::discovery::Discovery::new(cfg.selectors, Vec::new(), None).selected_pids(),
                     Err(code) => std::process::exit(code),

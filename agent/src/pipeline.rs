@@ -12,16 +12,18 @@ use crate::{
     clock::Clock,
     conn::{
         ConnKey, ConnTable, Role,
-        table::{Conn, DataIn},
+        table::{Conn, DataIn, Direction},
     },
     discovery::{SeededSocket, socket_addrs},
     metrics::MetricsStore,
     protocol::SessionEvent,
     stats::Stats,
-    trace::{http_attrs::ConnAddrs, resource::Resource, sampler::Sampler},
+    trace::{context::Injected, http_attrs::ConnAddrs, resource::Resource, sampler::Sampler},
     tracer::{Mirror, Tracer, Unjoinable, unjoinable_reason},
 };
 
+/// Injected traceparents kept per connection until their write is seen.
+const MAX_INJECTED_PER_CONN: usize = 64;
 /// Early own-address reports kept for connections about to open (each is consumed at once).
 const MAX_EARLY_LOCALS: usize = 4096;
 
@@ -209,6 +211,28 @@ impl Pipeline {
         }
     }
 
+    /// The kernel wrote a traceparent into the request that starts at stream byte `offset` of the
+    /// client connection: its CLIENT span takes those ids when its write is seen.
+    pub fn on_injected(&mut self, pid: u32, fd: u32, injected: Injected) {
+        if let Some(conn) = self.conns.get_mut(&ConnKey { pid, fd }) {
+            if conn.injected.len() >= MAX_INJECTED_PER_CONN {
+                conn.injected.pop_front();
+            }
+            conn.injected.push_back(injected);
+        }
+    }
+
+    /// Turns injection bookkeeping on: server requests then tell the kernel which trace their
+    /// thread serves (see [`Pipeline::take_thread_contexts`]).
+    pub fn enable_injection(&mut self) {
+        self.tracer.inject_contexts = true;
+    }
+
+    /// Thread contexts decided since the last call, for the kernel's `THREAD_CONTEXT` map.
+    pub fn take_thread_contexts(&mut self) -> Vec<(u64, sonde_common::ThreadContext)> {
+        std::mem::take(&mut self.tracer.thread_contexts)
+    }
+
     /// One syscall's bytes on socket `fd` of `pid`; `role` is what the kernel's socket map knows.
     pub fn on_data(&mut self, pid: u32, fd: u32, role: Role, data: DataIn<'_>) {
         let key = ConnKey { pid, fd };
@@ -223,6 +247,21 @@ impl Pipeline {
                 socket_addrs(pid, fd).map(|(l, p)| ConnAddrs { local: Some(l), peer: Some(p) }).unwrap_or_default();
             self.open(key, role, addrs, ts_ns, false);
         }
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.io_ts_ns = ts_ns;
+            if data.dir == Direction::Egress {
+                // A traceparent written at this write's first byte belongs to the request that
+                // starts there; older ones lost their write (a lost event) and are dropped.
+                let at = conn.sent;
+                while conn.injected.front().is_some_and(|i| i.offset < at) {
+                    conn.injected.pop_front();
+                }
+                if conn.injected.front().is_some_and(|i| i.offset == at) {
+                    conn.injected_now = conn.injected.pop_front();
+                }
+                conn.sent += data.byte_count;
+            }
+        }
         let mut events = std::mem::take(&mut self.events);
         self.conns.on_data(key, data, &mut events);
         if !events.is_empty() {
@@ -233,6 +272,9 @@ impl Pipeline {
                 let joinable = joinable(conn, epoch);
                 self.tracer.apply(key, conn, joinable, mirror, &mut events);
             }
+        }
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.injected_now = None;
         }
         events.clear();
         self.events = events;

@@ -36,6 +36,13 @@ pub struct Stats {
     /// Server requests waiting for their same-host client now, and the spans held meanwhile.
     pub joins_waiting: AtomicU64,
     pub spans_held: AtomicU64,
+    /// CLIENT spans that carry the ids the kernel injected into their request.
+    pub traceparent_matched: AtomicU64,
+    /// Client requests with injection on that were not injected because their connection was
+    /// open before sonde started.
+    pub traceparent_skipped_before_start: AtomicU64,
+    /// Copied from the kernel's injection counters, by `inject_reason`.
+    pub kernel_inject: [AtomicU64; sonde_common::inject_reason::COUNT as usize],
     pub spans_unsampled: AtomicU64,
     pub spans_exported: AtomicU64,
     pub spans_dropped_queue_full: AtomicU64,

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use crate::{
+    trace::context::Injected,
     clock::Clock,
     conn::{ConnKey, Role, table::Conn},
     export::{otlp::SpanQueue, print::Printer},
@@ -81,6 +82,10 @@ pub struct Tracer {
     sinks: Sinks,
     metrics: Arc<MetricsStore>,
     released: Vec<Span>,
+    /// Injection is on: server requests tell the kernel which trace their thread serves.
+    pub inject_contexts: bool,
+    /// Those contexts, until the agent writes them to the kernel.
+    pub thread_contexts: Vec<(u64, sonde_common::ThreadContext)>,
 }
 
 impl Tracer {
@@ -95,6 +100,8 @@ impl Tracer {
             sinks,
             metrics,
             released: Vec::new(),
+            inject_contexts: false,
+            thread_contexts: Vec::new(),
         }
     }
 
@@ -156,13 +163,19 @@ impl Tracer {
                 SessionEvent::RequestStarted(rs) => {
                     let lineage = match conn.role {
                         Role::Server => self.server_lineage(conn, joinable, mirror, &rs),
-                        Role::Client => self.client_lineage(key.pid, conn, joinable, &rs),
+                        Role::Client => {
+                            let injected = conn.injected_now.take();
+                            self.client_lineage(key.pid, conn, joinable, &rs, injected)
+                        }
                         Role::Unknown => self.new_trace(None),
                     };
                     if conn.role == Role::Server {
                         let serving =
                             Serving { tid: rs.tid, conn_id: conn.id, seq: rs.seq, lineage, target: rs.target };
                         self.in_flight.start(key.pid, serving);
+                        if self.inject_contexts {
+                            self.note_thread_context(key.pid, rs.tid, conn.io_ts_ns, &lineage);
+                        }
                     }
                     conn.contexts.push_back((rs.seq, rs.tid, lineage));
                     if conn.contexts.len() > MAX_CONTEXTS_PER_CONN {
@@ -279,16 +292,30 @@ impl Tracer {
 
     /// A client request is the child of the server request its process is serving, on evidence
     /// (`parent.rs`); it is remembered for the server end when that may be traced here.
-    fn client_lineage(&mut self, pid: u32, conn: &Conn, joinable: bool, rs: &RequestStart) -> Lineage {
-        let lineage = match self.in_flight.choose(pid, rs.tid, rs.target.as_deref()) {
-            Choice::Parent(parent) => parent.child(),
-            Choice::Root => self.new_trace(None),
-            Choice::Unlinked(why) => {
-                match why {
-                    Unlinked::Ambiguous => Stats::add(&self.stats.context_unlinked_ambiguous, 1),
-                    Unlinked::OtherThread => Stats::add(&self.stats.context_unlinked_other_thread, 1),
+    fn client_lineage(
+        &mut self,
+        pid: u32,
+        conn: &Conn,
+        joinable: bool,
+        rs: &RequestStart,
+        injected: Option<Injected>,
+    ) -> Lineage {
+        let choice = self.in_flight.choose(pid, rs.tid, rs.target.as_deref());
+        let lineage = match (injected, choice) {
+            // The ids on the wire are the span's, whatever user space would have chosen.
+            (Some(i), _) => {
+                Stats::add(&self.stats.traceparent_matched, 1);
+                Lineage {
+                    span_id: i.span_id,
+                    parent_id: i.parent_id,
+                    trace: TraceRef::Known { trace_id: i.trace_id, sampled: i.sampled },
                 }
-                self.new_trace(None)
+            }
+            (None, choice) => {
+                if self.inject_contexts && !conn.from_birth {
+                    Stats::add(&self.stats.traceparent_skipped_before_start, 1);
+                }
+                self.lineage_from(choice)
             }
         };
         if joinable {
@@ -299,6 +326,38 @@ impl Tracer {
             self.released = out;
         }
         lineage
+    }
+
+    /// A thread that starts serving a request, alone on that thread, serves it until its next
+    /// server I/O: the kernel may put that trace into the thread's outgoing requests until then.
+    fn note_thread_context(&mut self, pid: u32, tid: u32, io_ts_ns: u64, lineage: &Lineage) {
+        let Choice::Parent(only) = self.in_flight.choose(pid, tid, None) else { return };
+        let TraceRef::Known { trace_id, sampled } = only.trace else { return };
+        if only.span_id != lineage.span_id {
+            return;
+        }
+        let ctx = sonde_common::ThreadContext {
+            io_ts_ns,
+            trace_id: trace_id.0,
+            span_id: only.span_id.0,
+            sampled: sampled as u32,
+            _pad: 0,
+        };
+        self.thread_contexts.push((((pid as u64) << 32) | tid as u64, ctx));
+    }
+
+    fn lineage_from(&mut self, choice: Choice) -> Lineage {
+        match choice {
+            Choice::Parent(parent) => parent.child(),
+            Choice::Root => self.new_trace(None),
+            Choice::Unlinked(why) => {
+                match why {
+                    Unlinked::Ambiguous => Stats::add(&self.stats.context_unlinked_ambiguous, 1),
+                    Unlinked::OtherThread => Stats::add(&self.stats.context_unlinked_other_thread, 1),
+                }
+                self.new_trace(None)
+            }
+        }
     }
 
     /// A span that starts a trace, or continues a remote caller's.

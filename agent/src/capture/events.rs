@@ -4,8 +4,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use sonde_common::{
-    ConnEvent, DATA_FLAG_TLS, DATA_FLAG_UNCOPIED, DIR_INGRESS, DataEvent, EventHeader, EventKind, PROC_FLAG_NEW_NETNS,
-    ProcEvent, ROLE_CLIENT, ROLE_SERVER, RawSockaddr,
+    ConnEvent, DATA_FLAG_TLS, DATA_FLAG_UNCOPIED, DIR_INGRESS, DataEvent, EventHeader, EventKind, InjectEvent,
+    InjectKey, PROC_FLAG_NEW_NETNS, ProcEvent, ROLE_CLIENT, ROLE_SERVER, RawSockaddr,
 };
 
 use crate::conn::{Role, table::Direction};
@@ -64,6 +64,20 @@ pub enum Event<'a> {
     /// A library (or other file) mapped executable by a traced process.
     ExecMapping {
         pid: u32,
+    },
+    /// The kernel wrote a traceparent into the request that starts at stream byte `offset` of
+    /// the connection (`reason` INJECTED, with its ids), or gave the connection up (`reason`).
+    Inject {
+        pid: u32,
+        fd: u32,
+        reason: u32,
+        offset: u64,
+        trace_id: [u8; 16],
+        span_id: [u8; 8],
+        sampled: bool,
+        /// The span of the server request the thread served, when the kernel found it current.
+        parent_id: Option<[u8; 8]>,
+        key: InjectKey,
     },
 }
 
@@ -134,6 +148,20 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         EventKind::ProcExit => Event::ProcExit { pid },
         EventKind::Listen => Event::Listen { pid },
         EventKind::ExecMapping => Event::ExecMapping { pid },
+        EventKind::Inject => {
+            let e: InjectEvent = read(bytes)?;
+            Event::Inject {
+                pid,
+                fd: e.fd,
+                reason: e.reason,
+                offset: e.offset,
+                trace_id: e.trace_id,
+                span_id: e.span_id,
+                sampled: e.sampled != 0,
+                parent_id: (e.has_parent != 0).then_some(e.parent_id),
+                key: e.key,
+            }
+        }
     })
 }
 

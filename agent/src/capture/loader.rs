@@ -20,6 +20,7 @@ use sonde_common::{
 };
 
 use super::{
+    inject::Injection,
     map_usage::{MapFill, MapUsage},
     traced_bits::{self, TracedBits},
     tracefs, verifier_log,
@@ -65,6 +66,9 @@ const TLS_ATTACHMENTS: &[(&str, &str)] = &[
     ("SSL_do_handshake", "ssl_handshake_exit"),
 ];
 
+/// Loaded and attached only when injection is on (see `capture::inject`).
+const INJECT_PROGRAMS: &[&str] = &["sonde_inject", "sonde_sockops"];
+
 static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sonde-probes"));
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +91,8 @@ pub enum CaptureError {
     Attach { program: String, category: &'static str, name: String, detail: String },
     #[error("updating eBPF map {name}: {detail}")]
     Update { name: &'static str, detail: String },
+    #[error("traceparent injection (propagation.inject_http) cannot start: {detail}")]
+    Inject { detail: String },
 }
 
 /// Tunables of the kernel side.
@@ -98,6 +104,9 @@ pub struct CaptureOptions {
     pub ring_buffer_bytes: u32,
     /// Wake the reader once this many bytes are waiting.
     pub wakeup_bytes: u32,
+    /// Traceparent injection into outgoing HTTP/1.x requests, with the sampler's bound for the
+    /// traces it starts (see `Settings::sample_bound`).
+    pub inject_http: Option<u64>,
 }
 
 /// Sum over CPUs of the kernel's counters.
@@ -122,6 +131,8 @@ pub struct Capture {
     ring: Option<RingBuf<MapData>>,
     usage: MapUsage,
     pub attached: usize,
+    /// Present when traceparent injection is on.
+    pub injection: Option<Injection>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> CaptureError {
@@ -173,6 +184,11 @@ impl Capture {
                     sock_protocol_offset: sock_field("protocol")?,
                     sock_saddr_offset: sock_field("saddr")?,
                     sock_saddr_v6_offset: sock_field("saddr_v6")?,
+                    sock_dport_offset: sock_field("dport")?,
+                    sock_daddr_offset: sock_field("daddr")?,
+                    sock_daddr_v6_offset: sock_field("daddr_v6")?,
+                    inject_http: opts.inject_http.is_some() as u32,
+                    sample_bound: opts.inject_http.unwrap_or(0),
                 },
                 0,
             )
@@ -191,6 +207,9 @@ impl Capture {
 
         let mut attached = 0;
         for (name, program) in ebpf.programs_mut() {
+            if INJECT_PROGRAMS.contains(&name) {
+                continue;
+            }
             let category = if name.starts_with("sys_") {
                 "syscalls"
             } else if name.starts_with("sched_") {
@@ -223,7 +242,22 @@ impl Capture {
             tp.attach(category, name).map_err(|e| attach_err(e.to_string()))?;
             attached += 1;
         }
-        Ok(Self { ebpf, traced, traced_bits, sockets, socket_history, counters, ring: Some(ring), usage, attached })
+        let injection = match opts.inject_http {
+            Some(_) => Some(Injection::attach(&mut ebpf)?),
+            None => None,
+        };
+        Ok(Self {
+            ebpf,
+            traced,
+            traced_bits,
+            sockets,
+            socket_history,
+            counters,
+            ring: Some(ring),
+            usage,
+            attached,
+            injection,
+        })
     }
 
     /// Attaches the TLS uprobes to one file that has OpenSSL's SSL_* symbols (a libssl, or an

@@ -2,6 +2,7 @@
 //! and decoding ring buffer records.
 
 pub mod events;
+pub mod inject;
 pub mod loader;
 pub mod map_usage;
 pub mod tls_probes;

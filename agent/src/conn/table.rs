@@ -10,7 +10,11 @@ use crate::{
         Protocol, Segment, Session, SessionEvent, Side,
         detect::{Detection, detect},
     },
-    trace::{context::Lineage, http_attrs::ConnAddrs, span::Text},
+    trace::{
+        context::{Injected, Lineage},
+        http_attrs::ConnAddrs,
+        span::Text,
+    },
 };
 
 /// Bytes kept while a connection's protocol is undecided (e.g. a client writing 1 byte at a time).
@@ -74,6 +78,14 @@ pub struct Conn {
     pub mirror: Option<Option<(ConnKey, u64)>>,
     /// The service at the other end when that end is traced here too (for the service graph).
     pub peer_service: Option<Text>,
+    /// Bytes the process sent on it: the stream offset of its next write.
+    pub sent: u64,
+    /// Kernel time of the data event being processed.
+    pub io_ts_ns: u64,
+    /// Traceparents the kernel wrote into requests on it, oldest first, not yet matched.
+    pub injected: VecDeque<Injected>,
+    /// The one written into the request that starts at the write being processed.
+    pub injected_now: Option<Injected>,
 }
 
 /// Source of connection ids.
@@ -94,6 +106,10 @@ impl Conn {
             loss_epoch: 0,
             mirror: None,
             peer_service: None,
+            sent: 0,
+            io_ts_ns: 0,
+            injected: VecDeque::new(),
+            injected_now: None,
         }
     }
 

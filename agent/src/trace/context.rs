@@ -59,6 +59,19 @@ pub struct SpanContext {
     pub sampled: bool,
 }
 
+/// The ids the kernel wrote into an outgoing request (`propagation.inject_http`): the request's
+/// CLIENT span must carry them, since the callee continues from them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Injected {
+    /// Where the request starts in the connection's stream of sent bytes.
+    pub offset: u64,
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    /// The server span the calling thread was serving, when the kernel found it current.
+    pub parent_id: Option<SpanId>,
+    pub sampled: bool,
+}
+
 /// A same-host join that has not resolved yet (see `join.rs`).
 pub type PendingId = u64;
 

@@ -66,14 +66,16 @@ impl Sampler {
         {
             return p.sampled;
         }
+        (trace_id.low_u64() >> 1) < self.root_bound()
+    }
+
+    /// A new trace is sampled when its id's random low 63 bits are below this (the kernel's
+    /// injection decides the same way for the traces it starts).
+    pub fn root_bound(&self) -> u64 {
         match self.root {
-            Root::AlwaysOn => true,
-            Root::AlwaysOff => false,
-            Root::Ratio(r) => {
-                // Compare the trace id's random low 63 bits against the ratio's threshold.
-                let bound = (r * (1u64 << 63) as f64) as u64;
-                (trace_id.low_u64() >> 1) < bound
-            }
+            Root::AlwaysOn => u64::MAX,
+            Root::AlwaysOff => 0,
+            Root::Ratio(r) => (r * (1u64 << 63) as f64) as u64,
         }
     }
 }

@@ -48,6 +48,9 @@ pub enum EventKind {
     /// A socket a traced process connected is established: its own address, in a [`ConnEvent`]
     /// (`local`).
     ConnLocal = 9,
+    /// The injection program wrote a traceparent into an outgoing request, or gave a
+    /// connection up: an [`InjectEvent`].
+    Inject = 10,
 }
 
 impl EventKind {
@@ -62,6 +65,7 @@ impl EventKind {
             7 => Self::Listen,
             8 => Self::ExecMapping,
             9 => Self::ConnLocal,
+            10 => Self::Inject,
             _ => return None,
         })
     }
@@ -264,6 +268,114 @@ pub struct Settings {
     pub sock_protocol_offset: u32,
     pub sock_saddr_offset: u32,
     pub sock_saddr_v6_offset: u32,
+    pub sock_dport_offset: u32,
+    pub sock_daddr_offset: u32,
+    pub sock_daddr_v6_offset: u32,
+    /// Non-zero: client sockets of traced processes get traceparent injection (sockops + sk_msg).
+    pub inject_http: u32,
+    /// Head sampling for traces the injection starts: sampled when the trace id's low 64 bits,
+    /// shifted right by one, are below this (u64::MAX: always; 0: never).
+    pub sample_bound: u64,
+}
+
+/// A TCP connection by its addresses, as both the sockops and the sk_msg programs see it: the
+/// key of the injection maps. Ports in host order; addresses as on the wire (IPv4 in the first 4
+/// bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InjectKey {
+    pub family: u32,
+    pub local_port: u32,
+    pub remote_port: u32,
+    pub _pad: u32,
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+}
+
+/// Per-connection state of the injection program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct InjectState {
+    /// The traced process and its fd for the socket.
+    pub pid: u32,
+    pub fd: u32,
+    /// Bytes the application has sent on the socket so far (what it wrote, not what was added).
+    pub sent: u64,
+    /// Bytes of the current request's body still to come: the next request starts after them.
+    pub body_left: u64,
+    /// Non-zero once the program lost track of where requests start (an `inject_reason`).
+    pub gave_up: u32,
+    pub _pad: u32,
+}
+
+/// Why a request was not injected, or a connection given up: indexes of the per-CPU
+/// `INJECT_COUNTS` array (index 0 counts injections).
+pub mod inject_reason {
+    pub const INJECTED: u32 = 0;
+    /// The request already carried a traceparent: left as it is.
+    pub const TRACEPARENT_PRESENT: u32 = 1;
+    /// The connection does not start with an HTTP/1.x request (TLS, HTTP/2, another protocol).
+    pub const NOT_HTTP1: u32 = 2;
+    /// The request head did not end within one message and the scan window.
+    pub const HEAD_INCOMPLETE: u32 = 3;
+    /// A body without a Content-Length (chunked): where the next request starts is unknown.
+    pub const BODY_UNKNOWN: u32 = 4;
+    /// A message held more than one request (pipelining), or a request started inside one.
+    pub const PIPELINED: u32 = 5;
+    /// The kernel refused to grow or rewrite the message.
+    pub const REWRITE_FAILED: u32 = 6;
+    /// Requests on a connection given up earlier.
+    /// Injected with a new trace although the thread serves a request: its context was not
+    /// current (user space had not seen the request yet, or the thread did other server I/O since).
+    pub const NO_CURRENT_CONTEXT: u32 = 7;
+    pub const COUNT: u32 = 8;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "injected",
+        "traceparent_present",
+        "not_http1",
+        "head_incomplete",
+        "body_unknown",
+        "pipelined",
+        "rewrite_failed",
+        "no_current_context",
+    ];
+}
+
+/// The injection program's report: `reason` INJECTED with the ids it wrote, or the reason a
+/// connection was given up (user space then takes the socket out of the sock hash).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct InjectEvent {
+    pub header: EventHeader,
+    pub fd: u32,
+    pub reason: u32,
+    /// Bytes the application had sent on the socket before this message: where the request
+    /// starts in the stream.
+    pub offset: u64,
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// 1 when the trace is sampled.
+    pub sampled: u32,
+    /// 1 when the trace is the one of the server request the thread was serving
+    /// (`parent_id` is that request's span).
+    pub has_parent: u32,
+    pub parent_id: [u8; 8],
+    pub key: InjectKey,
+}
+
+/// The server request a thread serves, as user space last decided it (value of
+/// `THREAD_CONTEXT`, keyed by pid_tgid). The injection uses it only while `io_ts_ns` is still the
+/// time of the thread's latest read or write on a server socket: any server I/O since (another
+/// request, the response) makes it stale, so a late update from user space can never put a
+/// request under the wrong trace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ThreadContext {
+    pub io_ts_ns: u64,
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub sampled: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]
@@ -274,4 +386,7 @@ mod pod {
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::ParentInfo {}
     unsafe impl aya::Pod for super::SocketHistory {}
+    unsafe impl aya::Pod for super::InjectKey {}
+    unsafe impl aya::Pod for super::InjectState {}
+    unsafe impl aya::Pod for super::ThreadContext {}
 }

@@ -151,6 +151,9 @@ pub(crate) fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64, ex
     };
 
     scratch.event.header = header(EventKind::Data, tgid, tid);
+    if rec.role == ROLE_SERVER && settings().is_some_and(|s| s.inject_http != 0) {
+        crate::inject::note_server_io(((tgid as u64) << 32) | tid as u64, scratch.event.header.ts_ns);
+    }
     scratch.event.fd = rec.fd;
     scratch.event.direction = direction;
     scratch.event.byte_count = byte_count;
@@ -351,6 +354,24 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
                     local.addr = unsafe { ctx.read_at::<[u8; 16]>(s.sock_saddr_v6_offset as usize) }.unwrap_or([0; 16])
                 }
                 _ => return 0,
+            }
+            if settings().is_some_and(|s| s.inject_http != 0) {
+                let mut key = sonde_common::InjectKey {
+                    family: family as u32,
+                    local_port: u16_at(s.sock_sport_offset) as u32,
+                    remote_port: u16_at(s.sock_dport_offset) as u32,
+                    _pad: 0,
+                    local: local.addr,
+                    remote: [0; 16],
+                };
+                if family == AF_INET {
+                    key.remote[..4].copy_from_slice(
+                        &unsafe { ctx.read_at::<[u8; 4]>(s.sock_daddr_offset as usize) }.unwrap_or([0; 4]),
+                    );
+                } else {
+                    key.remote = unsafe { ctx.read_at::<[u8; 16]>(s.sock_daddr_v6_offset as usize) }.unwrap_or([0; 16]);
+                }
+                crate::inject::mark_candidate(&key, &owner);
             }
             submit(&ConnEvent {
                 header: header(EventKind::ConnLocal, owner.pid, 0),

@@ -70,6 +70,8 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let _ = INFLIGHT.remove(&pid_tgid);
     let _ = LAST_READ_FD.remove(&pid_tgid);
     let _ = crate::tls::TLS_CALLS.remove(&pid_tgid);
+    let _ = crate::inject::THREAD_CONTEXT.remove(&pid_tgid);
+    let _ = crate::inject::SERVER_IO.remove(&pid_tgid);
     if tid == tgid {
         let _ = HAS_CHILDREN.remove(&tgid);
         // Any process: a pid is reused, and its next owner starts untraced.

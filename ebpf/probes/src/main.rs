@@ -7,6 +7,7 @@
 #![no_main]
 
 mod data;
+mod inject;
 mod lifecycle;
 mod maps;
 mod tls;

@@ -1,0 +1,130 @@
+//! The opt-in traceparent injection: a sockops program on the cgroup v2 root puts the connections
+//! traced processes open into a sock hash, and an sk_msg program on that hash writes the header
+//! (see `ebpf/probes/src/inject.rs`). Both detach when the agent exits: the sockops link closes
+//! with its file descriptor, and the sock hash (with the sk_msg program) goes with the last
+//! reference to it, which gives every socket in it back its normal TCP code.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    programs::{CgroupAttachMode, SkMsg, SockOps},
+};
+use sonde_common::{InjectKey, ThreadContext, inject_reason};
+
+use super::loader::CaptureError;
+
+/// Where sonde mounts cgroup v2 itself when the host has no mount of it.
+const OWN_CGROUP2_MOUNT: &str = "/run/sonde/cgroup2";
+
+pub struct Injection {
+    socks: SockHash<MapData, InjectKey>,
+    thread_contexts: HashMap<MapData, u64, ThreadContext>,
+    counts: PerCpuArray<MapData, u64>,
+    /// The cgroup v2 root the sockops program is attached to.
+    pub cgroup: PathBuf,
+}
+
+impl Injection {
+    /// Loads and attaches the two programs.
+    pub fn attach(ebpf: &mut Ebpf) -> Result<Self, CaptureError> {
+        let cgroup = cgroup2_root().map_err(|detail| CaptureError::Inject { detail })?;
+        let err = |what: &str, e: &dyn std::fmt::Display| CaptureError::Inject { detail: format!("{what}: {e}") };
+        let socks: SockHash<MapData, InjectKey> = SockHash::try_from(
+            ebpf.take_map("INJECT_SOCKS").ok_or_else(|| err("INJECT_SOCKS", &"not in the object file"))?,
+        )
+        .map_err(|e| err("INJECT_SOCKS", &e))?;
+        let counts = PerCpuArray::try_from(
+            ebpf.take_map("INJECT_COUNTS").ok_or_else(|| err("INJECT_COUNTS", &"not in the object file"))?,
+        )
+        .map_err(|e| err("INJECT_COUNTS", &e))?;
+
+        let thread_contexts = HashMap::try_from(
+            ebpf.take_map("THREAD_CONTEXT").ok_or_else(|| err("THREAD_CONTEXT", &"not in the object file"))?,
+        )
+        .map_err(|e| err("THREAD_CONTEXT", &e))?;
+        let msg: &mut SkMsg = ebpf
+            .program_mut("sonde_inject")
+            .ok_or_else(|| err("sonde_inject", &"not in the object file"))?
+            .try_into()
+            .map_err(|e| err("sonde_inject", &e))?;
+        msg.load().map_err(|e| load_err("sonde_inject", &e))?;
+        msg.attach(socks.fd()).map_err(|e| err("attaching sonde_inject to INJECT_SOCKS", &e))?;
+
+        let ops: &mut SockOps = ebpf
+            .program_mut("sonde_sockops")
+            .ok_or_else(|| err("sonde_sockops", &"not in the object file"))?
+            .try_into()
+            .map_err(|e| err("sonde_sockops", &e))?;
+        ops.load().map_err(|e| load_err("sonde_sockops", &e))?;
+        let dir = std::fs::File::open(&cgroup).map_err(|e| err(&format!("opening {}", cgroup.display()), &e))?;
+        // A bpf_link (kernels >= 5.7, below sonde's floor) always coexists with other programs on
+        // the cgroup (a second sonde, Cilium); the mode's flags must be 0 for it.
+        ops.attach(&dir, CgroupAttachMode::Single).map_err(|e| {
+            let detail = match &e {
+                aya::programs::ProgramError::SyscallError(s) => format!("{}: {}", s.call, s.io_error),
+                other => other.to_string(),
+            };
+            err(&format!("attaching sonde_sockops to {} (needs CAP_NET_ADMIN)", cgroup.display()), &detail)
+        })?;
+        Ok(Self { socks, thread_contexts, counts, cgroup })
+    }
+
+    /// Takes a connection the kernel gave up out of the sock hash: its socket gets its normal TCP
+    /// code back, and nothing of sonde runs on its sends any more.
+    pub fn release(&mut self, key: &InjectKey) {
+        let _ = self.socks.remove(key);
+    }
+
+    /// The server request thread `pid_tgid` serves (see `ThreadContext`).
+    pub fn set_thread_context(&mut self, pid_tgid: u64, ctx: ThreadContext) {
+        let _ = self.thread_contexts.insert(pid_tgid, ctx, 0);
+    }
+
+    /// Counts by `inject_reason`, summed over CPUs.
+    pub fn counts(&self) -> [u64; inject_reason::COUNT as usize] {
+        let mut out = [0; inject_reason::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = self.counts.get(&(i as u32), 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0);
+        }
+        out
+    }
+}
+
+fn load_err(program: &str, e: &aya::programs::ProgramError) -> CaptureError {
+    CaptureError::ProgramLoad {
+        program: program.to_owned(),
+        detail: super::verifier_log::describe_load_error(program, e),
+    }
+}
+
+/// The cgroup v2 hierarchy's root: the host's mount (`/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones), else one sonde mounts.
+pub fn cgroup2_root() -> Result<PathBuf, String> {
+    if let Some(path) = cgroup2_mount() {
+        return Ok(path);
+    }
+    let own = Path::new(OWN_CGROUP2_MOUNT);
+    std::fs::create_dir_all(own).map_err(|e| format!("creating {OWN_CGROUP2_MOUNT}: {e}"))?;
+    let status = std::process::Command::new("mount")
+        .args(["-t", "cgroup2", "none", OWN_CGROUP2_MOUNT])
+        .status()
+        .map_err(|e| format!("running mount: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "no cgroup v2 mount found and `mount -t cgroup2 none {OWN_CGROUP2_MOUNT}` failed; mount cgroup2 (in a container: the host's /sys/fs/cgroup)"
+        ));
+    }
+    Ok(own.to_path_buf())
+}
+
+/// The first cgroup2 mount in /proc/self/mounts.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, path, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        (kind == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
