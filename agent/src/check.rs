@@ -148,6 +148,17 @@ pub fn run_checks(selected: &[u32]) -> Vec<Finding> {
                 Verdict::Ok,
                 format!("sonde's {} programs load and attach; ring buffer created", c.attached),
             ));
+            out.push(match c.check_injection() {
+                Ok(cgroup) => finding(
+                    "traceparent inject",
+                    Verdict::Ok,
+                    format!(
+                        "available (opt-in, propagation.inject_http): sockops + sk_msg load; sockops attach to the cgroup v2 root {} (needs CAP_NET_ADMIN; in a container mount the host's /sys/fs/cgroup)",
+                        cgroup.display()
+                    ),
+                ),
+                Err(e) => finding("traceparent inject", Verdict::Degraded, format!("unavailable: {e}")),
+            });
             for pid in selected {
                 out.push(tls_finding(&mut c, *pid));
             }

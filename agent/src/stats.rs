@@ -113,6 +113,22 @@ impl Stats {
             g(&self.export_errors),
             g(&self.traced_processes),
         );
-        line + &unlinked
+        let inject: String = self
+            .injection()
+            .iter()
+            .map(|(what, n)| format!(" traceparent_{what}={n}"))
+            .collect();
+        line + &unlinked + &inject
+    }
+
+    /// Traceparent injection counts, named: the kernel's (`inject_reason`), CLIENT spans that
+    /// took injected ids, and requests on connections older than sonde.
+    pub fn injection(&self) -> Vec<(&'static str, u64)> {
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        let mut out: Vec<(&'static str, u64)> =
+            sonde_common::inject_reason::NAMES.iter().copied().zip(self.kernel_inject.iter().map(g)).collect();
+        out.push(("matched", g(&self.traceparent_matched)));
+        out.push(("connection_before_start", g(&self.traceparent_skipped_before_start)));
+        out
     }
 }

@@ -57,6 +57,20 @@ pub fn python_http(port: u16, backend: Option<u16>) -> Server {
     Server { child, port, _dir: None }
 }
 
+/// tests/fixtures/header_recorder.py on `port`, appending what it receives to `log`.
+pub fn header_recorder(port: u16, log: &std::path::Path) -> Server {
+    let child = Command::new("python3")
+        .arg(fixture("header_recorder.py"))
+        .arg(port.to_string())
+        .arg(log)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start header_recorder.py");
+    wait_listening(port);
+    Server { child, port, _dir: None }
+}
+
 /// tests/fixtures/http_server.py serving HTTPS (Python's ssl module, libssl.so.3).
 pub fn python_https(port: u16) -> Server {
     let dir = TempDir::new("pyhttps");

@@ -15,6 +15,9 @@ use sonde_common::{InjectKey, ThreadContext, inject_reason};
 
 use super::loader::CaptureError;
 
+/// Why injection is refused on kernels where FIONREAD lies about sockets in a sock hash.
+pub const FIONREAD_HAZARD: &str = "this kernel reports 0 bytes to ioctl(FIONREAD) on sockets held in a sock hash (tcp_bpf_ioctl, kernel commit 929e30f93125), which stalls or truncates clients that size reads with it (nginx, Java, .NET); sonde does not inject on such kernels (traces still connect on the same host without injection)";
+
 /// Where sonde mounts cgroup v2 itself when the host has no mount of it.
 const OWN_CGROUP2_MOUNT: &str = "/run/sonde/cgroup2";
 
@@ -27,11 +30,12 @@ pub struct Injection {
 }
 
 impl Injection {
-    /// Loads and attaches the two programs.
-    pub fn attach(ebpf: &mut Ebpf) -> Result<Self, CaptureError> {
+    /// Loads the two programs and checks the kernel's FIONREAD (see [`fionread_hazard`]); with
+    /// `attach`, attaches them (sockops on the cgroup v2 root, sk_msg on the sock hash).
+    pub fn load(ebpf: &mut Ebpf, attach: bool) -> Result<Self, CaptureError> {
         let cgroup = cgroup2_root().map_err(|detail| CaptureError::Inject { detail })?;
         let err = |what: &str, e: &dyn std::fmt::Display| CaptureError::Inject { detail: format!("{what}: {e}") };
-        let socks: SockHash<MapData, InjectKey> = SockHash::try_from(
+        let mut socks: SockHash<MapData, InjectKey> = SockHash::try_from(
             ebpf.take_map("INJECT_SOCKS").ok_or_else(|| err("INJECT_SOCKS", &"not in the object file"))?,
         )
         .map_err(|e| err("INJECT_SOCKS", &e))?;
@@ -39,35 +43,51 @@ impl Injection {
             ebpf.take_map("INJECT_COUNTS").ok_or_else(|| err("INJECT_COUNTS", &"not in the object file"))?,
         )
         .map_err(|e| err("INJECT_COUNTS", &e))?;
-
         let thread_contexts = HashMap::try_from(
             ebpf.take_map("THREAD_CONTEXT").ok_or_else(|| err("THREAD_CONTEXT", &"not in the object file"))?,
         )
         .map_err(|e| err("THREAD_CONTEXT", &e))?;
+
         let msg: &mut SkMsg = ebpf
             .program_mut("sonde_inject")
             .ok_or_else(|| err("sonde_inject", &"not in the object file"))?
             .try_into()
             .map_err(|e| err("sonde_inject", &e))?;
         msg.load().map_err(|e| load_err("sonde_inject", &e))?;
-        msg.attach(socks.fd()).map_err(|e| err("attaching sonde_inject to INJECT_SOCKS", &e))?;
-
         let ops: &mut SockOps = ebpf
             .program_mut("sonde_sockops")
             .ok_or_else(|| err("sonde_sockops", &"not in the object file"))?
             .try_into()
             .map_err(|e| err("sonde_sockops", &e))?;
         ops.load().map_err(|e| load_err("sonde_sockops", &e))?;
-        let dir = std::fs::File::open(&cgroup).map_err(|e| err(&format!("opening {}", cgroup.display()), &e))?;
-        // A bpf_link (kernels >= 5.7, below sonde's floor) always coexists with other programs on
-        // the cgroup (a second sonde, Cilium); the mode's flags must be 0 for it.
-        ops.attach(&dir, CgroupAttachMode::Single).map_err(|e| {
-            let detail = match &e {
-                aya::programs::ProgramError::SyscallError(s) => format!("{}: {}", s.call, s.io_error),
-                other => other.to_string(),
-            };
-            err(&format!("attaching sonde_sockops to {} (needs CAP_NET_ADMIN)", cgroup.display()), &detail)
-        })?;
+
+        // Before any application socket goes into the hash.
+        match fionread_hazard(&mut socks) {
+            Ok(false) => {}
+            Ok(true) => return Err(CaptureError::Inject { detail: FIONREAD_HAZARD.into() }),
+            Err(e) => return Err(err("checking FIONREAD on a socket in the sock hash", &e)),
+        }
+        if attach {
+            let msg: &mut SkMsg = ebpf.program_mut("sonde_inject").and_then(|p| p.try_into().ok()).ok_or_else(
+                || err("sonde_inject", &"not an sk_msg program"),
+            )?;
+            msg.attach(socks.fd()).map_err(|e| err("attaching sonde_inject to INJECT_SOCKS", &e))?;
+            let ops: &mut SockOps = ebpf
+                .program_mut("sonde_sockops")
+                .and_then(|p| p.try_into().ok())
+                .ok_or_else(|| err("sonde_sockops", &"not a sockops program"))?;
+            let dir =
+                std::fs::File::open(&cgroup).map_err(|e| err(&format!("opening {}", cgroup.display()), &e))?;
+            // A bpf_link (kernels >= 5.7, below sonde's floor) always coexists with other
+            // programs on the cgroup (a second sonde, Cilium); the mode's flags must be 0 for it.
+            ops.attach(&dir, CgroupAttachMode::Single).map_err(|e| {
+                let detail = match &e {
+                    aya::programs::ProgramError::SyscallError(s) => format!("{}: {}", s.call, s.io_error),
+                    other => other.to_string(),
+                };
+                err(&format!("attaching sonde_sockops to {} (needs CAP_NET_ADMIN)", cgroup.display()), &detail)
+            })?;
+        }
         Ok(Self { socks, thread_contexts, counts, cgroup })
     }
 
@@ -97,6 +117,48 @@ fn load_err(program: &str, e: &aya::programs::ProgramError) -> CaptureError {
         program: program.to_owned(),
         detail: super::verifier_log::describe_load_error(program, e),
     }
+}
+
+/// Puts one end of a loopback connection into the sock hash, sends it bytes from the other end,
+/// and asks FIONREAD how many are waiting: the kernel's real behaviour, not a version guess.
+/// True when it says 0 (the hazard).
+fn fionread_hazard(socks: &mut SockHash<MapData, InjectKey>) -> std::io::Result<bool> {
+    use std::{
+        io::Write,
+        net::{TcpListener, TcpStream},
+        os::fd::AsRawFd,
+    };
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let client = TcpStream::connect(listener.local_addr()?)?;
+    let (mut server, _) = listener.accept()?;
+    // A key no real connection has (family 0).
+    let key = InjectKey {
+        family: 0,
+        local_port: client.local_addr()?.port() as u32,
+        remote_port: 0,
+        _pad: 0,
+        local: [0; 16],
+        remote: [0; 16],
+    };
+    socks.insert(key, client.as_raw_fd(), 0).map_err(std::io::Error::other)?;
+    let mut probe = || -> std::io::Result<i32> {
+        server.write_all(b"sonde fionread probe")?;
+        let mut pfd = libc::pollfd { fd: client.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: plain syscalls on a socket we own, with valid pointers.
+        unsafe {
+            if libc::poll(&mut pfd, 1, 2000) != 1 {
+                return Err(std::io::Error::other("the probe's bytes did not arrive"));
+            }
+            let mut n: libc::c_int = 0;
+            if libc::ioctl(client.as_raw_fd(), libc::FIONREAD, &mut n) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(n)
+        }
+    };
+    let n = probe();
+    let _ = socks.remove(&key);
+    Ok(n? == 0)
 }
 
 /// The cgroup v2 hierarchy's root: the host's mount (`/sys/fs/cgroup` on unified hosts,

@@ -133,6 +133,8 @@ pub struct Capture {
     pub attached: usize,
     /// Present when traceparent injection is on.
     pub injection: Option<Injection>,
+    /// Kept open: a program loaded later (`check_injection`) refers to it.
+    _settings: Array<MapData, Settings>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> CaptureError {
@@ -243,7 +245,7 @@ impl Capture {
             attached += 1;
         }
         let injection = match opts.inject_http {
-            Some(_) => Some(Injection::attach(&mut ebpf)?),
+            Some(_) => Some(Injection::load(&mut ebpf, true)?),
             None => None,
         };
         Ok(Self {
@@ -257,6 +259,7 @@ impl Capture {
             usage,
             attached,
             injection,
+            _settings: settings,
         })
     }
 
@@ -383,6 +386,12 @@ impl Capture {
             capacity: self.traced_bits.capacity(),
         });
         fill
+    }
+
+    /// `sonde check`: whether traceparent injection could run here (its programs load, cgroup v2
+    /// is there, FIONREAD behaves), without attaching anything. Only when injection is off.
+    pub fn check_injection(&mut self) -> Result<std::path::PathBuf, CaptureError> {
+        Injection::load(&mut self.ebpf, false).map(|i| i.cgroup)
     }
 
     pub fn counters(&self) -> KernelCounters {

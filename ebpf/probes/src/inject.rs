@@ -68,11 +68,15 @@ struct Scan {
     content_length_at: u32,
     /// Bytes of the message copied into `head`.
     copied: u32,
+    /// The Content-Length being read, and its digits so far.
+    digits: u32,
+    number: u64,
     /// Header lines found, and where each starts.
     lines: u32,
     line_starts: [u16; MAX_LINES],
-    /// The start of the message, copied out of it (with slack for reads past the window).
-    head: [u8; HEAD_SCAN as usize + 32],
+    /// The start of the message, copied out of it word by word (with slack for reads past the
+    /// window).
+    head: [u64; WORDS + 4],
     /// The header line being written.
     line: [u8; TRACEPARENT_LINE],
     /// The report being assembled (too large for the BPF stack next to the rest).
@@ -83,6 +87,7 @@ struct Scan {
 /// the connection up rather than being guessed at.
 const HEAD_SCAN: u32 = 2048;
 const MASK: usize = HEAD_SCAN as usize - 1;
+const WORDS: usize = HEAD_SCAN as usize / 8;
 /// Header lines looked at; a head with more gives the connection up.
 const MAX_LINES: usize = 64;
 /// `traceparent: 00-<32 hex>-<16 hex>-<2 hex>\r\n`.
@@ -231,57 +236,66 @@ fn scan_head(ctx: &SkMsgContext, scan: &mut Scan) {
     write(&mut scan.lines, 0);
     let (data, end) = (ctx.data(), ctx.data_end());
     write(&mut scan.copied, 0);
+    // Word by word: the verifier walks every iteration of a loop, so the fewer the better.
     // `black_box` keeps LLVM from unrolling the loops (unrolled, each iteration is new code to
     // the verifier and the program exceeds its budget).
-    for i in 0..core::hint::black_box(HEAD_SCAN as usize) {
-        let p = data + i;
-        if p + 1 > end {
+    for w in 0..core::hint::black_box(WORDS) {
+        let p = data + w * 8;
+        if p + 8 > end {
             break;
         }
         // SAFETY: bounds checked just above.
-        scan.head[i & MASK] = unsafe { *(p as *const u8) };
+        scan.head[w & (WORDS - 1)] = unsafe { core::ptr::read_unaligned(p as *const u64) };
         // Through memory: as a register, every possible length would be a state of its own in
-        // the scan loop below.
-        write(&mut scan.copied, i as u32 + 1);
+        // the loops below.
+        write(&mut scan.copied, (w as u32 + 1) * 8);
     }
-    let copied = read(&scan.copied) as usize;
+    // The last bytes, fewer than a word, one at a time into the next word (state in memory, as
+    // everywhere here: what a register carries multiplies the verifier's states).
+    let whole = read(&scan.copied) as usize & (2 * HEAD_SCAN as usize - 1);
+    if whole < HEAD_SCAN as usize {
+        let slot = (whole / 8) & (WORDS - 1);
+        scan.head[slot] = 0;
+        copy_tail(scan, data, end, whole, slot);
+    }
     write(&mut scan.window, 0);
-    for i in 0..core::hint::black_box(HEAD_SCAN as usize) {
-        if i >= copied {
+    // Lengths are re-read from memory at each test: a register would carry what each test
+    // taught the verifier into the next iteration, a state of its own per length.
+    for w in 0..core::hint::black_box(WORDS) {
+        if w * 8 >= read(&scan.copied) as usize {
             break;
         }
-        let b = scan.head[i & MASK];
-        let window = (read(&scan.window) << 8) | b as u32;
-        write(&mut scan.window, window);
-        if b != b'\n' {
+        let x = scan.head[w & (WORDS - 1)];
+        // Whether any byte of the word is '\n' (exact: no false negatives, none positive).
+        let y = x ^ 0x0a0a_0a0a_0a0a_0a0a;
+        if y.wrapping_sub(0x0101_0101_0101_0101) & !y & 0x8080_8080_8080_8080 == 0 {
+            let last3 = (((x >> 40) & 0xff) << 16) | (((x >> 48) & 0xff) << 8) | ((x >> 56) & 0xff);
+            write(&mut scan.window, last3 as u32);
             continue;
         }
-        if window & 0x00ff_ffff == 0x000a_0d0a {
-            write(&mut scan.head_end, i as u32 + 1);
-            break;
+        for b in 0..8 {
+            let at = w * 8 + b;
+            if at >= read(&scan.copied) as usize {
+                break;
+            }
+            let byte = ((x >> (8 * b)) & 0xff) as u32;
+            let window = (read(&scan.window) << 8) | byte;
+            write(&mut scan.window, window);
+            if byte == b'\n' as u32 && !on_newline(scan, window, at) {
+                return;
+            }
         }
-        if read(&scan.line_end) == 0 {
-            write(&mut scan.line_end, i as u32 + 1);
-        }
-        let n = read(&scan.lines);
-        if n as usize >= MAX_LINES {
-            // More header lines than are checked: the head is treated as incomplete.
-            write(&mut scan.line_end, 0);
-            break;
-        }
-        scan.line_starts[n as usize & (MAX_LINES - 1)] = i as u16 + 1;
-        write(&mut scan.lines, n + 1);
     }
-    let lines = read(&scan.lines) as usize;
     for k in 0..core::hint::black_box(MAX_LINES) {
-        if k >= lines {
+        if k >= read(&scan.lines) as usize {
             break;
         }
         let at = scan.line_starts[k & (MAX_LINES - 1)] as usize & MASK;
         // Lower-cased by setting bit 5 of every byte (letters, digits, '-' and ':' compare as
         // they should). The buffer has slack after the window for these reads.
+        let bytes = head_bytes(&scan.head);
         let word = |off: usize| -> u64 {
-            let b = &scan.head[at + off..at + off + 8];
+            let b = &bytes[at + off..at + off + 8];
             u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) | 0x2020_2020_2020_2020
         };
         let first = word(0);
@@ -295,27 +309,76 @@ fn scan_head(ctx: &SkMsgContext, scan: &mut Scan) {
     }
 }
 
+/// Copies the message's last bytes (fewer than a word) after `whole` into word `slot`.
+/// Straight-line code, as in `content_length`.
+#[inline(always)]
+fn copy_tail(scan: &mut Scan, data: usize, end: usize, whole: usize, slot: usize) {
+    macro_rules! tail_byte {
+        ($($j:literal)*) => {$(
+            let p = data + whole + $j;
+            if p + 1 > end {
+                return;
+            }
+            // SAFETY: bounds checked just above; `slot` is inside `head`.
+            let b = unsafe { *(p as *const u8) } as u64;
+            let word = unsafe { core::ptr::read_volatile(&scan.head[slot]) };
+            unsafe { core::ptr::write_volatile(&mut scan.head[slot], word | (b << (8 * $j))) };
+            write(&mut scan.copied, (whole + $j + 1) as u32);
+        )*};
+    }
+    tail_byte!(0 1 2 3 4 5 6);
+}
+
+/// A `\n` at offset `at`, `window` its last four bytes: records a line start, or the head's end.
+/// False when the scan is over.
+#[inline(always)]
+fn on_newline(scan: &mut Scan, window: u32, at: usize) -> bool {
+    if window & 0x00ff_ffff == 0x000a_0d0a {
+        write(&mut scan.head_end, at as u32 + 1);
+        return false;
+    }
+    if read(&scan.line_end) == 0 {
+        write(&mut scan.line_end, at as u32 + 1);
+    }
+    let n = read(&scan.lines);
+    if n as usize >= MAX_LINES {
+        // More header lines than are checked: the head is treated as incomplete.
+        write(&mut scan.line_end, 0);
+        return false;
+    }
+    scan.line_starts[n as usize & (MAX_LINES - 1)] = at as u16 + 1;
+    write(&mut scan.lines, n + 1);
+    true
+}
+
 /// The decimal value at `at` in the copied head (after optional blanks); 0 when there is none.
 #[inline(always)]
-fn content_length(scan: &Scan, at: u32) -> u64 {
+fn content_length(scan: &mut Scan, at: u32) -> u64 {
     if at == 0 {
         return 0;
     }
     let start = at as usize & MASK;
-    let mut value: u64 = 0;
-    let mut digits = 0;
-    for i in 0..28usize {
-        let b = scan.head[start + i];
-        match b {
-            b' ' | b'\t' if digits == 0 => {}
-            b'0'..=b'9' if digits < 19 => {
-                value = value * 10 + (b - b'0') as u64;
-                digits += 1;
+    let bytes = head_bytes(&scan.head);
+    write64(&mut scan.number, 0);
+    write(&mut scan.digits, 0);
+    // Straight-line code, not a loop: LLVM lays a short loop like this one out with a
+    // fall-through back-edge, which verifiers before 6.x reject.
+    macro_rules! step {
+        ($($i:literal)*) => {$(
+            let b = bytes[(start + $i).min(bytes.len() - 1)];
+            let digits = read(&scan.digits);
+            if !((b == b' ' || b == b'\t') && digits == 0) {
+                if !b.is_ascii_digit() || digits >= 19 {
+                    return read64(&scan.number);
+                }
+                let number = read64(&scan.number) * 10 + (b - b'0') as u64;
+                write64(&mut scan.number, number);
+                write(&mut scan.digits, digits + 1);
             }
-            _ => break,
-        }
+        )*};
     }
-    value
+    step!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27);
+    read64(&scan.number)
 }
 
 /// Inserts the header line after the request line and reports the ids it carries.
@@ -470,6 +533,13 @@ fn fill_addrs(key: &mut InjectKey, local4: u32, remote4: u32, local6: [u32; 4], 
 
 const AF_INET: u32 = 2;
 
+/// The copied head as bytes.
+#[inline(always)]
+fn head_bytes(head: &[u64; WORDS + 4]) -> &[u8; (WORDS + 4) * 8] {
+    // SAFETY: same size, u8 has no alignment requirement.
+    unsafe { &*(head.as_ptr() as *const [u8; (WORDS + 4) * 8]) }
+}
+
 #[inline(always)]
 const fn name(s: &[u8; 8]) -> u64 {
     u64::from_le_bytes(*s)
@@ -479,6 +549,18 @@ const fn name(s: &[u8; 8]) -> u64 {
 fn read(v: &u32) -> u32 {
     // SAFETY: a reference to map memory.
     unsafe { core::ptr::read_volatile(v) }
+}
+
+#[inline(always)]
+fn read64(v: &u64) -> u64 {
+    // SAFETY: a reference to map memory.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+#[inline(always)]
+fn write64(v: &mut u64, x: u64) {
+    // SAFETY: a reference to map memory.
+    unsafe { core::ptr::write_volatile(v, x) }
 }
 
 #[inline(always)]

@@ -1,6 +1,6 @@
 //! `cargo xtask kernels`: the kernel matrix. Boots each Debian kernel under QEMU (software
 //! emulation: this machine kind has no usable KVM) with the host's root file system, runs
-//! `sonde check` and the end-to-end smoke test (`tests/tests/kernel_smoke.rs`) inside it, and
+//! `sonde check`, the end-to-end smoke test (`tests/tests/kernel_smoke.rs`) and the injection tests
 //! runs the same on this host's kernel. One line per kernel; fails if any kernel fails.
 
 mod fetch;
@@ -34,22 +34,25 @@ pub fn run(only: Option<&str>) -> Result<()> {
         only.is_none_or(|o| o.split(',').any(|w| (is_host && w == "host") || series(release) == w))
     };
     let guests: Vec<Kernel> = fetch::prepare()?.into_iter().filter(|k| wanted(&k.release, false)).collect();
-    let smoke = smoke_binary()?;
+    let tests = test_binaries()?;
     let sonde = crate::root().join("target/release/sonde");
     let results = crate::root().join("target/kernels");
-    println!("==> kernel matrix: sonde check + {SMOKE_TEST} on each kernel (logs in {})", results.display());
+    println!(
+        "==> kernel matrix: sonde check + {SMOKE_TEST} + the injection tests on each kernel (logs in {})",
+        results.display()
+    );
 
     let mut outcomes = Vec::new();
     for kernel in &guests {
         let dir = results.join(&kernel.release);
         let config = std::fs::read_to_string(&kernel.config).unwrap_or_default();
-        outcomes.push(report(run_in_guest(kernel, &dir, &sonde, &smoke), &kernel.release, &dir, &config)?);
+        outcomes.push(report(run_in_guest(kernel, &dir, &sonde, &tests), &kernel.release, &dir, &config)?);
     }
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_owned();
     if wanted(&host, true) {
         let dir = results.join(format!("{host}-host"));
         let config = host_config();
-        outcomes.push(report(run_on_host(&dir, &sonde, &smoke), &format!("{host} (this host)"), &dir, &config)?);
+        outcomes.push(report(run_on_host(&dir, &sonde, &tests), &format!("{host} (this host)"), &dir, &config)?);
     }
 
     let failed = outcomes.iter().filter(|o| !o.problems.is_empty()).count();
@@ -63,41 +66,54 @@ pub fn run(only: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// Builds the smoke test (a no-op after `cargo xtask test` built it) and returns its path.
-fn smoke_binary() -> Result<PathBuf> {
+/// The test binaries every kernel runs.
+struct Tests {
+    smoke: PathBuf,
+    inject: PathBuf,
+}
+
+/// Builds the smoke and injection tests (a no-op after `cargo xtask test` built them) and
+/// returns their paths.
+fn test_binaries() -> Result<Tests> {
     let out = crate::cargo()
-        .args(["test", "--release", "-p", "sonde-e2e", "--test", "kernel_smoke", "--no-run", "--message-format=json"])
+        .args(["test", "--release", "-p", "sonde-e2e", "--test", "kernel_smoke", "--test", "inject_e2e"])
+        .args(["--no-run", "--message-format=json"])
         .output_text()?;
-    out.lines()
-        .filter_map(|l| l.split_once("\"executable\":\"").map(|(_, rest)| rest))
-        .filter_map(|rest| rest.split_once('"').map(|(path, _)| PathBuf::from(path)))
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("kernel_smoke")))
-        .context("cargo test --no-run named no kernel_smoke executable")
+    let find = |name: &str| {
+        out.lines()
+            .filter_map(|l| l.split_once("\"executable\":\"").map(|(_, rest)| rest))
+            .filter_map(|rest| rest.split_once('"').map(|(path, _)| PathBuf::from(path)))
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(name)))
+            .with_context(|| format!("cargo test --no-run named no {name} executable"))
+    };
+    Ok(Tests { smoke: find("kernel_smoke")?, inject: find("inject_e2e")? })
 }
 
 /// The script each kernel runs; it writes its results into `$1` (vng's exit code is always 255).
-fn script(sonde: &Path, smoke: &Path) -> String {
+fn script(sonde: &Path, tests: &Tests) -> String {
     format!(
         "#!/bin/sh\nout=\"$1\"\nexport PATH='{path}' HOME=/root CI=1\ncd /tmp\n\
          {sonde} check > \"$out/check.txt\" 2>&1; echo $? > \"$out/check.rc\"\n\
          bpftool feature probe kernel > \"$out/bpftool.txt\" 2>&1\n\
-         {smoke} --exact {SMOKE_TEST} --test-threads=1 > \"$out/e2e.txt\" 2>&1; echo $? > \"$out/e2e.rc\"\n",
+         {smoke} --exact {SMOKE_TEST} --test-threads=1 > \"$out/e2e.txt\" 2>&1; echo $? > \"$out/e2e.rc\"\n\
+         {inject} --test-threads=1 > \"$out/inject.txt\" 2>&1; echo $? > \"$out/inject.rc\"\n",
         path = std::env::var("PATH").unwrap_or_default(),
         sonde = sonde.display(),
-        smoke = smoke.display(),
+        smoke = tests.smoke.display(),
+        inject = tests.inject.display(),
     )
 }
 
-fn fresh_dir(dir: &Path, sonde: &Path, smoke: &Path) -> Result<PathBuf> {
+fn fresh_dir(dir: &Path, sonde: &Path, tests: &Tests) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let script_path = dir.join("run.sh");
-    std::fs::write(&script_path, script(sonde, smoke))?;
+    std::fs::write(&script_path, script(sonde, tests))?;
     Ok(script_path)
 }
 
-fn run_in_guest(kernel: &Kernel, dir: &Path, sonde: &Path, smoke: &Path) -> Result<Duration> {
-    let script = fresh_dir(dir, sonde, smoke)?;
+fn run_in_guest(kernel: &Kernel, dir: &Path, sonde: &Path, tests: &Tests) -> Result<Duration> {
+    let script = fresh_dir(dir, sonde, tests)?;
     let console = std::fs::File::create(dir.join("console.log"))?;
     let path = format!("{}:{}", fetch::venv_bin().display(), std::env::var("PATH").unwrap_or_default());
     let started = Instant::now();
@@ -126,8 +142,8 @@ fn run_in_guest(kernel: &Kernel, dir: &Path, sonde: &Path, smoke: &Path) -> Resu
     Ok(started.elapsed())
 }
 
-fn run_on_host(dir: &Path, sonde: &Path, smoke: &Path) -> Result<Duration> {
-    let script = fresh_dir(dir, sonde, smoke)?;
+fn run_on_host(dir: &Path, sonde: &Path, tests: &Tests) -> Result<Duration> {
+    let script = fresh_dir(dir, sonde, tests)?;
     let started = Instant::now();
     Command::new("sh").arg(&script).arg(dir).current_dir("/tmp").status_ok()?;
     Ok(started.elapsed())
@@ -175,9 +191,19 @@ fn report(ran: Result<Duration>, kernel: &str, dir: &Path, config: &str) -> Resu
         let why = e2e.lines().find(|l| l.contains("panicked") || l.contains("assertion")).unwrap_or("did not pass");
         problems.push(format!("end-to-end run failed: {why}"));
     }
+    // Injection runs in full where the kernel's FIONREAD is sound, and is refused where it is not
+    // (sonde's own probe measures it; the tests assert the refusal there).
+    let inject = read("inject.txt");
+    let inject_passed =
+        read("inject.rc").trim() == "0" && inject.lines().any(|l| l.starts_with("test result: ok. 2 passed"));
+    let refused = inject.contains("sonde refuses injection");
+    if !inject_passed {
+        let why = inject.lines().find(|l| l.contains("panicked") || l.contains("assertion")).unwrap_or("did not pass");
+        problems.push(format!("injection run failed: {why}"));
+    }
     let verdict = if problems.is_empty() { "ok  " } else { "FAIL" };
     println!(
-        "[{verdict}] {kernel:<34} {seconds:>5.1} s  kprobes {}, fentry {}, BTF {}; programs {}; e2e {}",
+        "[{verdict}] {kernel:<34} {seconds:>5.1} s  kprobes {}, fentry {}, BTF {}; programs {}; e2e {}; inject {}",
         yes_no(kprobes),
         yes_no(fentry),
         yes_no(btf),
@@ -187,6 +213,11 @@ fn report(ran: Result<Duration>, kernel: &str, dir: &Path, config: &str) -> Resu
             "REFUSED"
         },
         if passed { "exact spans" } else { "FAILED" },
+        match (inject_passed, refused) {
+            (false, _) => "FAILED",
+            (true, false) => "exact",
+            (true, true) => "refused (FIONREAD hazard)",
+        },
     );
     for p in &problems {
         println!("       {p}");
