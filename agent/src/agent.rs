@@ -146,36 +146,36 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
 
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                agent.drain(guard.get_inner_mut());
-                guard.clear_ready();
-            }
-            _ = poll.tick() => agent.drain(ring.get_mut()),
-            _ = rescan.tick() => {
-                if agent.capture.injection.is_some() {
-        agent.pipeline.enable_injection();
-    }
-    let actions = agent.discovery.scan_all();
-                agent.apply(actions);
-                for pid in agent.discovery.prune_dead() {
-                    agent.forget_process(pid);
+                _ = &mut shutdown => break,
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    agent.drain(guard.get_inner_mut());
+                    guard.clear_ready();
                 }
-            }
-            _ = tls_rescan.tick() => agent.attach_tls_everywhere(),
-            _ = housekeeping.tick() => {
-                ticks += 1;
-                agent.refresh_counters();
-                // First after one second, then every few seconds.
-                if ticks % MAP_FILL_TICKS == 1 {
-                    agent.refresh_map_fill();
-                }
-                if ticks.is_multiple_of(60) {
-                    agent.pipeline.recalibrate_clock();
-                }
-            }
+                _ = poll.tick() => agent.drain(ring.get_mut()),
+                _ = rescan.tick() => {
+                    if agent.capture.injection.is_some() {
+            agent.pipeline.enable_injection();
         }
+        let actions = agent.discovery.scan_all();
+                    agent.apply(actions);
+                    for pid in agent.discovery.prune_dead() {
+                        agent.forget_process(pid);
+                    }
+                }
+                _ = tls_rescan.tick() => agent.attach_tls_everywhere(),
+                _ = housekeeping.tick() => {
+                    ticks += 1;
+                    agent.refresh_counters();
+                    // First after one second, then every few seconds.
+                    if ticks % MAP_FILL_TICKS == 1 {
+                        agent.refresh_map_fill();
+                    }
+                    if ticks.is_multiple_of(60) {
+                        agent.pipeline.recalibrate_clock();
+                    }
+                }
+            }
     }
 
     log::info!("shutting down: draining events, detaching probes, flushing exports");

@@ -141,7 +141,12 @@ pub fn run_checks(selected: &[u32]) -> Vec<Finding> {
     ));
 
     // The definitive test: load and attach sonde's own programs, tracing nothing.
-    match Capture::load(CaptureOptions { capture_bytes: 256, ring_buffer_bytes: 1 << 16, wakeup_bytes: 1 << 12, inject_http: None }) {
+    match Capture::load(CaptureOptions {
+        capture_bytes: 256,
+        ring_buffer_bytes: 1 << 16,
+        wakeup_bytes: 1 << 12,
+        inject_http: None,
+    }) {
         Ok(mut c) => {
             out.push(finding(
                 "BPF + ring buffer",

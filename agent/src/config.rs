@@ -412,6 +412,17 @@ mod tests {
     }
 
     #[test]
+    fn injection_is_off_unless_the_file_or_the_flag_asks() {
+        let off = build(parse_file("discovery:\n  - pid: [1]\n").unwrap(), CliSelection::default(), &no_env).unwrap();
+        assert!(!off.inject_http);
+        let file = parse_file("discovery:\n  - pid: [1]\npropagation:\n  inject_http: true\n").unwrap();
+        assert!(build(file, CliSelection::default(), &no_env).unwrap().inject_http);
+        let cli = CliSelection { pids: vec![1], inject_traceparent: true, ..Default::default() };
+        assert!(build(FileConfig::default(), cli, &no_env).unwrap().inject_http);
+        assert_eq!(parse_file("propagation:\n  inject: true\n").unwrap_err().key, "inject");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let e = parse_file("capture:\n  max_byte: 10\n").unwrap_err();
         assert_eq!(e.key, "max_byte");

@@ -93,7 +93,8 @@ fn main() {
             let selected = if selection.is_empty() {
                 Vec::new()
             } else {
-                let (config, cli) = RunArgs { selection, print: None, prometheus_port: None, inject_traceparent: false }.split();
+                let (config, cli) =
+                    RunArgs { selection, print: None, prometheus_port: None, inject_traceparent: false }.split();
                 match load_config(config, cli) {
                     Ok(cfg) => sonde::discovery::Discovery::new(cfg.selectors, Vec::new(), None).selected_pids(),
                     Err(code) => std::process::exit(code),

@@ -71,7 +71,7 @@ impl Stats {
     }
 
     /// Spans left without the parent they may have had, by reason label.
-    pub fn unlinked(&self) -> [(&'static str, u64); 7] {
+    pub fn unlinked(&self) -> [(&'static str, u64); 8] {
         let g = |c: &AtomicU64| c.load(Relaxed);
         [
             ("ambiguous", g(&self.context_unlinked_ambiguous)),
@@ -81,6 +81,7 @@ impl Stats {
             ("connection_before_start", g(&self.context_unlinked_before_start)),
             ("stream_desync", g(&self.context_unlinked_desync)),
             ("tls", g(&self.context_unlinked_tls)),
+            ("no_current_context", g(&self.kernel_inject[sonde_common::inject_reason::NO_CURRENT_CONTEXT as usize])),
         ]
     }
 
@@ -113,11 +114,7 @@ impl Stats {
             g(&self.export_errors),
             g(&self.traced_processes),
         );
-        let inject: String = self
-            .injection()
-            .iter()
-            .map(|(what, n)| format!(" traceparent_{what}={n}"))
-            .collect();
+        let inject: String = self.injection().iter().map(|(what, n)| format!(" traceparent_{what}={n}")).collect();
         line + &unlinked + &inject
     }
 

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use crate::{
-    trace::context::Injected,
     clock::Clock,
     conn::{ConnKey, Role, table::Conn},
     export::{otlp::SpanQueue, print::Printer},
@@ -16,6 +15,7 @@ use crate::{
     },
     protocol::{Protocol, RequestStart, SessionEvent},
     stats::Stats,
+    trace::context::Injected,
     trace::{
         assemble::assemble,
         context::{Lineage, SpanContext, TraceParent, TraceRef},

@@ -252,6 +252,23 @@ fn helm_chart_lints_and_renders_valid_objects() {
     std::fs::write(dir.path().join("alerts.yml"), rules).expect("write rules");
     run_ok(Command::new("promtool").arg("check").arg("rules").arg(dir.path().join("alerts.yml")));
 
+    // Injection adds what it needs, and only then.
+    let objects = helm_template(&["--set", "propagation.injectHttp=true"]);
+    validate_objects(&objects);
+    let c = &object(&objects, "DaemonSet", "sonde")["spec"]["template"]["spec"]["containers"][0];
+    let caps: Vec<&str> = c["securityContext"]["capabilities"]["add"]
+        .as_sequence()
+        .expect("capabilities")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(caps.contains(&"NET_ADMIN"), "{caps:?}");
+    let mounts: Vec<&str> =
+        c["volumeMounts"].as_sequence().expect("mounts").iter().filter_map(|m| m["mountPath"].as_str()).collect();
+    assert!(mounts.contains(&"/sys/fs/cgroup"), "{mounts:?}");
+    let config = object(&objects, "ConfigMap", "sonde")["data"]["sonde.yaml"].as_str().expect("config");
+    assert!(sonde_accepts(config).contains("traceparent injection: on"), "{config}");
+
     // Alerts can be turned off.
     let objects = helm_template(&["--set", "alerts.enabled=false"]);
     assert_eq!(objects.len(), 2);

@@ -68,16 +68,16 @@ impl Injection {
             Err(e) => return Err(err("checking FIONREAD on a socket in the sock hash", &e)),
         }
         if attach {
-            let msg: &mut SkMsg = ebpf.program_mut("sonde_inject").and_then(|p| p.try_into().ok()).ok_or_else(
-                || err("sonde_inject", &"not an sk_msg program"),
-            )?;
+            let msg: &mut SkMsg = ebpf
+                .program_mut("sonde_inject")
+                .and_then(|p| p.try_into().ok())
+                .ok_or_else(|| err("sonde_inject", &"not an sk_msg program"))?;
             msg.attach(socks.fd()).map_err(|e| err("attaching sonde_inject to INJECT_SOCKS", &e))?;
             let ops: &mut SockOps = ebpf
                 .program_mut("sonde_sockops")
                 .and_then(|p| p.try_into().ok())
                 .ok_or_else(|| err("sonde_sockops", &"not a sockops program"))?;
-            let dir =
-                std::fs::File::open(&cgroup).map_err(|e| err(&format!("opening {}", cgroup.display()), &e))?;
+            let dir = std::fs::File::open(&cgroup).map_err(|e| err(&format!("opening {}", cgroup.display()), &e))?;
             // A bpf_link (kernels >= 5.7, below sonde's floor) always coexists with other
             // programs on the cgroup (a second sonde, Cilium); the mode's flags must be 0 for it.
             ops.attach(&dir, CgroupAttachMode::Single).map_err(|e| {

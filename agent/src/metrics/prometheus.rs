@@ -19,6 +19,8 @@ use super::{
     service_graph::{self, Edge, EdgePoint},
     store::attr_text,
 };
+use sonde_common::inject_reason;
+
 use crate::{capture::map_usage::MapFill, stats::Stats, trace::span::AttrValue};
 
 /// A counter family: name, help, label key, and (label value, count) per series.
@@ -134,7 +136,7 @@ impl Exposition {
     fn encode_self_metrics(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let st = &self.stats;
         let g = Stats::get;
-        let counters: [(&str, &str, u64); 12] = [
+        let counters: [(&str, &str, u64); 13] = [
             ("sonde_events_read", "Records read from the kernel ring buffer.", g(&st.events_read)),
             (
                 "sonde_events_lost",
@@ -161,6 +163,11 @@ impl Exposition {
                 g(&st.context_joined),
             ),
             ("sonde_export_errors", "Failed OTLP export requests.", g(&st.export_errors)),
+            (
+                "sonde_traceparent_injected",
+                "Outgoing HTTP/1.x requests into which the kernel wrote a traceparent (propagation.inject_http).",
+                g(&st.kernel_inject[inject_reason::INJECTED as usize]),
+            ),
             ("sonde_tls_unattributed", "TLS plaintext whose socket could not be identified.", g(&st.kernel_tls_no_fd)),
             (
                 "sonde_metric_overflow",
@@ -173,7 +180,29 @@ impl Exposition {
             let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
             counter.encode(metric)?;
         }
-        let labelled: [LabelledCounter; 3] = [
+        let kernel = |r: u32| g(&st.kernel_inject[r as usize]);
+        let labelled: [LabelledCounter; 5] = [
+            (
+                "sonde_traceparent_skipped",
+                "Outgoing HTTP/1.x requests left without an injected traceparent, by reason.",
+                "reason",
+                vec![
+                    ("traceparent_present", kernel(inject_reason::TRACEPARENT_PRESENT)),
+                    ("connection_before_start", g(&st.traceparent_skipped_before_start)),
+                ],
+            ),
+            (
+                "sonde_traceparent_given_up",
+                "Connections the injection stopped following (never rewritten again), by reason.",
+                "reason",
+                vec![
+                    ("not_http1", kernel(inject_reason::NOT_HTTP1)),
+                    ("head_incomplete", kernel(inject_reason::HEAD_INCOMPLETE)),
+                    ("body_unknown", kernel(inject_reason::BODY_UNKNOWN)),
+                    ("pipelined", kernel(inject_reason::PIPELINED)),
+                    ("rewrite_failed", kernel(inject_reason::REWRITE_FAILED)),
+                ],
+            ),
             (
                 "sonde_parse_errors",
                 "Bytes a protocol parser could not frame, by protocol.",

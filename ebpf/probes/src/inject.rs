@@ -261,7 +261,7 @@ fn scan_head(ctx: &SkMsgContext, scan: &mut Scan) {
     write(&mut scan.window, 0);
     // Lengths are re-read from memory at each test: a register would carry what each test
     // taught the verifier into the next iteration, a state of its own per length.
-    for w in 0..core::hint::black_box(WORDS) {
+    'words: for w in 0..core::hint::black_box(WORDS) {
         if w * 8 >= read(&scan.copied) as usize {
             break;
         }
@@ -282,7 +282,8 @@ fn scan_head(ctx: &SkMsgContext, scan: &mut Scan) {
             let window = (read(&scan.window) << 8) | byte;
             write(&mut scan.window, window);
             if byte == b'\n' as u32 && !on_newline(scan, window, at) {
-                return;
+                // The head ended (or has too many lines): on to the header names.
+                break 'words;
             }
         }
     }
