@@ -66,6 +66,11 @@ const TLS_ATTACHMENTS: &[(&str, &str)] = &[
     ("SSL_do_handshake", "ssl_handshake_exit"),
 ];
 
+/// sonde's eBPF object, as built (empty with AYA_BUILD_SKIP).
+pub fn probes_object() -> &'static [u8] {
+    PROBES
+}
+
 /// Loaded and attached only when injection is on (see `capture::inject`).
 const INJECT_PROGRAMS: &[&str] = &["sonde_inject", "sonde_sockops"];
 
@@ -133,7 +138,7 @@ pub struct Capture {
     pub attached: usize,
     /// Present when traceparent injection is on.
     pub injection: Option<Injection>,
-    /// Kept open: a program loaded later (`check_injection`) refers to it.
+    /// Kept open for the programs' lifetime.
     _settings: Array<MapData, Settings>,
 }
 
@@ -156,11 +161,22 @@ impl Capture {
         let sock_field =
             |field| tracefs::field_offset("sock", "inet_sock_set_state", field).map_err(CaptureError::Tracefs);
 
+        // Without injection there is no sock hash (creating one needs CAP_NET_ADMIN).
+        let object = match opts.inject_http {
+            Some(_) => std::borrow::Cow::Borrowed(PROBES),
+            None => super::map_types::without_sock_hash(PROBES, "INJECT_SOCKS")
+                .map_err(|detail| CaptureError::Map { name: "INJECT_SOCKS", detail })?,
+        };
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("TRACED_BITS", traced_bits::words_for_host())
-            .load(PROBES)
-            .map_err(CaptureError::Load)?;
+            .load(&object)
+            .map_err(|e| match e {
+                aya::EbpfError::MapError(m) if opts.inject_http.is_some() && m.to_string().contains("INJECT_SOCKS") => {
+                    CaptureError::Inject { detail: format!("{m}: a sock hash needs CAP_NET_ADMIN") }
+                }
+                e => CaptureError::Load(e),
+            })?;
 
         let usage = MapUsage::new(&ebpf);
         let take = |ebpf: &mut Ebpf, name: &'static str| {
@@ -391,7 +407,15 @@ impl Capture {
     /// `sonde check`: whether traceparent injection could run here (its programs load, cgroup v2
     /// is there, FIONREAD behaves), without attaching anything. Only when injection is off.
     pub fn check_injection(&mut self) -> Result<std::path::PathBuf, CaptureError> {
-        Injection::load(&mut self.ebpf, false).map(|i| i.cgroup)
+        // A second copy of the object, with its sock hash: this one's was made a plain hash.
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("EVENTS", 1 << 16)
+            .map_max_entries("TRACED_BITS", traced_bits::words_for_host())
+            .load(PROBES)
+            .map_err(|e| CaptureError::Inject {
+                detail: format!("{e} (a sock hash needs CAP_NET_ADMIN, which injection needs anyway)"),
+            })?;
+        Injection::load(&mut ebpf, false).map(|i| i.cgroup)
     }
 
     pub fn counters(&self) -> KernelCounters {

@@ -4,6 +4,7 @@
 pub mod events;
 pub mod inject;
 pub mod loader;
+mod map_types;
 pub mod map_usage;
 pub mod tls_probes;
 mod traced_bits;
