@@ -177,7 +177,11 @@ fn privileged_injected_traceparent_is_exact_and_never_corrupts() {
     let finished = sonde.stop();
     let spans = collected.unwrap_or_else(|| receiver.collected.spans());
     let clients: Vec<&TestSpan> = spans.iter().filter(is_new).collect();
-    assert_eq!(clients.len(), CLIENT_SPANS, "{}", finished.stderr);
+    let mut paths: BTreeMap<String, usize> = BTreeMap::new();
+    for c in &clients {
+        *paths.entry(path_of(c)).or_default() += 1;
+    }
+    assert_eq!(clients.len(), CLIENT_SPANS, "CLIENT spans by path: {paths:?}\n{}", finished.stderr);
     let got = received(&log);
     let by_path = |p: &str| -> Vec<&Received> { got.iter().filter(|r| r.path == p).collect() };
     let span_at = |p: &str| -> &TestSpan {
