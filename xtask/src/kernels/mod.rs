@@ -97,7 +97,7 @@ fn script(sonde: &Path, tests: &Tests) -> String {
          {sonde} check > \"$out/check.txt\" 2>&1; echo $? > \"$out/check.rc\"\n\
          bpftool feature probe kernel > \"$out/bpftool.txt\" 2>&1\n\
          {smoke} --exact {SMOKE_TEST} --test-threads=1 > \"$out/e2e.txt\" 2>&1; echo $? > \"$out/e2e.rc\"\n\
-         {inject} --test-threads=1 > \"$out/inject.txt\" 2>&1; echo $? > \"$out/inject.rc\"\n",
+         {inject} --test-threads=1 --nocapture > \"$out/inject.txt\" 2>&1; echo $? > \"$out/inject.rc\"\n",
         path = std::env::var("PATH").unwrap_or_default(),
         sonde = sonde.display(),
         smoke = tests.smoke.display(),
