@@ -34,50 +34,25 @@ impl Injection {
     /// `attach`, attaches them (sockops on the cgroup v2 root, sk_msg on the sock hash).
     pub fn load(ebpf: &mut Ebpf, attach: bool) -> Result<Self, CaptureError> {
         let cgroup = cgroup2_root().map_err(|detail| CaptureError::Inject { detail })?;
-        let err = |what: &str, e: &dyn std::fmt::Display| CaptureError::Inject { detail: format!("{what}: {e}") };
-        let mut socks: SockHash<MapData, InjectKey> = SockHash::try_from(
-            ebpf.take_map("INJECT_SOCKS").ok_or_else(|| err("INJECT_SOCKS", &"not in the object file"))?,
-        )
-        .map_err(|e| err("INJECT_SOCKS", &e))?;
-        let counts = PerCpuArray::try_from(
-            ebpf.take_map("INJECT_COUNTS").ok_or_else(|| err("INJECT_COUNTS", &"not in the object file"))?,
-        )
-        .map_err(|e| err("INJECT_COUNTS", &e))?;
-        let thread_contexts = HashMap::try_from(
-            ebpf.take_map("THREAD_CONTEXT").ok_or_else(|| err("THREAD_CONTEXT", &"not in the object file"))?,
-        )
-        .map_err(|e| err("THREAD_CONTEXT", &e))?;
-
-        let msg: &mut SkMsg = ebpf
-            .program_mut("sonde_inject")
-            .ok_or_else(|| err("sonde_inject", &"not in the object file"))?
-            .try_into()
-            .map_err(|e| err("sonde_inject", &e))?;
-        msg.load().map_err(|e| load_err("sonde_inject", &e))?;
-        let ops: &mut SockOps = ebpf
-            .program_mut("sonde_sockops")
-            .ok_or_else(|| err("sonde_sockops", &"not in the object file"))?
-            .try_into()
-            .map_err(|e| err("sonde_sockops", &e))?;
-        ops.load().map_err(|e| load_err("sonde_sockops", &e))?;
+        let mut socks: SockHash<MapData, InjectKey> = take_map(ebpf, "INJECT_SOCKS")?;
+        let counts = take_map(ebpf, "INJECT_COUNTS")?;
+        let thread_contexts = take_map(ebpf, "THREAD_CONTEXT")?;
+        program::<SkMsg>(ebpf, "sonde_inject")?.load().map_err(|e| load_err("sonde_inject", &e))?;
+        program::<SockOps>(ebpf, "sonde_sockops")?.load().map_err(|e| load_err("sonde_sockops", &e))?;
 
         // Before any application socket goes into the hash.
         match fionread_hazard(&mut socks) {
             Ok(false) => {}
             Ok(true) => return Err(CaptureError::Inject { detail: FIONREAD_HAZARD.into() }),
-            Err(e) => return Err(err("checking FIONREAD on a socket in the sock hash", &e)),
+            Err(e) => return Err(inject_err("checking FIONREAD on a socket in the sock hash", &e)),
         }
         if attach {
-            let msg: &mut SkMsg = ebpf
-                .program_mut("sonde_inject")
-                .and_then(|p| p.try_into().ok())
-                .ok_or_else(|| err("sonde_inject", &"not an sk_msg program"))?;
-            msg.attach(socks.fd()).map_err(|e| err("attaching sonde_inject to INJECT_SOCKS", &e))?;
-            let ops: &mut SockOps = ebpf
-                .program_mut("sonde_sockops")
-                .and_then(|p| p.try_into().ok())
-                .ok_or_else(|| err("sonde_sockops", &"not a sockops program"))?;
-            let dir = std::fs::File::open(&cgroup).map_err(|e| err(&format!("opening {}", cgroup.display()), &e))?;
+            program::<SkMsg>(ebpf, "sonde_inject")?
+                .attach(socks.fd())
+                .map_err(|e| inject_err("attaching sonde_inject to INJECT_SOCKS", &e))?;
+            let ops = program::<SockOps>(ebpf, "sonde_sockops")?;
+            let dir =
+                std::fs::File::open(&cgroup).map_err(|e| inject_err(&format!("opening {}", cgroup.display()), &e))?;
             // A bpf_link (kernels >= 5.7, below sonde's floor) always coexists with other
             // programs on the cgroup (a second sonde, Cilium); the mode's flags must be 0 for it.
             ops.attach(&dir, CgroupAttachMode::Single).map_err(|e| {
@@ -85,7 +60,7 @@ impl Injection {
                     aya::programs::ProgramError::SyscallError(s) => format!("{}: {}", s.call, s.io_error),
                     other => other.to_string(),
                 };
-                err(&format!("attaching sonde_sockops to {} (needs CAP_NET_ADMIN)", cgroup.display()), &detail)
+                inject_err(&format!("attaching sonde_sockops to {} (needs CAP_NET_ADMIN)", cgroup.display()), &detail)
             })?;
         }
         Ok(Self { socks, thread_contexts, counts, cgroup })
@@ -110,6 +85,28 @@ impl Injection {
         }
         out
     }
+}
+
+fn inject_err(what: &str, e: &dyn std::fmt::Display) -> CaptureError {
+    CaptureError::Inject { detail: format!("{what}: {e}") }
+}
+
+/// One of the object's maps, taken out of it as its typed handle.
+fn take_map<M>(ebpf: &mut Ebpf, name: &str) -> Result<M, CaptureError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| inject_err(name, &"not in the object file"))?;
+    M::try_from(map).map_err(|e| inject_err(name, &e))
+}
+
+/// One of the object's programs, as its type.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, CaptureError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or_else(|| inject_err(name, &"not in the object file"))?;
+    prog.try_into().map_err(|e| inject_err(name, &e))
 }
 
 fn load_err(program: &str, e: &aya::programs::ProgramError) -> CaptureError {
