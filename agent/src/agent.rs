@@ -81,7 +81,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let mut sinks = Sinks::default();
     let mut exporter = None;
     if let Some(settings) = cfg.otlp.clone() {
-        log::info!("exporting spans over OTLP ({:?}) to {}", settings.protocol, settings.endpoint);
+        log::info!("exporting spans over OTLP to {}", settings.describe());
         let (queue, task) = otlp::start(settings, stats.clone()).map_err(|e| anyhow::anyhow!(e))?;
         sinks.otlp = Some(queue);
         exporter = Some(task);
@@ -109,7 +109,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     }
     let mut metrics_flush = None;
     if let Some((settings, interval)) = cfg.otlp_metrics.clone() {
-        log::info!("exporting metrics over OTLP ({:?}) to {} every {interval:?}", settings.protocol, settings.endpoint);
+        log::info!("exporting metrics over OTLP to {} every {interval:?}", settings.describe());
         let (tx, rx) = tokio::sync::oneshot::channel();
         metrics_flush =
             Some((tx, tokio::spawn(otlp_metrics::run(settings, interval, metrics.clone(), stats.clone(), rx))));

@@ -136,6 +136,17 @@ pub struct ExportConfig {
 pub struct OtlpFileConfig {
     pub endpoint: Option<String>,
     pub protocol: Option<String>,
+    /// Request headers (e.g. an API key). `OTEL_EXPORTER_OTLP_HEADERS` replaces them.
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// `gzip` or `none`.
+    pub compression: Option<String>,
+    /// PEM file of the CA the collector's certificate must chain to (only it is trusted then).
+    pub certificate: Option<String>,
+    /// PEM files of sonde's client certificate and key, for collectors that require mTLS.
+    pub client_certificate: Option<String>,
+    pub client_key: Option<String>,
+    /// gRPC only, for an endpoint written without a scheme: plain text instead of TLS.
+    pub insecure: Option<bool>,
     pub queue_spans: usize,
     pub batch_spans: usize,
     pub batch_timeout_ms: u64,
@@ -147,6 +158,12 @@ impl Default for OtlpFileConfig {
         Self {
             endpoint: None,
             protocol: None,
+            headers: Default::default(),
+            compression: None,
+            certificate: None,
+            client_certificate: None,
+            client_key: None,
+            insecure: None,
             queue_spans: 16384,
             batch_spans: 512,
             batch_timeout_ms: 1000,

@@ -4,6 +4,7 @@
 pub mod bpf_stats;
 pub mod clients;
 pub mod otlp;
+pub mod pki;
 pub mod promql;
 pub mod servers;
 pub mod sonde;

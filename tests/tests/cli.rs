@@ -21,7 +21,7 @@ fn run_with_config(subcommand: &str, config: &str, args: &[&str], env: &[(&str, 
 fn bad_configuration_exits_2_and_names_the_key_and_the_fix() {
     // (config file, arguments, environment, words the error must contain)
     type Case<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
-    let cases: [Case<'_>; 10] = [
+    let cases: [Case<'_>; 14] = [
         ("capture:\n  max_byte: 10\n", &["--pid", "1"], &[], &["max_byte", "max_bytes"]),
         ("", &["--open-ports", "9100-9000"], &[], &["--open-ports", "backwards"]),
         ("", &["--exe-path", "[bad"], &[], &["--exe-path", "glob"]),
@@ -37,6 +37,36 @@ fn bad_configuration_exits_2_and_names_the_key_and_the_fix() {
         ("metrics:\n  max_series: 0\n", &["--pid", "1"], &[], &["metrics.max_series", "2000"]),
         ("", &["--pid", "1"], &[("OTEL_METRIC_EXPORT_INTERVAL", "soon")], &["OTEL_METRIC_EXPORT_INTERVAL", "60000"]),
         ("", &["--pid", "1"], &[("OTEL_METRICS_EXPORTER", "console")], &["OTEL_METRICS_EXPORTER", "none"]),
+        (
+            "",
+            &["--pid", "1"],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://otlp.example"),
+                ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem"),
+            ],
+            &["OTEL_EXPORTER_OTLP_CERTIFICATE", "cannot read /nonexistent/ca.pem"],
+        ),
+        (
+            "",
+            &["--pid", "1"],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://otlp.example"),
+                ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "/etc/hostname"),
+            ],
+            &["OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", "needs its certificate"],
+        ),
+        (
+            "export:\n  otlp:\n    endpoint: https://otlp.example\n    client_certificate: /etc/hostname\n    client_key: /etc/hostname\n",
+            &["--pid", "1"],
+            &[],
+            &["export.otlp.client_certificate", "holds no PEM certificate"],
+        ),
+        (
+            "",
+            &["--pid", "1"],
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"), ("OTEL_EXPORTER_OTLP_COMPRESSION", "br")],
+            &["OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"],
+        ),
     ];
     // `sonde config` reports exactly what `sonde run` would refuse.
     for subcommand in ["run", "config"] {

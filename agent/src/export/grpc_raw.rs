@@ -1,4 +1,4 @@
-//! The OTLP gRPC trace call with a request that is already protobuf bytes.
+//! The OTLP gRPC export call with a request that is already protobuf bytes.
 //!
 //! The pipeline encodes each batch once (`otlp_wire`); the generated tonic client would want
 //! the message structs instead. This client sends the bytes as the message and ignores the
@@ -13,19 +13,32 @@ use tonic::{
     transport::Channel,
 };
 
-const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+use super::settings::{Compression, Signal};
 
-pub struct RawGrpcClient(tonic::client::Grpc<Channel>);
+pub struct RawGrpcClient {
+    grpc: tonic::client::Grpc<Channel>,
+    path: &'static str,
+}
 
 impl RawGrpcClient {
-    pub fn new(channel: Channel) -> Self {
-        Self(tonic::client::Grpc::new(channel))
+    pub fn new(channel: Channel, signal: Signal, compression: Compression) -> Self {
+        let mut grpc = tonic::client::Grpc::new(channel);
+        if compression == Compression::Gzip {
+            grpc = grpc.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+        }
+        Self { grpc, path: signal.grpc_path() }
     }
 
-    /// Sends one encoded `ExportTraceServiceRequest`; `headers` become request metadata
-    /// (names that are not valid metadata keys are skipped).
-    pub async fn export_traces(&mut self, body: Bytes, headers: &[(String, String)]) -> Result<(), Status> {
-        self.0.ready().await.map_err(|e| Status::unavailable(format!("collector not ready: {e}")))?;
+    /// Sends one encoded export request; `headers` become request metadata (names that are not
+    /// valid metadata keys are skipped). A connection failure keeps its cause as the source, so
+    /// a TLS problem can be explained.
+    pub async fn export(&mut self, body: Bytes, headers: &[(String, String)]) -> Result<(), Status> {
+        self.grpc.ready().await.map_err(|e| {
+            let message = format!("collector not reachable: {e}");
+            let mut status = Status::unavailable(message);
+            status.set_source(std::sync::Arc::new(e));
+            status
+        })?;
         let mut req = tonic::Request::new(body);
         for (k, v) in headers {
             if let (Ok(k), Ok(v)) =
@@ -34,7 +47,7 @@ impl RawGrpcClient {
                 req.metadata_mut().insert(k, v);
             }
         }
-        self.0.unary(req, PathAndQuery::from_static(EXPORT_PATH), RawCodec).await.map(|_| ())
+        self.grpc.unary(req, PathAndQuery::from_static(self.path), RawCodec).await.map(|_| ())
     }
 }
 

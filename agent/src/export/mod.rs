@@ -6,3 +6,6 @@ pub mod otlp_encode;
 pub mod otlp_metrics;
 pub mod otlp_wire;
 pub mod print;
+pub mod settings;
+pub mod tls;
+mod transport;

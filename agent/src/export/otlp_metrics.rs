@@ -4,9 +4,8 @@
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use opentelemetry_proto::tonic::{
-    collector::metrics::v1::{ExportMetricsServiceRequest, metrics_service_client::MetricsServiceClient},
+    collector::metrics::v1::ExportMetricsServiceRequest,
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     metrics::v1::{
         AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics,
@@ -16,7 +15,7 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message;
 
-use super::otlp::{OtlpProtocol, OtlpSettings};
+use super::{otlp::OtlpSettings, transport::Transport};
 use crate::{
     metrics::{
         MetricsStore,
@@ -186,14 +185,15 @@ pub async fn run(
     stats: Arc<Stats>,
     mut flush: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let http =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let mut grpc = match settings.protocol {
-        OtlpProtocol::Grpc => tonic::transport::Endpoint::from_shared(settings.endpoint.clone())
-            .ok()
-            .map(|e| MetricsServiceClient::new(e.timeout(settings.timeout).connect_lazy())),
-        OtlpProtocol::HttpProtobuf => None,
+    let mut transport = match Transport::new(&settings) {
+        Ok(t) => t,
+        Err(e) => {
+            log::error!("metrics export disabled: {e}");
+            return;
+        }
     };
+    // Logged when failures start and when they end, not for every interval.
+    let mut failing = false;
     let mut ticker = tokio::time::interval(interval);
     ticker.tick().await;
     loop {
@@ -204,36 +204,26 @@ pub async fn run(
         let now = crate::clock::Clock::calibrated().to_unix_ns(crate::clock::Clock::monotonic_now());
         let request = encode(&store, now);
         if !request.resource_metrics.is_empty() {
-            let result = match &mut grpc {
-                Some(client) => client.export(request).await.map(|_| ()).map_err(|e| e.message().to_owned()),
-                None => post(&http, &settings, request.encode_to_vec()).await,
-            };
-            if let Err(e) = result {
-                Stats::add(&stats.export_errors, 1);
-                log::warn!("metrics export to {} failed: {e}", settings.endpoint);
+            match transport.send(&settings, Bytes::from(request.encode_to_vec())).await {
+                Ok(()) => {
+                    if std::mem::take(&mut failing) {
+                        log::info!("metrics export to {} recovered", settings.endpoint);
+                    }
+                }
+                Err(e) => {
+                    Stats::add(&stats.export_errors, 1);
+                    if !std::mem::replace(&mut failing, true) {
+                        log::warn!(
+                            "metrics export to {} failing: {}; trying again every interval",
+                            settings.endpoint,
+                            e.message
+                        );
+                    }
+                }
             }
         }
         if last {
             return;
         }
     }
-}
-
-async fn post(
-    client: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    settings: &OtlpSettings,
-    body: Vec<u8>,
-) -> Result<(), String> {
-    let mut builder = hyper::Request::post(&settings.endpoint).header("content-type", "application/x-protobuf");
-    for (k, v) in &settings.headers {
-        builder = builder.header(k.as_str(), v.as_str());
-    }
-    let req = builder.body(Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
-    let resp = tokio::time::timeout(settings.timeout, client.request(req))
-        .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let _ = resp.into_body().collect().await;
-    if status.is_success() { Ok(()) } else { Err(format!("collector answered {status}")) }
 }
