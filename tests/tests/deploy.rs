@@ -269,6 +269,44 @@ fn helm_chart_lints_and_renders_valid_objects() {
     let config = object(&objects, "ConfigMap", "sonde")["data"]["sonde.yaml"].as_str().expect("config");
     assert!(sonde_accepts(config).contains("traceparent injection: on"), "{config}");
 
+    // Credentials and certificates come from Secrets: the header value never sits in the spec.
+    let objects = helm_template(&[
+        "--set",
+        "otlp.endpoint=https://otlp.example:443",
+        "--set",
+        "otlp.headers=Authorization=inline",
+        "--set",
+        "otlp.headersSecret.name=otlp-auth",
+        "--set",
+        "otlp.compression=gzip",
+        "--set",
+        "otlp.tlsSecret.name=otlp-tls",
+        "--set",
+        "otlp.tlsSecret.clientCertificateKey=tls.crt",
+        "--set",
+        "otlp.tlsSecret.clientKeyKey=tls.key",
+    ]);
+    validate_objects(&objects);
+    let pod = &object(&objects, "DaemonSet", "sonde")["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let env = |name: &str| c["env"].as_sequence().expect("env").iter().find(|e| e["name"] == name).cloned();
+    let headers = env("OTEL_EXPORTER_OTLP_HEADERS").expect("headers env");
+    assert_eq!(headers["valueFrom"]["secretKeyRef"]["name"], "otlp-auth");
+    assert_eq!(headers["valueFrom"]["secretKeyRef"]["key"], "headers");
+    assert!(headers.get("value").is_none(), "the Secret wins over the inline value");
+    assert_eq!(env("OTEL_EXPORTER_OTLP_COMPRESSION").expect("compression")["value"], "gzip");
+    assert_eq!(env("OTEL_EXPORTER_OTLP_CERTIFICATE").expect("ca")["value"], "/etc/sonde-tls/ca.crt");
+    assert_eq!(env("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE").expect("cert")["value"], "/etc/sonde-tls/tls.crt");
+    assert_eq!(env("OTEL_EXPORTER_OTLP_CLIENT_KEY").expect("key")["value"], "/etc/sonde-tls/tls.key");
+    let mount = c["volumeMounts"].as_sequence().expect("mounts").iter().find(|m| m["name"] == "otlp-tls").cloned();
+    assert_eq!(mount.expect("tls mount")["mountPath"], "/etc/sonde-tls");
+    let volume = pod["volumes"].as_sequence().expect("volumes").iter().find(|v| v["name"] == "otlp-tls").cloned();
+    assert_eq!(volume.expect("tls volume")["secret"]["secretName"], "otlp-tls");
+    let defaults = helm_template(&[]);
+    let c = &object(&defaults, "DaemonSet", "sonde")["spec"]["template"]["spec"]["containers"][0];
+    let names: Vec<&str> = c["env"].as_sequence().expect("env").iter().filter_map(|e| e["name"].as_str()).collect();
+    assert!(!names.contains(&"OTEL_EXPORTER_OTLP_CERTIFICATE"), "no TLS files unless asked: {names:?}");
+
     // Alerts can be turned off.
     let objects = helm_template(&["--set", "alerts.enabled=false"]);
     assert_eq!(objects.len(), 2);
