@@ -78,11 +78,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     }
     let ring = capture.take_ring().ok_or_else(|| anyhow::anyhow!("ring buffer already taken"))?;
 
+    let metrics = Arc::new(MetricsStore::new(cfg.max_series));
     let mut sinks = Sinks::default();
     let mut exporter = None;
     if let Some(settings) = cfg.otlp.clone() {
         log::info!("exporting spans over OTLP to {}", settings.describe());
-        let (queue, task) = otlp::start(settings, stats.clone()).map_err(|e| anyhow::anyhow!(e))?;
+        let (queue, task) =
+            otlp::start(settings, stats.clone(), metrics.delivery_log()).map_err(|e| anyhow::anyhow!(e))?;
         sinks.otlp = Some(queue);
         exporter = Some(task);
     }
@@ -92,17 +94,16 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         PrintMode::None => {}
     }
 
-    let metrics = Arc::new(MetricsStore::new(cfg.max_series));
     let mut metrics_tasks = Vec::new();
     if let Some(addr) = cfg.prometheus {
-        let registry = Arc::new(prometheus::registry(metrics.clone(), stats.clone()));
+        let endpoint = Arc::new(prometheus::Endpoint::new(metrics.clone(), stats.clone()));
         // Bind now so a bad address or a taken port is an error at start, not a silent log line.
         let listener = std::net::TcpListener::bind(addr).map_err(|e| {
             anyhow::anyhow!("metrics.prometheus: cannot listen on {addr}: {e}; choose another port or address")
         })?;
         drop(listener);
         metrics_tasks.push(tokio::spawn(async move {
-            if let Err(e) = prometheus::serve(addr, registry).await {
+            if let Err(e) = prometheus::serve(addr, endpoint).await {
                 log::error!("Prometheus endpoint on {addr} stopped: {e}");
             }
         }));

@@ -400,6 +400,10 @@ impl Tracer {
     fn emit_released(&mut self, spans: &mut Vec<Span>) {
         for span in spans.drain(..) {
             if span.context.sampled {
+                if let Some(queue) = &self.sinks.otlp {
+                    // Shown as an exemplar only once its batch reaches the backend.
+                    self.metrics.offer_exemplar(&span, queue.next_batch_seq());
+                }
                 self.sinks.emit(span);
             } else {
                 Stats::add(&self.stats.spans_unsampled, 1);

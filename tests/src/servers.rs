@@ -303,6 +303,8 @@ pub fn prometheus(port: u16, targets: &[String], rule_files: &[PathBuf]) -> Serv
         .arg(format!("--config.file={}", path.display()))
         .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        // Exemplars are kept (and scraped as OpenMetrics) only with this feature.
+        .arg("--enable-feature=exemplar-storage")
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -310,5 +312,11 @@ pub fn prometheus(port: u16, targets: &[String], rule_files: &[PathBuf]) -> Serv
         .spawn()
         .expect("start prometheus (apt-get install prometheus, or cargo xtask setup)");
     wait_listening(port);
+    // It listens before its storage is open, answering 503 in text until then.
+    let ready = crate::wait_for(std::time::Duration::from_secs(30), || {
+        let out = Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{port}/-/ready")]).output().ok()?;
+        out.status.success().then_some(())
+    });
+    assert!(ready.is_some(), "Prometheus on port {port} never became ready");
     Server { child, port, _dir: Some(dir) }
 }

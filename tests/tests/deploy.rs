@@ -371,6 +371,26 @@ fn compose_stack_and_image_are_consistent() {
         ds["datasources"].as_sequence().expect("datasources").iter().filter_map(|d| d["uid"].as_str()).collect();
     assert_eq!(uids, ["prometheus", "tempo"]);
     assert_eq!(ds["datasources"][1]["jsonData"]["tracesToMetrics"]["datasourceUid"], "prometheus");
+    // Exemplars: Prometheus keeps them, Grafana links their trace_id label to Tempo, and every
+    // latency panel asks for them.
+    let links = &ds["datasources"][0]["jsonData"]["exemplarTraceIdDestinations"][0];
+    assert_eq!((links["name"].as_str(), links["datasourceUid"].as_str()), (Some("trace_id"), Some("tempo")));
+    let flags = compose["services"]["prometheus"]["command"].as_sequence().expect("prometheus command");
+    assert!(flags.iter().any(|f| f.as_str() == Some("--enable-feature=exemplar-storage")), "{flags:?}");
+    let dash: serde_json::Value =
+        serde_json::from_str(&read(&compose_dir.join("grafana/dashboards/sonde-red.json"))).expect("dashboard");
+    let latency: Vec<&serde_json::Value> = dash["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .filter(|p| p["title"].as_str().is_some_and(|t| t.to_lowercase().contains("latency")))
+        .collect();
+    assert!(latency.len() >= 5, "latency panels: {}", latency.len());
+    for panel in latency {
+        for t in panel["targets"].as_array().expect("targets") {
+            assert_eq!(t["exemplar"], true, "panel {:?} shows exemplars", panel["title"]);
+        }
+    }
     // The image the stack builds: multi-stage, the binary copied from the build stage.
     let dockerfile = read(&deploy().join("Dockerfile"));
     assert_eq!(sonde["build"]["dockerfile"], "deploy/Dockerfile");

@@ -313,3 +313,106 @@ fn privileged_metrics_endpoint_is_loopback_only_and_read_only() {
     let finished = sonde.stop();
     assert!(finished.status.success(), "sonde still ran normally: {}", finished.stderr);
 }
+
+/// Every exemplar must point at a span the trace backend received: with a 10% sampler, nine in
+/// ten requests are counted in the histograms but never exported, so an exemplar taken from
+/// any request would show here.
+#[test]
+fn privileged_exemplars_point_only_at_exported_spans_with_a_ten_percent_sampler() {
+    let Some(_guard) = privileged_test("exemplars") else {
+        return;
+    };
+    let port = free_port();
+    let _server = servers::python_http(port, None);
+    let receiver = HttpReceiver::start();
+    let metrics_port = free_port();
+    let env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint()),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "1000".into()),
+        ("OTEL_TRACES_SAMPLER", "traceidratio".into()),
+        ("OTEL_TRACES_SAMPLER_ARG", "0.1".into()),
+    ];
+    let sonde = Sonde::start(
+        &["--open-ports", &port.to_string(), "--prometheus-port", &metrics_port.to_string()],
+        &test_config(""),
+        &env,
+    );
+    let prom_port = free_port();
+    let _prometheus = servers::prometheus(prom_port, &[format!("127.0.0.1:{metrics_port}")], &[]);
+    wait_scalar(prom_port, r#"up{job="sonde"}"#, 1.0);
+
+    // Fast and slow requests, 8 connections at once, in rounds so that several scrapes (and
+    // several settled export batches) see exemplars.
+    let base = format!("http://127.0.0.1:{port}");
+    let mut total = 0;
+    for round in 0..4 {
+        let mut urls: Vec<String> = (0..150).map(|i| format!("{base}/items/{}", round * 1000 + i)).collect();
+        urls.extend((0..10).map(|_| format!("{base}/sleep/60")));
+        total += urls.len();
+        sonde_e2e::clients::curl_parallel(&urls, 8);
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    wait_scalar(prom_port, r#"sum(http_server_request_duration_seconds_count{job="sonde"})"#, total as f64);
+    // Two more scrapes after the last batch settled.
+    std::thread::sleep(Duration::from_millis(2500));
+
+    let exported = receiver.collected.spans();
+    let exported_ids: std::collections::BTreeSet<(String, String)> =
+        exported.iter().map(|s| (s.trace_id.clone(), s.span_id.clone())).collect();
+    assert!(
+        exported.len() > total / 20 && exported.len() < total / 5,
+        "about 10% of {total} requests sampled, got {}",
+        exported.len()
+    );
+
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let answer = prometheus_api(
+        prom_port,
+        "/api/v1/query_exemplars",
+        &[
+            ("query", "http_server_request_duration_seconds_bucket"),
+            ("start", &(now - 600).to_string()),
+            ("end", &(now + 60).to_string()),
+        ],
+    );
+    assert_eq!(answer["status"], "success", "{answer}");
+    let mut seen = 0;
+    for series in answer["data"].as_array().expect("exemplar series") {
+        let le: f64 = match series["seriesLabels"]["le"].as_str().expect("le") {
+            "+Inf" => f64::INFINITY,
+            v => v.parse().expect("le value"),
+        };
+        for e in series["exemplars"].as_array().expect("exemplars") {
+            let id = (
+                e["labels"]["trace_id"].as_str().expect("trace_id").to_string(),
+                e["labels"]["span_id"].as_str().expect("span_id").to_string(),
+            );
+            assert!(exported_ids.contains(&id), "exemplar {id:?} points at a span never exported");
+            let value: f64 = e["value"].as_str().expect("value").parse().expect("value");
+            assert!(value <= le, "exemplar value {value} above its bucket's bound {le}");
+            let span = exported.iter().find(|s| (s.trace_id.clone(), s.span_id.clone()) == id).expect("span");
+            let seconds = (span.end_ns - span.start_ns) as f64 / 1e9;
+            assert!((seconds - value).abs() < 1e-6, "exemplar value {value} is the span's duration {seconds}");
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "fast and slow buckets carry exemplars: {answer}");
+
+    // The same rule over OTLP: exemplars on the histogram data points, all exported spans.
+    let request = receiver.latest_metrics().expect("an OTLP metrics request");
+    let points = histogram_points(&request, "http.server.request.duration");
+    let otlp_exemplars: Vec<(String, String)> = points
+        .iter()
+        .flat_map(|p| p.exemplars.iter())
+        .map(|e| {
+            let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+            (hex(&e.trace_id), hex(&e.span_id))
+        })
+        .collect();
+    assert!(!otlp_exemplars.is_empty(), "OTLP histogram points carry exemplars");
+    for id in &otlp_exemplars {
+        assert!(exported_ids.contains(id), "OTLP exemplar {id:?} points at a span never exported");
+    }
+    let finished = sonde.stop();
+    assert_eq!(finished.counter("spans_dropped_export_failed"), Some(0));
+}

@@ -32,12 +32,14 @@ const RETRY_MAX_ELAPSED: Duration = Duration::from_secs(60);
 /// batches are dropped without a request for this long: a wrong API key costs the collector
 /// one request per pause, not one per batch.
 const PERMANENT_FAILURE_PAUSE: Duration = Duration::from_secs(5);
-use crate::{stats::Stats, trace::span::Span};
+use crate::{metrics::exemplars::DeliveryLog, stats::Stats, trace::span::Span};
 
 /// One export request: an encoded `ExportTraceServiceRequest` and the spans it holds.
 struct Batch {
     body: Bytes,
     spans: u64,
+    /// Position in the export order, for the delivery log.
+    seq: u64,
 }
 
 /// The pipeline's end of the export queue: never blocks. Spans are collected into a batch,
@@ -53,9 +55,17 @@ pub struct SpanQueue {
     batch_spans: usize,
     batch_timeout: Duration,
     stats: Arc<Stats>,
+    /// Sequence number of the batch being filled (from 1).
+    seq: u64,
+    delivery: Arc<DeliveryLog>,
 }
 
 impl SpanQueue {
+    /// The sequence number of the batch the next pushed span joins (exemplars wait for it).
+    pub fn next_batch_seq(&self) -> u64 {
+        self.seq
+    }
+
     pub fn push(&mut self, span: Span) {
         if self.batch.is_empty() {
             self.batch_started = Some(Instant::now());
@@ -80,15 +90,19 @@ impl SpanQueue {
         if spans == 0 {
             return;
         }
+        let seq = self.seq;
+        self.seq += 1;
         if self.queued.load(Relaxed) + spans > self.capacity {
             Stats::add(&self.stats.spans_dropped_queue_full, spans);
+            self.delivery.settle(seq, false);
         } else {
             let body = Bytes::from(otlp_wire::encode(&self.batch));
             self.queued.fetch_add(spans, Relaxed);
-            if self.tx.send(Batch { body, spans }).is_err() {
+            if self.tx.send(Batch { body, spans, seq }).is_err() {
                 // The exporter has ended (only at shutdown).
                 self.queued.fetch_sub(spans, Relaxed);
                 Stats::add(&self.stats.spans_dropped_export_failed, spans);
+                self.delivery.settle(seq, false);
             }
         }
         self.batch.clear();
@@ -103,7 +117,12 @@ impl Drop for SpanQueue {
 
 /// Starts the exporter task; returns the queue and the task to await on shutdown (after the
 /// queue is dropped it sends what is left, then ends).
-pub fn start(settings: OtlpSettings, stats: Arc<Stats>) -> Result<(SpanQueue, tokio::task::JoinHandle<()>), String> {
+/// Each batch's outcome is written to `delivery`.
+pub fn start(
+    settings: OtlpSettings,
+    stats: Arc<Stats>,
+    delivery: Arc<DeliveryLog>,
+) -> Result<(SpanQueue, tokio::task::JoinHandle<()>), String> {
     let (tx, rx) = mpsc::unbounded_channel();
     let transport = Transport::new(&settings)?;
     let queued = Arc::new(AtomicU64::new(0));
@@ -116,8 +135,10 @@ pub fn start(settings: OtlpSettings, stats: Arc<Stats>) -> Result<(SpanQueue, to
         batch_spans: settings.batch_spans,
         batch_timeout: settings.batch_timeout,
         stats: stats.clone(),
+        seq: 1,
+        delivery: delivery.clone(),
     };
-    let task = tokio::spawn(export_loop(rx, queued, transport, settings, stats));
+    let task = tokio::spawn(export_loop(rx, queued, transport, settings, stats, delivery));
     Ok((queue, task))
 }
 
@@ -127,17 +148,20 @@ async fn export_loop(
     mut transport: Transport,
     settings: OtlpSettings,
     stats: Arc<Stats>,
+    delivery: Arc<DeliveryLog>,
 ) {
     let mut outage = Outage::default();
     while let Some(batch) = rx.recv().await {
         queued.fetch_sub(batch.spans, Relaxed);
-        deliver(&mut transport, &settings, &stats, &batch, &rx, &mut outage).await;
+        let delivered = deliver(&mut transport, &settings, &stats, &batch, &rx, &mut outage).await;
+        delivery.settle(batch.seq, delivered);
         if rx.is_closed() && outage.since.is_some() {
             // Shutting down with the collector failing: what is still queued cannot be sent in
             // time either. Count it rather than let the flush deadline lose it silently.
             let mut rest = 0;
             while let Ok(b) = rx.try_recv() {
                 rest += b.spans;
+                delivery.settle(b.seq, false);
             }
             Stats::add(&stats.spans_dropped_export_failed, rest);
             if rest > 0 {
@@ -157,6 +181,7 @@ struct Outage {
 }
 
 /// Sends one batch, retrying transient failures with backoff; counts it exported or dropped.
+/// True when the collector took it.
 async fn deliver(
     transport: &mut Transport,
     settings: &OtlpSettings,
@@ -164,12 +189,12 @@ async fn deliver(
     batch: &Batch,
     rx: &mpsc::UnboundedReceiver<Batch>,
     outage: &mut Outage,
-) {
+) -> bool {
     let n = batch.spans;
     let started = tokio::time::Instant::now();
     if outage.paused_until.is_some_and(|until| started < until) {
         Stats::add(&stats.spans_dropped_export_failed, n);
-        return;
+        return false;
     }
     let mut backoff = RETRY_INITIAL_BACKOFF;
     loop {
@@ -184,7 +209,7 @@ async fn deliver(
                         since.elapsed().as_secs_f64()
                     );
                 }
-                break;
+                return true;
             }
             Err(e) => {
                 Stats::add(&stats.export_errors, 1);
@@ -212,7 +237,7 @@ async fn deliver(
                 if !e.retryable || rx.is_closed() || out_of_time {
                     Stats::add(&stats.spans_dropped_export_failed, n);
                     log::debug!("dropped {n} spans: {}", e.message);
-                    break;
+                    return false;
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_MAX_BACKOFF);

@@ -8,8 +8,8 @@ use opentelemetry_proto::tonic::{
     collector::metrics::v1::ExportMetricsServiceRequest,
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     metrics::v1::{
-        AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics,
-        Sum, metric::Data, number_data_point,
+        AggregationTemporality, Exemplar, Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics,
+        ScopeMetrics, Sum, exemplar, metric::Data, number_data_point,
     },
     resource::v1::Resource as OtlpResource,
 };
@@ -53,6 +53,18 @@ pub fn encode(store: &MetricsStore, now_unix_ns: u64) -> ExportMetricsServiceReq
             sum: Some(s.point.sum),
             bucket_counts: s.point.bucket_counts.clone(),
             explicit_bounds: spec.bounds.to_vec(),
+            // Only spans the trace backend accepted (see metrics::exemplars).
+            exemplars: s
+                .point
+                .exemplars()
+                .map(|(_, e)| Exemplar {
+                    time_unix_nano: e.time_unix_ns,
+                    value: Some(exemplar::Value::AsDouble(e.value)),
+                    span_id: e.span_id.to_vec(),
+                    trace_id: e.trace_id.to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         };
         let group = match by_resource.iter_mut().find(|(r, _)| Arc::ptr_eq(r, &s.resource) || **r == *s.resource) {

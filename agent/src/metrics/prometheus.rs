@@ -1,5 +1,6 @@
-//! Prometheus text exposition (through the maintained `prometheus-client` encoder) of the RED
-//! histograms and sonde's own counters, served read-only on GET /metrics.
+//! Prometheus exposition (OpenMetrics text) of the RED histograms (see [`super::openmetrics`], with
+//! exemplars when the scraper asks for OpenMetrics), the service graph and sonde's own counters
+//! (through the maintained `prometheus-client` encoder), served read-only on GET /metrics.
 
 use std::{borrow::Cow, net::SocketAddr, sync::Arc};
 
@@ -15,21 +16,16 @@ use prometheus_client::{
 
 use super::{
     MetricsStore,
-    instruments::{DURATION_BOUNDS, INSTRUMENTS, Unit as OurUnit},
+    instruments::DURATION_BOUNDS,
+    openmetrics,
     service_graph::{self, Edge, EdgePoint},
-    store::attr_text,
 };
 use sonde_common::inject_reason;
 
-use crate::{capture::map_usage::MapFill, stats::Stats, trace::span::AttrValue};
+use crate::{capture::map_usage::MapFill, stats::Stats};
 
 /// A counter family: name, help, label key, and (label value, count) per series.
 type LabelledCounter = (&'static str, &'static str, &'static str, Vec<(&'static str, u64)>);
-
-/// OpenTelemetry attribute name -> Prometheus label name.
-fn label(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
-}
 
 #[derive(Debug)]
 struct Exposition {
@@ -39,34 +35,6 @@ struct Exposition {
 
 impl Collector for Exposition {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let snapshot = self.store.snapshot();
-        for (index, spec) in INSTRUMENTS.iter().enumerate() {
-            let unit = match spec.unit {
-                OurUnit::Seconds => Unit::Seconds,
-                OurUnit::Bytes => Unit::Bytes,
-            };
-            let mut metric = encoder.encode_descriptor(
-                spec.prometheus_base,
-                spec.description,
-                Some(&unit),
-                MetricType::Histogram,
-            )?;
-            for s in snapshot.iter().filter(|s| s.instrument == index) {
-                let mut labels: Vec<(String, String)> = vec![("service_name".into(), s.resource.service_name.clone())];
-                if let Some((_, AttrValue::Str(id))) =
-                    s.resource.attributes.iter().find(|(k, _)| k == "service.instance.id")
-                {
-                    labels.push(("service_instance_id".into(), id.to_string()));
-                }
-                labels.extend(s.attributes.iter().map(|(k, v)| (label(k), attr_text(v))));
-                let mut buckets: Vec<(f64, u64)> =
-                    spec.bounds.iter().copied().zip(s.point.bucket_counts.iter().copied()).collect();
-                buckets.push((f64::MAX, s.point.bucket_counts.last().copied().unwrap_or(0)));
-                let family = metric.encode_family(&labels)?;
-                let mut family = family;
-                family.encode_histogram::<Vec<(String, String)>>(s.point.sum, s.point.count, &buckets, None)?;
-            }
-        }
         self.encode_service_graph(&mut encoder)?;
         self.encode_self_metrics(&mut encoder)
     }
@@ -276,37 +244,59 @@ impl Exposition {
     }
 }
 
-/// The registry serving sonde's metrics.
-pub fn registry(store: Arc<MetricsStore>, stats: Arc<Stats>) -> Registry {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(Exposition { store, stats }));
-    registry
+/// What GET /metrics shows: the RED histograms from the store, the rest from the registry.
+pub struct Endpoint {
+    registry: Registry,
+    store: Arc<MetricsStore>,
 }
 
-pub fn render(registry: &Registry) -> String {
-    let mut out = String::new();
-    if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
-        out.clear();
+impl Endpoint {
+    pub fn new(store: Arc<MetricsStore>, stats: Arc<Stats>) -> Self {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Exposition { store: store.clone(), stats }));
+        Self { registry, store }
     }
-    out
+
+    /// The whole exposition; `exemplars` when the scraper accepts OpenMetrics.
+    pub fn render(&self, exemplars: bool) -> String {
+        let mut out = String::new();
+        openmetrics::write_histograms(&self.store.snapshot(), exemplars, &mut out);
+        if prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)
+            .and_then(|_| prometheus_client::encoding::text::encode_eof(&mut out))
+            .is_err()
+        {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Exemplars are an OpenMetrics feature: shown only to a scraper that asks for that format
+/// (Prometheus does when exemplar storage is on; a plain-text parser would reject them).
+fn accepts_openmetrics(req: &Request<hyper::body::Incoming>) -> bool {
+    req.headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
 }
 
 /// Serves GET /metrics on `addr` until the task is dropped. Nothing else is accepted: the
 /// endpoint takes no commands.
-pub async fn serve(addr: SocketAddr, registry: Arc<Registry>) -> std::io::Result<()> {
+pub async fn serve(addr: SocketAddr, endpoint: Arc<Endpoint>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     log::info!("Prometheus metrics on http://{addr}/metrics");
     loop {
         let (stream, _) = listener.accept().await?;
-        let registry = registry.clone();
+        let endpoint = endpoint.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let registry = registry.clone();
+                let endpoint = endpoint.clone();
                 async move {
                     let response = if req.method() == Method::GET && req.uri().path() == "/metrics" {
                         Response::builder()
                             .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
-                            .body(Full::new(Bytes::from(render(&registry))))
+                            .body(Full::new(Bytes::from(endpoint.render(accepts_openmetrics(&req)))))
                     } else {
                         Response::builder()
                             .status(StatusCode::NOT_FOUND)

@@ -8,7 +8,10 @@ use std::{
     },
 };
 
-use super::instruments::{INSTRUMENTS, measurements};
+use super::{
+    exemplars::{BucketExemplar, DeliveryLog, Exemplar},
+    instruments::{INSTRUMENTS, Unit, measurements},
+};
 use crate::trace::{
     resource::Resource,
     span::{AttrValue, Span},
@@ -24,18 +27,39 @@ pub struct HistogramPoint {
     pub sum: f64,
     pub count: u64,
     pub start_unix_ns: u64,
+    /// Per bucket, once a sampled span was offered (duration histograms only).
+    exemplars: Vec<BucketExemplar>,
+}
+
+fn bucket_of(bounds: &[f64], v: f64) -> usize {
+    bounds.iter().position(|b| v <= *b).unwrap_or(bounds.len())
 }
 
 impl HistogramPoint {
     pub(crate) fn new(buckets: usize, now: u64) -> Self {
-        Self { bucket_counts: vec![0; buckets + 1], sum: 0.0, count: 0, start_unix_ns: now }
+        Self { bucket_counts: vec![0; buckets + 1], sum: 0.0, count: 0, start_unix_ns: now, exemplars: Vec::new() }
     }
 
     pub(crate) fn record(&mut self, bounds: &[f64], v: f64) {
-        let i = bounds.iter().position(|b| v <= *b).unwrap_or(bounds.len());
-        self.bucket_counts[i] += 1;
+        self.bucket_counts[bucket_of(bounds, v)] += 1;
         self.sum += v;
         self.count += 1;
+    }
+
+    fn offer_exemplar(&mut self, bounds: &[f64], exemplar: Exemplar, seq: u64, log: &DeliveryLog) {
+        if self.exemplars.is_empty() {
+            self.exemplars = vec![BucketExemplar::default(); self.bucket_counts.len()];
+        }
+        self.exemplars[bucket_of(bounds, exemplar.value)].offer(exemplar, seq, log);
+    }
+
+    fn settle_exemplars(&mut self, log: &DeliveryLog) {
+        self.exemplars.iter_mut().for_each(|e| e.settle(log));
+    }
+
+    /// (bucket index, exemplar) of the buckets whose exemplar span reached the backend.
+    pub fn exemplars(&self) -> impl Iterator<Item = (usize, &Exemplar)> {
+        self.exemplars.iter().enumerate().filter_map(|(i, e)| e.shown.as_ref().map(|x| (i, x)))
     }
 }
 
@@ -69,6 +93,8 @@ pub struct MetricsStore {
     instruments: std::sync::Mutex<Vec<InstrumentSeries>>,
     /// Measurements that went to an overflow series because the cap was reached.
     pub overflowed: AtomicU64,
+    /// Which export batches reached the backend: exemplars wait for theirs.
+    delivery: Arc<DeliveryLog>,
 }
 
 pub fn attr_text(v: &AttrValue) -> String {
@@ -92,6 +118,47 @@ impl MetricsStore {
             service_graph: super::service_graph::ServiceGraph::new(max_series),
             instruments: std::sync::Mutex::new(INSTRUMENTS.iter().map(|_| InstrumentSeries::default()).collect()),
             overflowed: AtomicU64::new(0),
+            delivery: Arc::default(),
+        }
+    }
+
+    /// Where the span exporter settles its batches.
+    pub fn delivery_log(&self) -> Arc<DeliveryLog> {
+        self.delivery.clone()
+    }
+
+    /// Offers a sampled span, queued for export in batch `seq`, as the exemplar of the duration
+    /// bucket it was counted in (by [`MetricsStore::record`], earlier).
+    pub fn offer_exemplar(&self, span: &Span, seq: u64) {
+        let seconds = span.end_unix_ns.saturating_sub(span.start_unix_ns) as f64 / 1e9;
+        let is_http = span.attr("http.request.method").is_some();
+        let is_db = span.attr("db.system.name").is_some();
+        let Some(index) = measurements(span.kind, is_http, is_db, seconds, 0, 0)
+            .into_iter()
+            .map(|(i, _)| i)
+            .find(|i| INSTRUMENTS[*i].unit == Unit::Seconds)
+        else {
+            return;
+        };
+        let spec = &INSTRUMENTS[index];
+        let exemplar = Exemplar {
+            trace_id: span.context.trace_id.0,
+            span_id: span.context.span_id.0,
+            value: seconds,
+            time_unix_ns: span.end_unix_ns,
+        };
+        let resource_id = Arc::as_ptr(&span.resource) as usize;
+        let key = (resource_id, spec.attributes.iter().filter_map(|k| span.attr(k).map(|v| (*k, v.clone()))).collect());
+        let Ok(mut all) = self.instruments.lock() else { return };
+        let series = &mut all[index];
+        // The series `record` counted it in: its own, or the overflow series past the cap.
+        let overflow = || (resource_id, vec![(OVERFLOW_ATTRIBUTE, AttrValue::Bool(true))]);
+        let point = match series.points.contains_key(&key) {
+            true => series.points.get_mut(&key),
+            false => series.points.get_mut(&overflow()),
+        };
+        if let Some((_, point)) = point {
+            point.offer_exemplar(spec.bounds, exemplar, seq, &self.delivery);
         }
     }
 
@@ -155,12 +222,13 @@ impl MetricsStore {
         }
     }
 
-    /// Every series, copied (cumulative since its start).
+    /// Every series, copied (cumulative since its start), exemplars settled.
     pub fn snapshot(&self) -> Vec<SeriesSnapshot> {
-        let Ok(all) = self.instruments.lock() else { return Vec::new() };
+        let Ok(mut all) = self.instruments.lock() else { return Vec::new() };
         let mut out = Vec::new();
-        for (instrument, series) in all.iter().enumerate() {
-            for ((_, attrs), (resource, point)) in &series.points {
+        for (instrument, series) in all.iter_mut().enumerate() {
+            for ((_, attrs), (resource, point)) in &mut series.points {
+                point.settle_exemplars(&self.delivery);
                 out.push(SeriesSnapshot {
                     instrument,
                     resource: resource.clone(),
@@ -270,5 +338,40 @@ mod tests {
         // An admitted combination keeps its own series.
         store.record(&span("/r3", 200, 1, &r));
         assert_eq!(store.series_count(HTTP_SERVER_DURATION), 11);
+    }
+
+    #[test]
+    fn exemplars_appear_once_their_batch_is_delivered_and_in_openmetrics_only() {
+        let store = MetricsStore::new(100);
+        let r = resource();
+        let fast = span("/a", 200, 7, &r);
+        let mut slow = span("/a", 200, 300, &r);
+        slow.context.span_id = SpanId([3; 8]);
+        store.record(&fast);
+        store.record(&slow);
+        store.offer_exemplar(&fast, 1);
+        store.offer_exemplar(&slow, 2);
+        let render = |exemplars: bool| {
+            let mut out = String::new();
+            crate::metrics::openmetrics::write_histograms(&store.snapshot(), exemplars, &mut out);
+            out
+        };
+        assert!(!render(true).contains(" # {"), "nothing settled yet");
+        let log = store.delivery_log();
+        log.settle(1, true);
+        log.settle(2, false);
+        let text = render(true);
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(" # {")).collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        assert!(
+            lines[0].starts_with("http_server_request_duration_seconds_bucket{")
+                && lines[0].contains("le=\"0.01\"} 1 # {trace_id=\"01010101010101010101010101010101\",span_id=\"0202020202020202\"} 0.007 1.007"),
+            "{}",
+            lines[0]
+        );
+        assert!(!render(false).contains(" # {"), "no exemplars for a plain-text scraper");
+        let snap = store.snapshot();
+        let d = snap.iter().find(|s| s.instrument == HTTP_SERVER_DURATION).unwrap();
+        assert_eq!(d.point.exemplars().count(), 1, "the dropped batch's span is not an exemplar");
     }
 }
