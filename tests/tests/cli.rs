@@ -160,3 +160,13 @@ fn privileged_missing_tracefs_is_mounted_or_named_with_the_fix() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("tracefs is not mounted") && stderr.contains("CAP_SYS_ADMIN"), "{stderr}");
 }
+
+#[test]
+fn help_says_what_sonde_does_now() {
+    let out = Command::new(binary()).arg("--help").output().expect("run sonde --help");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in ["HTTP/1.x", "PostgreSQL", "Redis", "TLS", "OTLP", "RED metrics", "Prometheus"] {
+        assert!(text.contains(word), "--help should mention {word}:\n{text}");
+    }
+}

@@ -7,6 +7,7 @@ mod demo;
 mod fuzz;
 mod kernels;
 mod setup;
+mod steps;
 
 use std::process::Command;
 
@@ -81,13 +82,9 @@ pub fn root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(|p| p.to_path_buf()).unwrap_or_default()
 }
 
+/// Runs a command to success (quietly, into the step's log, inside a [`steps::step`]).
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let shown = format!("{cmd:?}");
-    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
-    if !status.success() {
-        bail!("{shown} failed with {status}");
-    }
-    Ok(())
+    steps::run(cmd)
 }
 
 pub fn cargo() -> Command {
@@ -98,19 +95,14 @@ pub fn cargo() -> Command {
 }
 
 fn build() -> Result<()> {
-    println!("==> building target/release/sonde (eBPF programs included)");
-    run(cargo().args(["build", "--release", "-p", "sonde"]))
+    steps::step("building target/release/sonde (eBPF programs included)", || {
+        run(cargo().args(["build", "--release", "-p", "sonde"]))
+    })
 }
 
 fn test() -> Result<()> {
-    println!("==> running all tests (release profile, shared with the build)");
-    // End-to-end tests share the machine's ports and kernel: one test thread.
-    let mut cmd = cargo();
-    cmd.args([
-        "test",
+    const SELECTION: [&str; 12] = [
         "--release",
-        // Every test binary runs even after one fails: the summary names all failures.
-        "--no-fail-fast",
         "--lib",
         "--bins",
         "--tests",
@@ -122,6 +114,16 @@ fn test() -> Result<()> {
         "sonde-e2e",
         "-p",
         "xtask",
+    ];
+    steps::step("building the tests (release profile, shared with the build)", || {
+        run(cargo().arg("test").args(SELECTION).args(["--no-run", "--quiet"]))
+    })?;
+    println!("==> running all tests");
+    // End-to-end tests share the machine's ports and kernel: one test thread.
+    let mut cmd = cargo();
+    cmd.arg("test").args(SELECTION).args([
+        // Every test binary runs even after one fails: the summary names all failures.
+        "--no-fail-fast",
         "--",
         "--test-threads=1",
     ]);

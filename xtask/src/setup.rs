@@ -58,14 +58,7 @@ fn apt_packages() -> Result<()> {
     apt_install(PACKAGES)
 }
 
-/// Prints what a setup step does, runs it, and says how long it took.
-pub fn step(what: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
-    println!("==> {what}");
-    let started = std::time::Instant::now();
-    f()?;
-    println!("    done in {:.1} s", started.elapsed().as_secs_f64());
-    Ok(())
-}
+pub use crate::steps::step;
 
 /// Installs the Debian packages of `packages` that are missing.
 pub fn apt_install(packages: &[&str]) -> Result<()> {
@@ -73,7 +66,6 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    println!("==> installing Debian packages: {}", missing.join(" "));
     // SAFETY: geteuid has no preconditions.
     if unsafe { geteuid() } != 0 {
         bail!(
@@ -82,13 +74,15 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
             missing.join(" ")
         );
     }
-    crate::run(Command::new("apt-get").args(["update", "-qq"]))?;
-    crate::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    step(&format!("installing Debian packages: {}", missing.join(" ")), || {
+        crate::run(Command::new("apt-get").args(["update", "-qq"]))?;
+        crate::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    })
 }
 
 unsafe extern "C" {
@@ -107,10 +101,13 @@ fn python_modules() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    println!("==> installing Python packages: {}", missing.join(" "));
-    crate::run(
-        Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(&missing),
-    )
+    step(&format!("installing Python packages: {}", missing.join(" ")), || {
+        crate::run(
+            Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+                .args(&missing),
+        )
+    })
 }
 
 fn rust_src() -> Result<()> {
@@ -121,8 +118,9 @@ fn rust_src() -> Result<()> {
     if has {
         return Ok(());
     }
-    println!("==> adding rust-src to the nightly toolchain (eBPF builds core from source)");
-    crate::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    step("adding rust-src to the nightly toolchain (eBPF builds core from source)", || {
+        crate::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    })
 }
 
 fn bpf_linker() -> Result<()> {
@@ -132,12 +130,11 @@ fn bpf_linker() -> Result<()> {
     if quiet(&mut probe) {
         return Ok(());
     }
-    println!("==> installing bpf-linker linked against LLVM 22 (about a minute)");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
         .env("LLVM_PREFIX", LLVM_PREFIX)
         .env("PATH", format!("{LLVM_PREFIX}/bin:{}", std::env::var("PATH").unwrap_or_default()));
-    crate::run(&mut cmd)
+    step("installing bpf-linker linked against LLVM 22 (a few minutes)", || crate::run(&mut cmd))
 }
 
 /// Makes sure cargo-installed tools (bpf-linker) are found by child processes.
@@ -158,8 +155,7 @@ pub fn cargo_fuzz() -> Result<()> {
     if quiet(&mut probe) {
         return Ok(());
     }
-    println!("==> installing cargo-fuzz (about two minutes)");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(["install", "cargo-fuzz", "--locked"]);
-    crate::run(&mut cmd)
+    step("installing cargo-fuzz (about two minutes)", || crate::run(&mut cmd))
 }
