@@ -64,12 +64,20 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         ring_buffer_bytes: cfg.capture.ring_buffer_bytes,
         wakeup_bytes: cfg.capture.wakeup_bytes,
         inject_http: cfg.inject_http.then(|| cfg.sampler.root_bound()),
+        floor: cfg.floor,
     })
     .map_err(|e| match crate::check::missing_tracing_capabilities().as_slice() {
         [] => anyhow::anyhow!(e),
         missing => anyhow::anyhow!("{e}\nmissing capabilities: {} (grant them, or run as root)", missing.join(", ")),
     })?;
-    log::info!("attached {} eBPF programs (syscall and sched tracepoints)", capture.attached);
+    if cfg.floor {
+        log::warn!(
+            "benchmark floor: {} tracepoints (and the TLS uprobes) run programs that only return; nothing is traced",
+            capture.attached
+        );
+    } else {
+        log::info!("attached {} eBPF programs (syscall and sched tracepoints)", capture.attached);
+    }
     if let Some(injection) = &capture.injection {
         log::info!(
             "traceparent injection on: outgoing HTTP/1.x requests of traced processes (sockops on {}, sk_msg)",

@@ -146,6 +146,7 @@ pub fn run_checks(selected: &[u32]) -> Vec<Finding> {
         ring_buffer_bytes: 1 << 16,
         wakeup_bytes: 1 << 12,
         inject_http: None,
+        floor: false,
     }) {
         Ok(mut c) => {
             out.push(finding(

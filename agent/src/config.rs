@@ -182,6 +182,8 @@ pub struct CliSelection {
     pub prometheus_port: Option<u16>,
     /// `--inject-traceparent`.
     pub inject_traceparent: bool,
+    /// `--floor` (benchmarks only).
+    pub floor: bool,
 }
 
 /// Everything the agent needs, validated.
@@ -201,6 +203,8 @@ pub struct AgentConfig {
     pub otlp_metrics: Option<(OtlpSettings, std::time::Duration)>,
     /// Traceparent injection into outgoing HTTP/1.x requests (`propagation.inject_http`).
     pub inject_http: bool,
+    /// Benchmark floor: empty programs at the hook points, nothing else (`--floor`).
+    pub floor: bool,
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -351,6 +355,7 @@ pub fn build(file: FileConfig, cli: CliSelection, env: Env<'_>) -> Result<AgentC
         prometheus,
         otlp_metrics,
         inject_http: file.propagation.inject_http || cli.inject_traceparent,
+        floor: cli.floor,
     })
 }
 

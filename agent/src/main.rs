@@ -51,6 +51,10 @@ struct RunArgs {
     /// processes (changes their traffic; same as `propagation.inject_http: true`).
     #[arg(long)]
     inject_traceparent: bool,
+    /// Benchmarks only: attach programs that only return at sonde's hook points, and nothing
+    /// else (`cargo xtask bench` measures the hooks' own cost with it).
+    #[arg(long, hide = true)]
+    floor: bool,
 }
 
 impl SelectionArgs {
@@ -66,8 +70,9 @@ impl RunArgs {
             print,
             prometheus_port,
             inject_traceparent,
+            floor,
         } = self;
-        (config, CliSelection { open_ports, exe_path, pids, print, prometheus_port, inject_traceparent })
+        (config, CliSelection { open_ports, exe_path, pids, print, prometheus_port, inject_traceparent, floor })
     }
 }
 
@@ -97,7 +102,8 @@ fn main() {
                 Vec::new()
             } else {
                 let (config, cli) =
-                    RunArgs { selection, print: None, prometheus_port: None, inject_traceparent: false }.split();
+                    RunArgs { selection, print: None, prometheus_port: None, inject_traceparent: false, floor: false }
+                        .split();
                 match load_config(config, cli) {
                     Ok(cfg) => sonde::discovery::Discovery::new(cfg.selectors, Vec::new(), None).selected_pids(),
                     Err(code) => std::process::exit(code),

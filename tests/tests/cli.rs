@@ -170,3 +170,31 @@ fn help_says_what_sonde_does_now() {
         assert!(text.contains(word), "--help should mention {word}:\n{text}");
     }
 }
+
+/// The benchmark's floor arm: the same hook points run programs that only return, and nothing
+/// is traced (no events, no spans).
+#[test]
+fn privileged_floor_mode_attaches_only_empty_programs() {
+    let Some(_guard) = privileged_test("sonde --floor") else {
+        return;
+    };
+    let _stats = sonde_e2e::bpf_stats::BpfStats::enable();
+    let port = sonde_e2e::free_port();
+    let _server = sonde_e2e::servers::python_http(port, None);
+    let sonde = sonde_e2e::sonde::Sonde::start(
+        &["--open-ports", &port.to_string(), "--floor", "--print", "json"],
+        &sonde_e2e::sonde::test_config(""),
+        &[],
+    );
+    let urls: Vec<String> = (0..20).map(|i| format!("http://127.0.0.1:{port}/floor/{i}")).collect();
+    sonde_e2e::clients::curl(&["-o", "/dev/null"], &urls);
+    let floor_runs = sonde_e2e::bpf_stats::runs_of(sonde.pid(), "floor_tracepoi");
+    let real_runs = sonde_e2e::bpf_stats::runs_of(sonde.pid(), "sys_");
+    let finished = sonde.stop();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert!(finished.stderr.contains("benchmark floor"), "{}", finished.stderr);
+    assert!(floor_runs >= 20 * 4, "the empty program ran at the syscall hooks: {floor_runs} runs");
+    assert_eq!(real_runs, 0, "sonde's own programs are not even loaded");
+    assert_eq!(finished.counter("events_read"), Some(0));
+    assert!(finished.json_spans().is_empty());
+}

@@ -57,7 +57,9 @@ fn main() -> Result<()> {
         Some("bench") => {
             setup::run()?;
             build()?;
-            println!("==> benchmarks: off/on pairs per scenario (about 10 minutes with the defaults)");
+            println!(
+                "==> benchmarks: rounds of no agent / floor / sonde per scenario (about 15 minutes with the defaults)"
+            );
             run(cargo().args(["run", "--release", "-p", "sonde-e2e", "--bin", "bench", "--"]).args(&args[1..]))
         }
         Some("fuzz") => {
@@ -116,7 +118,7 @@ fn test() -> Result<()> {
         "xtask",
     ];
     steps::step("building the tests (release profile, shared with the build)", || {
-        run(cargo().arg("test").args(SELECTION).args(["--no-run", "--quiet"]))
+        run(cargo().arg("test").args(SELECTION).arg("--no-run"))
     })?;
     println!("==> running all tests");
     // End-to-end tests share the machine's ports and kernel: one test thread.

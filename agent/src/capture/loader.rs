@@ -66,6 +66,20 @@ const TLS_ATTACHMENTS: &[(&str, &str)] = &[
     ("SSL_do_handshake", "ssl_handshake_exit"),
 ];
 
+/// The floor program standing in for a TLS probe: return probes end in `_exit`.
+fn name_of_floor_uprobe(program: &str) -> &'static str {
+    if program.ends_with("_exit") { FLOOR_URETPROBE } else { FLOOR_UPROBE }
+}
+
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program, CaptureError> {
+    ebpf.program_mut(name).ok_or_else(|| CaptureError::Attach {
+        program: name.to_owned(),
+        category: "program",
+        name: name.to_owned(),
+        detail: "missing from the eBPF object".into(),
+    })
+}
+
 /// sonde's eBPF object, as built (empty with AYA_BUILD_SKIP).
 pub fn probes_object() -> &'static [u8] {
     PROBES
@@ -73,6 +87,11 @@ pub fn probes_object() -> &'static [u8] {
 
 /// Loaded and attached only when injection is on (see `capture::inject`).
 const INJECT_PROGRAMS: &[&str] = &["sonde_inject", "sonde_sockops"];
+/// Programs that only return, for the benchmark's floor arm.
+const FLOOR_TRACEPOINT: &str = "floor_tracepoint";
+const FLOOR_UPROBE: &str = "floor_uprobe";
+const FLOOR_URETPROBE: &str = "floor_uretprobe";
+const FLOOR_PROGRAMS: &[&str] = &[FLOOR_TRACEPOINT, FLOOR_UPROBE, FLOOR_URETPROBE];
 
 static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sonde-probes"));
 
@@ -112,6 +131,8 @@ pub struct CaptureOptions {
     /// Traceparent injection into outgoing HTTP/1.x requests, with the sampler's bound for the
     /// traces it starts (see `Settings::sample_bound`).
     pub inject_http: Option<u64>,
+    /// Benchmark floor: attach programs that only return at every hook point instead of sonde's.
+    pub floor: bool,
 }
 
 /// Sum over CPUs of the kernel's counters.
@@ -138,6 +159,8 @@ pub struct Capture {
     pub attached: usize,
     /// Present when traceparent injection is on.
     pub injection: Option<Injection>,
+    /// Empty programs at sonde's hook points (see [`CaptureOptions::floor`]).
+    floor: bool,
     /// Kept open for the programs' lifetime.
     _settings: Array<MapData, Settings>,
 }
@@ -224,8 +247,10 @@ impl Capture {
         let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(map_err("EVENTS"))?;
 
         let mut attached = 0;
-        for (name, program) in ebpf.programs_mut() {
-            if INJECT_PROGRAMS.contains(&name) {
+        let names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_owned()).collect();
+        for name in &names {
+            let name = name.as_str();
+            if INJECT_PROGRAMS.contains(&name) || FLOOR_PROGRAMS.contains(&name) {
                 continue;
             }
             let category = if name.starts_with("sys_") {
@@ -238,25 +263,35 @@ impl Capture {
                 "sock"
             } else {
                 // TLS uprobes: loaded now, attached per library file as processes are found.
+                let loaded = if opts.floor { name_of_floor_uprobe(name) } else { name };
                 let probe: &mut UProbe =
-                    program.try_into().map_err(|e: aya::programs::ProgramError| CaptureError::Attach {
-                        program: name.to_owned(),
-                        category: "uprobe",
-                        name: name.to_owned(),
-                        detail: e.to_string(),
+                    program_mut(&mut ebpf, loaded)?.try_into().map_err(|e: aya::programs::ProgramError| {
+                        CaptureError::Attach {
+                            program: loaded.to_owned(),
+                            category: "uprobe",
+                            name: name.to_owned(),
+                            detail: e.to_string(),
+                        }
                     })?;
-                probe.load().map_err(|e| load_err(name, &e))?;
+                if probe.fd().is_err() {
+                    probe.load().map_err(|e| load_err(loaded, &e))?;
+                }
                 continue;
             };
+            // The floor arm attaches its empty program at the same tracepoint.
+            let loaded = if opts.floor { FLOOR_TRACEPOINT } else { name };
             let attach_err = |detail: String| CaptureError::Attach {
-                program: name.to_owned(),
+                program: loaded.to_owned(),
                 category,
                 name: name.to_owned(),
                 detail,
             };
-            let tp: &mut TracePoint =
-                program.try_into().map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
-            tp.load().map_err(|e| load_err(name, &e))?;
+            let tp: &mut TracePoint = program_mut(&mut ebpf, loaded)?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
+            if tp.fd().is_err() {
+                tp.load().map_err(|e| load_err(loaded, &e))?;
+            }
             tp.attach(category, name).map_err(|e| attach_err(e.to_string()))?;
             attached += 1;
         }
@@ -275,6 +310,7 @@ impl Capture {
             usage,
             attached,
             injection,
+            floor: opts.floor,
             _settings: settings,
         })
     }
@@ -295,6 +331,7 @@ impl Capture {
         let mut last_error = String::new();
         let mut only_missing_symbols = true;
         for (symbol, program) in TLS_ATTACHMENTS {
+            let program: &'static str = if self.floor { name_of_floor_uprobe(program) } else { program };
             let probe = match self.uprobe(program) {
                 Ok(probe) => probe,
                 Err(e) => {
@@ -304,7 +341,7 @@ impl Capture {
             };
             match probe.attach(*symbol, path, uprobe_scope) {
                 Ok(id) => {
-                    links.links.push((*program, id));
+                    links.links.push((program, id));
                     if !links.symbols.contains(symbol) {
                         links.symbols.push(*symbol);
                     }

@@ -7,6 +7,7 @@
 #![no_main]
 
 mod data;
+mod floor;
 mod inject;
 mod lifecycle;
 mod maps;

@@ -1,7 +1,9 @@
 //! `cargo xtask bench`: sonde's overhead against no agent, measured in the same run.
 //!
-//! Every scenario runs its load alternately without sonde and with sonde tracing the server
-//! (off, on, off, on, ...), same binaries, same machine, and reports medians. Results go to
+//! Every scenario runs its load in three interleaved arms: without sonde, with the floor (sonde
+//! `--floor`: programs that only return, at exactly sonde's hook points) and with sonde tracing
+//! the server (off, floor, on, off, ...), same binaries, same machine, and reports medians. The
+//! floor separates what the hook mechanism costs from what sonde's own work costs. Results go to
 //! BENCHMARKS.md. Needs root (eBPF, kernel.bpf_stats_enabled).
 
 mod load;
@@ -20,10 +22,22 @@ use sonde_e2e::{TempDir, bpf_stats, free_port, servers, sonde::Sonde};
 /// fall behind its schedule, and the queue it built dominated p50 and p99.
 const FIXED_RATE_CONNECTIONS: u32 = 64;
 
+/// One measured run of a scenario with the floor attached.
+#[derive(Clone, Debug, Default)]
+pub struct FloorRun {
+    pub load: LoadResult,
+    pub host_cpu_seconds: f64,
+    pub bpf_runs: u64,
+    /// Uprobe and uretprobe hits (each one a trap).
+    pub traps: u64,
+}
+
 /// One measured run of a scenario with sonde attached.
 #[derive(Clone, Debug, Default)]
 pub struct OnRun {
     pub load: LoadResult,
+    pub host_cpu_seconds: f64,
+    pub traps: u64,
     pub sonde_cpu_seconds: f64,
     pub peak_rss_mib: f64,
     pub bpf_ns: u64,
@@ -37,6 +51,9 @@ pub struct Outcome {
     pub name: String,
     pub command: String,
     pub off: Vec<LoadResult>,
+    /// Host CPU seconds of each run without an agent.
+    pub off_host_cpu: Vec<f64>,
+    pub floor: Vec<FloorRun>,
     pub on: Vec<OnRun>,
     pub tls: bool,
 }
@@ -97,32 +114,82 @@ fn measure(
     sonde_args: &[String],
     mut load: impl FnMut() -> LoadResult,
 ) -> Outcome {
-    println!("==> {name}: {} pairs of {}s runs", opts.pairs, opts.seconds);
-    let mut out = Outcome { name: name.into(), command, off: Vec::new(), on: Vec::new(), tls };
+    println!("==> {name}: {} rounds of {}s runs (off, floor, on)", opts.pairs, opts.seconds);
+    let mut out = Outcome {
+        name: name.into(),
+        command,
+        off: Vec::new(),
+        off_host_cpu: Vec::new(),
+        floor: Vec::new(),
+        on: Vec::new(),
+        tls,
+    };
     let args: Vec<&str> = sonde_args.iter().map(String::as_str).collect();
+    let floor_args: Vec<&str> = args.iter().copied().chain(["--floor"]).collect();
     let env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint()),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
         ("OTEL_METRICS_EXPORTER", "none".to_owned()),
     ];
+    let traps = |pid: u32, floor: bool| {
+        if floor { bpf_stats::runs_of(pid, "floor_u") } else { bpf_stats::runs_of(pid, "ssl_") }
+    };
     for pair in 0..opts.pairs {
+        let host0 = probe::host_busy_seconds();
         let off = load();
-        println!("    pair {pair}: off {:>9.0}/s p50 {:.3} ms p99 {:.3} ms", off.per_second, off.p50_ms, off.p99_ms);
+        let host_off = probe::host_busy_seconds() - host0;
+        println!(
+            "    pair {pair}: off   {:>9.0}/s p50 {:.3} ms p99 {:.3} ms; host {:.1} us/req",
+            off.per_second,
+            off.p50_ms,
+            off.p99_ms,
+            host_off / off.requests.max(1) as f64 * 1e6
+        );
         out.off.push(off);
+        out.off_host_cpu.push(host_off);
+
+        let floor = Sonde::start(&floor_args, "", &env);
+        let pid = floor.pid();
+        let (runs0, traps0, host0) = (bpf_stats::run_time(pid).1, traps(pid, true), probe::host_busy_seconds());
+        let load_floor = load();
+        let host_floor = probe::host_busy_seconds() - host0;
+        let run = FloorRun {
+            host_cpu_seconds: host_floor,
+            bpf_runs: bpf_stats::run_time(pid).1 - runs0,
+            traps: traps(pid, true) - traps0,
+            load: load_floor,
+        };
+        let finished = floor.stop();
+        assert!(finished.status.success(), "sonde --floor failed:\n{}", finished.stderr);
+        println!(
+            "    pair {pair}: floor {:>9.0}/s p50 {:.3} ms p99 {:.3} ms; host {:.1} us/req, {:.1} runs and {:.1} traps per req",
+            run.load.per_second,
+            run.load.p50_ms,
+            run.load.p99_ms,
+            host_floor / run.load.requests.max(1) as f64 * 1e6,
+            run.bpf_runs as f64 / run.load.requests.max(1) as f64,
+            run.traps as f64 / run.load.requests.max(1) as f64,
+        );
+        out.floor.push(run);
 
         let sonde = Sonde::start(&args, "", &env);
         let pid = sonde.pid();
         let (cpu0, (ns0, runs0)) = (probe::cpu_seconds(pid), bpf_stats::run_time(pid));
+        let (traps0, host0) = (traps(pid, false), probe::host_busy_seconds());
         let on = load();
+        let host_on = probe::host_busy_seconds() - host0;
         // Let sonde finish what the kernel queued before reading its costs.
         std::thread::sleep(Duration::from_millis(500));
         let (cpu1, (ns1, runs1)) = (probe::cpu_seconds(pid), bpf_stats::run_time(pid));
+        let traps_on = traps(pid, false) - traps0;
         let rss = probe::peak_rss_mib(pid);
         let finished = sonde.stop();
         assert!(finished.status.success(), "sonde failed:\n{}", finished.stderr);
         let c = |k: &str| finished.counter(k).unwrap_or(0);
         let run = OnRun {
             load: on,
+            host_cpu_seconds: host_on,
+            traps: traps_on,
             sonde_cpu_seconds: cpu1 - cpu0,
             peak_rss_mib: rss,
             bpf_ns: ns1 - ns0,
@@ -132,7 +199,7 @@ fn measure(
             spans_dropped: c("spans_dropped_queue_full") + c("spans_dropped_export_failed"),
         };
         println!(
-            "    pair {pair}: on  {:>9.0}/s p50 {:.3} ms p99 {:.3} ms; sonde {:.2} CPU s, {:.1} MiB, {} ns/req in kernel, {} spans / {} requests, {} lost",
+            "    pair {pair}: on    {:>9.0}/s p50 {:.3} ms p99 {:.3} ms; sonde {:.2} CPU s, {:.1} MiB, {} ns/req in kernel, {} spans / {} requests, {} lost",
             run.load.per_second,
             run.load.p50_ms,
             run.load.p99_ms,
@@ -257,7 +324,7 @@ fn main() {
     }
     drop(nginx);
 
-    println!("\n{}", report::summary_table(&outcomes));
+    println!("\n{}\n{}", report::summary_table(&outcomes), report::floor_table(&outcomes));
     // A partial run (--only) does not replace the full record.
     if opts.only.is_none() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");

@@ -57,6 +57,71 @@ pub fn summarize(o: &Outcome) -> Summary {
     }
 }
 
+/// What the floor arm shows about one scenario.
+pub struct FloorSummary {
+    /// Throughput with the floor / without an agent (median of rounds).
+    pub floor_ratio: f64,
+    /// Throughput with sonde / with the floor.
+    pub sonde_vs_floor: f64,
+    /// Share of sonde's throughput loss that the hooks alone cause.
+    pub hooks_share: f64,
+    /// Host CPU per request, µs: without an agent, and added by the floor and by sonde.
+    pub host_us_off: f64,
+    pub host_us_added_floor: f64,
+    pub host_us_added_sonde: f64,
+    pub runs_floor: f64,
+    pub traps_floor: f64,
+    pub traps_sonde: f64,
+}
+
+pub fn summarize_floor(o: &Outcome) -> FloorSummary {
+    let per_req_us = |cpu: f64, r: &crate::load::LoadResult| cpu / r.requests.max(1) as f64 * 1e6;
+    let host_off = median(o.off.iter().zip(&o.off_host_cpu).map(|(r, c)| per_req_us(*c, r)).collect());
+    let host_floor = median(o.floor.iter().map(|f| per_req_us(f.host_cpu_seconds, &f.load)).collect());
+    let host_on = median(o.on.iter().map(|r| per_req_us(r.host_cpu_seconds, &r.load)).collect());
+    let floor_ratio = median(o.off.iter().zip(&o.floor).map(|(a, f)| f.load.per_second / a.per_second).collect());
+    let on_ratio = median(o.off.iter().zip(&o.on).map(|(a, b)| b.load.per_second / a.per_second).collect());
+    let per_req = |n: u64, r: &crate::load::LoadResult| n as f64 / r.requests.max(1) as f64;
+    FloorSummary {
+        floor_ratio,
+        sonde_vs_floor: median(o.floor.iter().zip(&o.on).map(|(f, b)| b.load.per_second / f.load.per_second).collect()),
+        hooks_share: if on_ratio < 1.0 { ((1.0 - floor_ratio) / (1.0 - on_ratio)).clamp(0.0, 1.0) } else { f64::NAN },
+        host_us_off: host_off,
+        host_us_added_floor: host_floor - host_off,
+        host_us_added_sonde: host_on - host_off,
+        runs_floor: median(o.floor.iter().map(|f| per_req(f.bpf_runs, &f.load)).collect()),
+        traps_floor: median(o.floor.iter().map(|f| per_req(f.traps, &f.load)).collect()),
+        traps_sonde: median(o.on.iter().map(|r| per_req(r.traps, &r.load)).collect()),
+    }
+}
+
+/// How far sonde is from the limit of its hooks, and the hooks from no agent.
+pub fn floor_table(outcomes: &[Outcome]) -> String {
+    let mut t = String::from(
+        "| scenario | floor / no agent | sonde / no agent | sonde / floor | share of the loss from the hooks | host CPU µs per req without agent | µs added by the floor | µs added by sonde | program runs per req (floor / sonde) | traps per req (floor / sonde) |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for o in outcomes {
+        let (s, f) = (summarize(o), summarize_floor(o));
+        let _ = writeln!(
+            t,
+            "| {} | {:.3} | {:.3} | {:.3} | {} | {:.1} | {:+.1} | {:+.1} | {:.1} / {:.1} | {:.1} / {:.1} |",
+            o.name,
+            f.floor_ratio,
+            s.ratio,
+            f.sonde_vs_floor,
+            if f.hooks_share.is_nan() { "-".to_string() } else { format!("{:.0}%", f.hooks_share * 100.0) },
+            f.host_us_off,
+            f.host_us_added_floor,
+            f.host_us_added_sonde,
+            f.runs_floor,
+            s.kernel_runs,
+            f.traps_floor,
+            f.traps_sonde,
+        );
+    }
+    t
+}
+
 fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "**missed**" }
 }
@@ -94,8 +159,33 @@ pub fn summary_table(outcomes: &[Outcome]) -> String {
 fn targets(outcomes: &[Outcome]) -> String {
     let mut t = String::from("| target | measured | verdict |\n|---|---|---|\n");
     for o in outcomes {
-        let s = summarize(o);
+        let (s, f) = (summarize(o), summarize_floor(o));
+        let _ = writeln!(
+            t,
+            "| {}: sonde within 10% of the floor's throughput | {:.1}% of the floor | {} |",
+            o.name,
+            f.sonde_vs_floor * 100.0,
+            verdict(f.sonde_vs_floor >= 0.90)
+        );
+        if o.tls {
+            let _ = writeln!(
+                t,
+                "| {}: at most 3 traps per request | {:.1} | {} |",
+                o.name,
+                f.traps_sonde,
+                verdict(f.traps_sonde <= 3.0)
+            );
+        }
         let fixed_rate = o.name.contains("fixed rate");
+        if fixed_rate {
+            let _ = writeln!(
+                t,
+                "| {}: host CPU added <= 3 µs per request | {:.1} µs | {} |",
+                o.name,
+                f.host_us_added_sonde,
+                verdict(f.host_us_added_sonde <= 3.0)
+            );
+        }
         if fixed_rate {
             let added = (s.p99_on - s.p99_off) / s.p99_off * 100.0;
             let _ = writeln!(t, "| {}: added p99 <= 5% | {added:+.1}% | {} |", o.name, verdict(added <= 5.0));
@@ -161,7 +251,7 @@ pub fn markdown(outcomes: &[Outcome], micro: &[(String, f64)], opts: &Options) -
     let mut md = String::from("# sonde benchmarks\n\n");
     let _ = writeln!(
         md,
-        "Written by `cargo xtask bench` (tests/src/bin/bench). Re-run it as root on an idle machine; every number\nbelow comes from one run on:\n\n- {}\n- {} off/on pairs per scenario, {} s per run, interleaved (off, on, off, on, ...); medians.\n- \"with\" = sonde tracing the server (`--open-ports PORT`), exporting every span over OTLP/HTTP to a local\n  endpoint that accepts and discards (so the cost of encoding and sending is included).\n- Load generator, server and sonde share the same cores: sonde's CPU is taken from the application's.\n",
+        "Written by `cargo xtask bench` (tests/src/bin/bench). Re-run it as root on an idle machine; every number\nbelow comes from one run on:\n\n- {}\n- {} rounds per scenario of three arms, {} s per run, interleaved (off, floor, on, off, ...); medians.\n- \"with\" = sonde tracing the server (`--open-ports PORT`), exporting every span over OTLP/HTTP to a local\n  endpoint that accepts and discards (so the cost of encoding and sending is included).\n- Load generator, server and sonde share the same cores: sonde's CPU is taken from the application's.\n",
         machine(),
         opts.pairs,
         opts.seconds
@@ -191,14 +281,15 @@ pub fn markdown(outcomes: &[Outcome], micro: &[(String, f64)], opts: &Options) -
     for o in outcomes {
         let _ = writeln!(md, "- {}: `{}`", o.name, o.command);
     }
-    md.push_str("\n## Every run\n\n| scenario | pair | req/s without | req/s with | p99 ms without / with | sonde CPU s | in-kernel ns/req | spans / requests |\n|---|---|---|---|---|---|---|---|\n");
+    md.push_str("\n## Every run\n\n| scenario | round | req/s without | req/s floor | req/s with | p99 ms without / with | sonde CPU s | in-kernel ns/req | spans / requests |\n|---|---|---|---|---|---|---|---|---|\n");
     for o in outcomes {
-        for (i, (off, on)) in o.off.iter().zip(&o.on).enumerate() {
+        for (i, ((off, on), floor)) in o.off.iter().zip(&o.on).zip(&o.floor).enumerate() {
             let _ = writeln!(
                 md,
-                "| {} | {i} | {:.0} | {:.0} | {:.3} / {:.3} | {:.2} | {} | {} / {} |",
+                "| {} | {i} | {:.0} | {:.0} | {:.0} | {:.3} / {:.3} | {:.2} | {} | {} / {} |",
                 o.name,
                 off.per_second,
+                floor.load.per_second,
                 on.load.per_second,
                 off.p99_ms,
                 on.load.p99_ms,
