@@ -57,6 +57,8 @@ pub fn summarize(o: &Outcome) -> Summary {
     }
 }
 
+const FLOOR_NOTES: &str = "\n- floor = `sonde run --floor`: programs that only return, attached at exactly the tracepoints sonde uses and\n  (HTTPS) as uprobes on the same OpenSSL symbols of the same file; nothing is traced.\n- share of the loss from the hooks = (1 - floor ratio) / (1 - sonde ratio); the rest is sonde's own work (its\n  programs' bodies, the ring buffer, user space). Ratios are medians of per-round ratios.\n- host CPU µs per request: busy time of all CPUs (/proc/stat, everything but idle and iowait) over the run,\n  divided by requests served; added = that arm minus no agent. At saturation every arm keeps both cores busy,\n  so this is the cost per request; the fixed-rate row is the one at equal load.\n- traps: uprobe and uretprobe hits (each enters the kernel through a breakpoint).\n";
+
 /// What the floor arm shows about one scenario.
 pub struct FloorSummary {
     /// Throughput with the floor / without an agent (median of rounds).
@@ -259,6 +261,9 @@ pub fn markdown(outcomes: &[Outcome], micro: &[(String, f64)], opts: &Options) -
     md.push_str("\n## Results\n\n");
     md.push_str(&summary_table(outcomes));
     md.push_str("\n- sonde CPU s per 10k requests is also cores per 10k requests/s.\n- in-kernel ns per request: run_time_ns of all of sonde's eBPF programs (kernel.bpf_stats_enabled) over the run, divided by requests served; runs per request counts every run of those programs, including the\n  ones for the load generator's own syscalls that the PID filter rejects.\n");
+    md.push_str("\n## The floor: what the hooks cost before sonde does anything\n\n");
+    md.push_str(&floor_table(outcomes));
+    md.push_str(FLOOR_NOTES);
     md.push_str(
         "\n## User-space pipeline (criterion, one core)\n\n| benchmark | per second | target |\n|---|---|---|\n",
     );
