@@ -26,6 +26,19 @@ fn traffic(port: u16, n: usize, tag: &str) {
     curl(&["-o", "/dev/null"], &urls);
 }
 
+/// OTLP/HTTP behind TLS with the test CA's localhost certificate.
+fn https_receiver(pki: &TestPki) -> HttpReceiver {
+    HttpReceiver::start_with(
+        0,
+        ReceiverOptions { tls: Some(pki.server_config(false, &[b"http/1.1"])), ..Default::default() },
+    )
+}
+
+/// OTLP/gRPC behind TLS that requires a client certificate signed by the test CA.
+fn mtls_grpc_receiver(pki: &TestPki) -> GrpcReceiver {
+    GrpcReceiver::start_with(ReceiverOptions { tls: Some(pki.server_config(true, &[b"h2"])), ..Default::default() })
+}
+
 fn start(port: u16, env: Vec<(&'static str, String)>) -> Sonde {
     Sonde::start(&["--open-ports", &port.to_string()], &test_config(""), &env)
 }
@@ -40,10 +53,7 @@ fn privileged_http_protobuf_over_tls_with_private_ca_authorization_and_gzip() {
         return;
     };
     let pki = TestPki::new();
-    let receiver = HttpReceiver::start_with(
-        0,
-        ReceiverOptions { tls: Some(pki.server_config(false, &[b"http/1.1"])), ..Default::default() },
-    );
+    let receiver = https_receiver(&pki);
     let port = free_port();
     let server = servers::python_http(port, None);
     let sonde = start(
@@ -77,10 +87,7 @@ fn privileged_grpc_over_mtls_with_client_certificate_authorization_and_gzip() {
         return;
     };
     let pki = TestPki::new();
-    let receiver = GrpcReceiver::start_with(ReceiverOptions {
-        tls: Some(pki.server_config(true, &[b"h2"])),
-        ..Default::default()
-    });
+    let receiver = mtls_grpc_receiver(&pki);
     let port = free_port();
     let server = servers::python_http(port, None);
     let sonde = start(
@@ -127,10 +134,7 @@ fn privileged_untrusted_server_certificate_delivers_nothing_says_why_and_counts_
         return;
     };
     let pki = TestPki::new();
-    let receiver = HttpReceiver::start_with(
-        0,
-        ReceiverOptions { tls: Some(pki.server_config(false, &[b"http/1.1"])), ..Default::default() },
-    );
+    let receiver = https_receiver(&pki);
     let port = free_port();
     let server = servers::python_http(port, None);
     // No CA given: the platform's roots do not include the test CA.
@@ -155,10 +159,7 @@ fn privileged_mtls_collector_without_client_certificate_names_the_variables() {
         return;
     };
     let pki = TestPki::new();
-    let receiver = GrpcReceiver::start_with(ReceiverOptions {
-        tls: Some(pki.server_config(true, &[b"h2"])),
-        ..Default::default()
-    });
+    let receiver = mtls_grpc_receiver(&pki);
     let port = free_port();
     let server = servers::python_http(port, None);
     let sonde = start(
