@@ -124,6 +124,7 @@ fn otlp(c: &mut Criterion) {
             ],
             status: Status::Unset,
             resource: r.clone(),
+            counted_in: None,
         })
         .collect();
     let mut group = c.benchmark_group("otlp");

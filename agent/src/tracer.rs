@@ -206,7 +206,7 @@ impl Tracer {
                     let mut span =
                         assemble(&ex, kind, provisional, &conn.addrs, conn.tls, resource, |t| clock.to_unix_ns(t));
                     // Metrics count every request; sampling only decides what is exported.
-                    self.metrics.record(&span);
+                    span.counted_in = self.metrics.record(&span);
                     self.record_edge(conn, &span);
                     let mut out = std::mem::take(&mut self.released);
                     match self.joiner.resolve(&lineage) {
@@ -400,9 +400,9 @@ impl Tracer {
     fn emit_released(&mut self, spans: &mut Vec<Span>) {
         for span in spans.drain(..) {
             if span.context.sampled {
-                if let Some(queue) = &self.sinks.otlp {
+                if let (Some(queue), Some(counted_in)) = (&self.sinks.otlp, span.counted_in) {
                     // Shown as an exemplar only once its batch reaches the backend.
-                    self.metrics.offer_exemplar(&span, queue.next_batch_seq());
+                    self.metrics.offer_exemplar(&span, counted_in, queue.next_batch_seq());
                 }
                 self.sinks.emit(span);
             } else {

@@ -57,6 +57,24 @@ pub fn python_http(port: u16, backend: Option<u16>) -> Server {
     Server { child, port, _dir: None }
 }
 
+/// tests/fixtures/app.py on `port`: an HTTP service that queries PostgreSQL and Redis per
+/// request. `lazy`: its database connections open with the first request, not at start.
+pub fn python_app_with(port: u16, pg_port: u16, redis_port: u16, lazy: bool) -> Server {
+    let mut cmd = Command::new("python3");
+    cmd.arg(fixture("app.py")).args([port.to_string(), pg_port.to_string(), redis_port.to_string()]);
+    cmd.arg(PG_PASSWORD);
+    if lazy {
+        cmd.arg("--lazy");
+    }
+    let child = cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::null()).spawn().expect("start app.py");
+    wait_listening(port);
+    Server { child, port, _dir: None }
+}
+
+pub fn python_app(port: u16, pg_port: u16, redis_port: u16) -> Server {
+    python_app_with(port, pg_port, redis_port, false)
+}
+
 /// tests/fixtures/header_recorder.py on `port`, appending what it receives to `log`.
 pub fn header_recorder(port: u16, log: &std::path::Path) -> Server {
     let child = Command::new("python3")

@@ -209,13 +209,7 @@ fn privileged_http_service_with_database_children_in_one_trace() {
     let (app_port, pg_port, redis_port) = (free_port(), free_port(), free_port());
     let pg = servers::postgres(pg_port);
     let redis = servers::redis(redis_port);
-    let app = std::os::unix::process::CommandExt::process_group(&mut std::process::Command::new("python3"), 0)
-        .arg(fixture("app.py"))
-        .args([app_port.to_string(), pg_port.to_string(), redis_port.to_string(), PG_PASSWORD.to_string()])
-        .spawn()
-        .expect("start app.py");
-    let app = servers::KillOnDrop(app);
-    sonde_e2e::wait_listening(app_port);
+    let app = servers::python_app(app_port, pg_port, redis_port);
     let receiver = HttpReceiver::start();
     let cfg = test_config(&format!("discovery:\n  - service.name: orders\n    open_ports: {app_port}\n"));
     let sonde = Sonde::start(&[], &cfg, &env(&receiver));

@@ -65,15 +65,7 @@ fn privileged_frontend_orders_and_databases_are_one_trace_per_request() {
     let (frontend_port, orders_port, pg_port, redis_port) = (free_port(), free_port(), free_port(), free_port());
     let pg = servers::postgres(pg_port);
     let redis = servers::redis(redis_port);
-    let orders = servers::KillOnDrop(
-        std::os::unix::process::CommandExt::process_group(&mut std::process::Command::new("python3"), 0)
-            .arg(fixture("app.py"))
-            .args([orders_port.to_string(), pg_port.to_string(), redis_port.to_string(), PG_PASSWORD.to_string()])
-            .arg("--lazy")
-            .spawn()
-            .expect("start app.py"),
-    );
-    sonde_e2e::wait_listening(orders_port);
+    let orders = servers::python_app_with(orders_port, pg_port, redis_port, true);
     let frontend = servers::python_http(frontend_port, Some(orders_port));
     let receiver = HttpReceiver::start();
     let config = selectors(&[

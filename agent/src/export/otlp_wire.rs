@@ -216,6 +216,7 @@ mod tests {
                 ],
                 status: if i == 4 { Status::Error("500".into()) } else { Status::Unset },
                 resource: if i < 3 { a.clone() } else { b.clone() },
+                counted_in: None,
             })
             .collect()
     }

@@ -130,6 +130,43 @@ pub static INSTRUMENTS: [Instrument; 7] = [
     ),
 ];
 
+/// The (instrument, value) pairs of one span: at most three, kept inline (no allocation per
+/// span).
+#[derive(Clone, Copy, Debug)]
+pub struct Measurements {
+    items: [(usize, f64); 3],
+    len: usize,
+}
+
+impl Measurements {
+    fn of(items: &[(usize, f64)]) -> Self {
+        let mut m = Self { items: [(0, 0.0); 3], len: items.len() };
+        m.items[..items.len()].copy_from_slice(items);
+        m
+    }
+
+    pub fn first(&self) -> Option<&(usize, f64)> {
+        self.items[..self.len].first()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl IntoIterator for Measurements {
+    type Item = (usize, f64);
+    type IntoIter = std::iter::Take<std::array::IntoIter<(usize, f64), 3>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.items.into_iter().take(self.len)
+    }
+}
+
 /// (instrument, value) pairs a finished span contributes to.
 pub fn measurements(
     kind: SpanKind,
@@ -138,21 +175,21 @@ pub fn measurements(
     seconds: f64,
     request_body: i64,
     response_body: i64,
-) -> Vec<(usize, f64)> {
+) -> Measurements {
     match (is_http, is_db, kind) {
-        (true, _, SpanKind::Server) => vec![
+        (true, _, SpanKind::Server) => Measurements::of(&[
             (HTTP_SERVER_DURATION, seconds),
             (HTTP_SERVER_REQUEST_BODY, request_body as f64),
             (HTTP_SERVER_RESPONSE_BODY, response_body as f64),
-        ],
-        (true, _, SpanKind::Client) => vec![
+        ]),
+        (true, _, SpanKind::Client) => Measurements::of(&[
             (HTTP_CLIENT_DURATION, seconds),
             (HTTP_CLIENT_REQUEST_BODY, request_body as f64),
             (HTTP_CLIENT_RESPONSE_BODY, response_body as f64),
-        ],
+        ]),
         // Database servers traced from their own side get spans; the conventions define
         // client-side operation metrics only.
-        (false, true, SpanKind::Client) => vec![(DB_CLIENT_DURATION, seconds)],
-        _ => Vec::new(),
+        (false, true, SpanKind::Client) => Measurements::of(&[(DB_CLIENT_DURATION, seconds)]),
+        _ => Measurements::of(&[]),
     }
 }

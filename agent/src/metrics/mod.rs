@@ -9,4 +9,4 @@ pub mod prometheus;
 pub mod service_graph;
 mod store;
 
-pub use store::{HistogramPoint, MetricsStore, SeriesSnapshot};
+pub use store::{HistogramPoint, MetricsStore, SeriesRef, SeriesSnapshot};

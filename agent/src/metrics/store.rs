@@ -73,24 +73,70 @@ pub struct SeriesSnapshot {
 }
 
 type Attributes = Vec<(&'static str, AttrValue)>;
-/// (the process's resource, by address; the metric attributes).
-type SeriesKey = (usize, Attributes);
 /// Series are looked up for every measurement: a fast non-cryptographic hash (keys come from
 /// the traced traffic, but the cap bounds how many there are).
 type FastHash = foldhash::fast::RandomState;
 
-#[derive(Default)]
-struct InstrumentSeries {
-    points: HashMap<SeriesKey, (Arc<Resource>, HistogramPoint), FastHash>,
+/// Where a span was counted: its series in its instrument group. An exemplar offered later goes
+/// straight there, without a second lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeriesRef {
+    group: u16,
+    series: u32,
+}
+
+/// One process's attribute combination, with a point per instrument of its group.
+struct Series {
+    /// The resource's address: one Arc per process, kept alive by `resource`.
+    resource_id: usize,
+    resource: Arc<Resource>,
+    attributes: Attributes,
+    points: Vec<HistogramPoint>,
+}
+
+/// Instruments measured from the same span attributes (an HTTP server span's duration and body
+/// sizes): one lookup per span finds the series of all of them.
+struct Group {
+    attribute_names: &'static [&'static str],
+    /// Indices into [`INSTRUMENTS`], in the order of each series' points.
+    instruments: Vec<usize>,
+    /// Never removed: a [`SeriesRef`] stays valid (the metrics are cumulative).
+    series: Vec<Series>,
+    /// Indices into `series` by the hash of (resource, attributes); overflow series are not here.
+    index: hashbrown::HashTable<u32>,
+    /// Each process's overflow series, past the cap.
+    overflow: HashMap<usize, u32>,
     /// Distinct attribute sets admitted (the cap counts these, across resources).
     admitted: std::collections::HashSet<Attributes, FastHash>,
+}
+
+impl Group {
+    /// True when `series` holds exactly the span's values of the group's attributes.
+    fn matches(&self, series: &Series, resource_id: usize, span: &Span) -> bool {
+        if series.resource_id != resource_id {
+            return false;
+        }
+        let mut stored = series.attributes.iter();
+        for name in self.attribute_names {
+            if let Some(value) = span.attr(name) {
+                match stored.next() {
+                    Some((n, v)) if n == name && v == value => {}
+                    _ => return false,
+                }
+            }
+        }
+        stored.next().is_none()
+    }
 }
 
 pub struct MetricsStore {
     max_series: usize,
     /// Edges between services (same cap on edges as on attribute sets).
     pub service_graph: super::service_graph::ServiceGraph,
-    instruments: std::sync::Mutex<Vec<InstrumentSeries>>,
+    groups: std::sync::Mutex<Vec<Group>>,
+    /// instrument -> (its group, its position in the group's points).
+    placement: Vec<(u16, usize)>,
+    hasher: FastHash,
     /// Measurements that went to an overflow series because the cap was reached.
     pub overflowed: AtomicU64,
     /// Which export batches reached the backend: exemplars wait for theirs.
@@ -111,12 +157,50 @@ impl std::fmt::Debug for MetricsStore {
     }
 }
 
+/// The hash of a series key, fed the same way from a span (no copy) and from a stored series.
+fn key_hash<'a>(
+    hasher: &FastHash,
+    resource_id: usize,
+    attributes: impl Iterator<Item = (&'a str, &'a AttrValue)>,
+) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = hasher.build_hasher();
+    resource_id.hash(&mut h);
+    for (name, value) in attributes {
+        name.hash(&mut h);
+        value.hash(&mut h);
+    }
+    h.finish()
+}
+
 impl MetricsStore {
     pub fn new(max_series: usize) -> Self {
+        let mut groups: Vec<Group> = Vec::new();
+        let mut placement = Vec::new();
+        for (index, spec) in INSTRUMENTS.iter().enumerate() {
+            let group = match groups.iter().position(|g| std::ptr::eq(g.attribute_names, spec.attributes)) {
+                Some(g) => g,
+                None => {
+                    groups.push(Group {
+                        attribute_names: spec.attributes,
+                        instruments: Vec::new(),
+                        series: Vec::new(),
+                        index: hashbrown::HashTable::new(),
+                        overflow: HashMap::new(),
+                        admitted: Default::default(),
+                    });
+                    groups.len() - 1
+                }
+            };
+            placement.push((group as u16, groups[group].instruments.len()));
+            groups[group].instruments.push(index);
+        }
         Self {
             max_series,
             service_graph: super::service_graph::ServiceGraph::new(max_series),
-            instruments: std::sync::Mutex::new(INSTRUMENTS.iter().map(|_| InstrumentSeries::default()).collect()),
+            groups: std::sync::Mutex::new(groups),
+            placement,
+            hasher: FastHash::default(),
             overflowed: AtomicU64::new(0),
             delivery: Arc::default(),
         }
@@ -128,42 +212,29 @@ impl MetricsStore {
     }
 
     /// Offers a sampled span, queued for export in batch `seq`, as the exemplar of the duration
-    /// bucket it was counted in (by [`MetricsStore::record`], earlier).
-    pub fn offer_exemplar(&self, span: &Span, seq: u64) {
+    /// bucket it was counted in (`counted_in`, from [`MetricsStore::record`]).
+    pub fn offer_exemplar(&self, span: &Span, counted_in: SeriesRef, seq: u64) {
         let seconds = span.end_unix_ns.saturating_sub(span.start_unix_ns) as f64 / 1e9;
-        let is_http = span.attr("http.request.method").is_some();
-        let is_db = span.attr("db.system.name").is_some();
-        let Some(index) = measurements(span.kind, is_http, is_db, seconds, 0, 0)
-            .into_iter()
-            .map(|(i, _)| i)
-            .find(|i| INSTRUMENTS[*i].unit == Unit::Seconds)
-        else {
-            return;
-        };
-        let spec = &INSTRUMENTS[index];
         let exemplar = Exemplar {
             trace_id: span.context.trace_id.0,
             span_id: span.context.span_id.0,
             value: seconds,
             time_unix_ns: span.end_unix_ns,
         };
-        let resource_id = Arc::as_ptr(&span.resource) as usize;
-        let key = (resource_id, spec.attributes.iter().filter_map(|k| span.attr(k).map(|v| (*k, v.clone()))).collect());
-        let Ok(mut all) = self.instruments.lock() else { return };
-        let series = &mut all[index];
-        // The series `record` counted it in: its own, or the overflow series past the cap.
-        let overflow = || (resource_id, vec![(OVERFLOW_ATTRIBUTE, AttrValue::Bool(true))]);
-        let point = match series.points.contains_key(&key) {
-            true => series.points.get_mut(&key),
-            false => series.points.get_mut(&overflow()),
+        let Ok(mut groups) = self.groups.lock() else { return };
+        let Some(group) = groups.get_mut(counted_in.group as usize) else { return };
+        let Some(position) = group.instruments.iter().position(|i| INSTRUMENTS[*i].unit == Unit::Seconds) else {
+            return;
         };
-        if let Some((_, point)) = point {
-            point.offer_exemplar(spec.bounds, exemplar, seq, &self.delivery);
+        let bounds = INSTRUMENTS[group.instruments[position]].bounds;
+        if let Some(series) = group.series.get_mut(counted_in.series as usize) {
+            series.points[position].offer_exemplar(bounds, exemplar, seq, &self.delivery);
         }
     }
 
-    /// Records what a finished span measures. Called for every span, sampled or not.
-    pub fn record(&self, span: &Span) {
+    /// Records what a finished span measures. Called for every span, sampled or not. Returns
+    /// the series it was counted in, for [`MetricsStore::offer_exemplar`].
+    pub fn record(&self, span: &Span) -> Option<SeriesRef> {
         let is_http = span.attr("http.request.method").is_some();
         let is_db = span.attr("db.system.name").is_some();
         let int = |k: &str| match span.attr(k) {
@@ -179,69 +250,92 @@ impl MetricsStore {
             int("http.request.body.size"),
             int("http.response.body.size"),
         );
-        if values.is_empty() {
-            return;
-        }
-        let now = span.end_unix_ns;
+        let (group_index, _) = *self.placement.get(values.first()?.0)?;
         // The process's resource is shared (one Arc per process) and kept alive by the series
         // that use it, so its address identifies it without hashing its attributes.
         let resource_id = Arc::as_ptr(&span.resource) as usize;
-        let Ok(mut all) = self.instruments.lock() else { return };
-        // Instruments of one side share their attribute list: the key is built once per span and
-        // borrowed for lookups; it is cloned only when a new series is created.
-        let mut current: Option<(&'static [&'static str], SeriesKey)> = None;
-        for (index, value) in values {
-            let spec = &INSTRUMENTS[index];
-            let key = match current {
-                Some((list, ref key)) if std::ptr::eq(list, spec.attributes) => key,
-                _ => {
-                    let attrs = spec.attributes.iter().filter_map(|k| span.attr(k).map(|v| (*k, v.clone()))).collect();
-                    &current.insert((spec.attributes, (resource_id, attrs))).1
-                }
-            };
-            let series = &mut all[index];
-            // Fast path: a series this process already has (one hash, no copy).
-            if let Some((_, point)) = series.points.get_mut(key) {
-                point.record(spec.bounds, value);
-                continue;
-            }
-            let new_key = if series.admitted.contains(&key.1) {
-                key.clone()
-            } else if series.admitted.len() < self.max_series {
-                series.admitted.insert(key.1.clone());
-                key.clone()
-            } else {
-                self.overflowed.fetch_add(1, Relaxed);
-                (resource_id, vec![(OVERFLOW_ATTRIBUTE, AttrValue::Bool(true))])
-            };
-            let (_, point) = series
-                .points
-                .entry(new_key)
-                .or_insert_with(|| (span.resource.clone(), HistogramPoint::new(spec.bounds.len(), now)));
-            point.record(spec.bounds, value);
+        let Ok(mut groups) = self.groups.lock() else { return None };
+        let group = &mut groups[group_index as usize];
+        let names = group.attribute_names;
+        let from_span = || names.iter().filter_map(|k| span.attr(k).map(|v| (*k, v)));
+        let hash = key_hash(&self.hasher, resource_id, from_span());
+        let found = group.index.find(hash, |&i| group.matches(&group.series[i as usize], resource_id, span)).copied();
+        let series = match found {
+            Some(i) => i,
+            None => self.add_series(group, span, resource_id, hash, values.len() as u64),
+        };
+        let points = &mut group.series[series as usize].points;
+        for (instrument, value) in values {
+            let (_, position) = self.placement[instrument];
+            points[position].record(INSTRUMENTS[instrument].bounds, value);
         }
+        Some(SeriesRef { group: group_index, series })
+    }
+
+    /// A combination not seen for this process: its own series while the cap allows, else the
+    /// process's overflow series. `measured`: how many measurements the span brings.
+    fn add_series(&self, group: &mut Group, span: &Span, resource_id: usize, hash: u64, measured: u64) -> u32 {
+        let attributes: Attributes =
+            group.attribute_names.iter().filter_map(|k| span.attr(k).map(|v| (*k, v.clone()))).collect();
+        let admitted = group.admitted.contains(&attributes) || group.admitted.len() < self.max_series;
+        let new_series = |attributes| Series {
+            resource_id,
+            resource: span.resource.clone(),
+            attributes,
+            points: group
+                .instruments
+                .iter()
+                .map(|i| HistogramPoint::new(INSTRUMENTS[*i].bounds.len(), span.end_unix_ns))
+                .collect(),
+        };
+        if !admitted {
+            self.overflowed.fetch_add(measured, Relaxed);
+            if let Some(i) = group.overflow.get(&resource_id) {
+                return *i;
+            }
+            let series = new_series(vec![(OVERFLOW_ATTRIBUTE, AttrValue::Bool(true))]);
+            group.series.push(series);
+            let i = (group.series.len() - 1) as u32;
+            group.overflow.insert(resource_id, i);
+            return i;
+        }
+        group.admitted.insert(attributes.clone());
+        let series = new_series(attributes);
+        group.series.push(series);
+        let i = (group.series.len() - 1) as u32;
+        let (all, hasher) = (&group.series, &self.hasher);
+        group.index.insert_unique(hash, i, |&j| {
+            let s = &all[j as usize];
+            key_hash(hasher, s.resource_id, s.attributes.iter().map(|(k, v)| (*k, v)))
+        });
+        i
     }
 
     /// Every series, copied (cumulative since its start), exemplars settled.
     pub fn snapshot(&self) -> Vec<SeriesSnapshot> {
-        let Ok(mut all) = self.instruments.lock() else { return Vec::new() };
+        let Ok(mut groups) = self.groups.lock() else { return Vec::new() };
         let mut out = Vec::new();
-        for (instrument, series) in all.iter_mut().enumerate() {
-            for ((_, attrs), (resource, point)) in &mut series.points {
-                point.settle_exemplars(&self.delivery);
-                out.push(SeriesSnapshot {
-                    instrument,
-                    resource: resource.clone(),
-                    attributes: attrs.clone(),
-                    point: point.clone(),
-                });
+        for group in groups.iter_mut() {
+            for series in &mut group.series {
+                for (position, instrument) in group.instruments.iter().enumerate() {
+                    let point = &mut series.points[position];
+                    point.settle_exemplars(&self.delivery);
+                    out.push(SeriesSnapshot {
+                        instrument: *instrument,
+                        resource: series.resource.clone(),
+                        attributes: series.attributes.clone(),
+                        point: point.clone(),
+                    });
+                }
             }
         }
+        out.sort_by_key(|s| s.instrument);
         out
     }
 
     pub fn series_count(&self, instrument: usize) -> usize {
-        self.instruments.lock().map(|a| a[instrument].points.len()).unwrap_or(0)
+        let (group, _) = self.placement[instrument];
+        self.groups.lock().map(|g| g[group as usize].series.len()).unwrap_or(0)
     }
 
     pub fn overflowed(&self) -> u64 {
@@ -284,6 +378,7 @@ mod tests {
             ],
             status: Status::Unset,
             resource: resource.clone(),
+            counted_in: None,
         }
     }
 
@@ -347,10 +442,11 @@ mod tests {
         let fast = span("/a", 200, 7, &r);
         let mut slow = span("/a", 200, 300, &r);
         slow.context.span_id = SpanId([3; 8]);
-        store.record(&fast);
-        store.record(&slow);
-        store.offer_exemplar(&fast, 1);
-        store.offer_exemplar(&slow, 2);
+        let counted_fast = store.record(&fast).unwrap();
+        let counted_slow = store.record(&slow).unwrap();
+        assert_eq!(counted_fast, counted_slow, "one series");
+        store.offer_exemplar(&fast, counted_fast, 1);
+        store.offer_exemplar(&slow, counted_slow, 2);
         let render = |exemplars: bool| {
             let mut out = String::new();
             crate::metrics::openmetrics::write_histograms(&store.snapshot(), exemplars, &mut out);

@@ -35,5 +35,6 @@ pub fn assemble(
         attributes: mapped.attributes,
         status: mapped.status,
         resource,
+        counted_in: None,
     }
 }

@@ -24,20 +24,28 @@ pub fn ip_text(ip: IpAddr) -> Text {
     let IpAddr::V4(v4) = ip else {
         return ip.to_compact_string();
     };
-    let mut out = Text::default();
+    // Digits go into a stack buffer and become one inline string: pushing char by char went
+    // through the string's inline/heap checks each time.
+    let mut buf = [0u8; 15];
+    let mut len = 0;
     for (i, octet) in v4.octets().into_iter().enumerate() {
         if i > 0 {
-            out.push('.');
+            buf[len] = b'.';
+            len += 1;
         }
         if octet >= 100 {
-            out.push(char::from(b'0' + octet / 100));
+            buf[len] = b'0' + octet / 100;
+            len += 1;
         }
         if octet >= 10 {
-            out.push(char::from(b'0' + octet / 10 % 10));
+            buf[len] = b'0' + octet / 10 % 10;
+            len += 1;
         }
-        out.push(char::from(b'0' + octet % 10));
+        buf[len] = b'0' + octet % 10;
+        len += 1;
     }
-    out
+    // Only ASCII digits and dots were written.
+    Text::from(std::str::from_utf8(&buf[..len]).unwrap_or_default())
 }
 
 const KNOWN_METHODS: [&str; 9] = ["CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"];

@@ -357,6 +357,7 @@ mod tests {
             attributes: Vec::new(),
             status: Status::Unset,
             resource: Arc::new(Resource::for_process(&identity, &[])),
+            counted_in: None,
         }
     }
 

@@ -83,6 +83,8 @@ pub struct Span {
     pub attributes: Vec<Attr>,
     pub status: Status,
     pub resource: Arc<Resource>,
+    /// The metric series that counted it (where its exemplar goes), once measured.
+    pub counted_in: Option<crate::metrics::SeriesRef>,
 }
 
 impl Span {

@@ -313,6 +313,8 @@ fn parse_chunk_size(line: &[u8]) -> Option<u64> {
     u64::from_str_radix(text, 16).ok()
 }
 
+/// The end of an HTTP head is searched in every chunk: memchr's SIMD search, not a byte-by-byte
+/// window compare (which was a visible share of the pipeline's time).
 pub fn find_subslice(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(haystack, needle)
 }

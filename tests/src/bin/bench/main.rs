@@ -44,6 +44,8 @@ pub struct OnRun {
     pub bpf_runs: u64,
     pub events_lost: u64,
     pub spans_exported: u64,
+    /// Spans measured (metrics count every one, sampled or not).
+    pub spans_created: u64,
     pub spans_dropped: u64,
 }
 
@@ -56,12 +58,34 @@ pub struct Outcome {
     pub floor: Vec<FloorRun>,
     pub on: Vec<OnRun>,
     pub tls: bool,
+    pub spans_per_request: u64,
+    /// The trace sampler's ratio, when not every span is exported.
+    pub sampled: Option<f64>,
+}
+
+/// What one scenario runs and expects.
+pub struct Scenario<'a> {
+    pub name: String,
+    pub command: String,
+    pub tls: bool,
+    /// Spans each request makes (a server span, plus the client spans of an application).
+    pub spans_per_request: u64,
+    /// `OTEL_TRACES_SAMPLER=traceidratio` with this ratio.
+    pub sampled: Option<f64>,
+    /// sonde's arguments that select the server.
+    pub select: &'a [String],
+}
+
+impl<'a> Scenario<'a> {
+    fn new(name: impl Into<String>, command: String, select: &'a [String]) -> Self {
+        Self { name: name.into(), command, tls: false, spans_per_request: 1, sampled: None, select }
+    }
 }
 
 pub struct Options {
     pub pairs: usize,
     pub seconds: u32,
-    /// `--only a,b`: run only these scenarios (nginx, fixed-rate, redis, pgbench, https).
+    /// `--only a,b`: run only these scenarios (micro, nginx, fixed-rate, redis, pgbench, python, https).
     pub only: Option<Vec<String>>,
     /// `--rate N`: the fixed-rate scenario's requests per second, instead of half the measured
     /// baseline (to compare builds at the same load).
@@ -74,7 +98,8 @@ impl Options {
     }
 }
 
-const USAGE: &str = "usage: bench [--only nginx,fixed-rate,redis,pgbench,https] [--pairs N] [--seconds S] [--rate R]
+const USAGE: &str =
+    "usage: bench [--only micro,nginx,fixed-rate,redis,pgbench,python,https] [--pairs N] [--seconds S] [--rate R]
   run as root; without --only it rewrites BENCHMARKS.md";
 
 fn options() -> Options {
@@ -104,33 +129,31 @@ fn options() -> Options {
     Options { pairs: value("--pairs", 5) as usize, seconds: value("--seconds", 5), only, rate }
 }
 
-/// Runs `load` `pairs` times without and with sonde (`sonde_args` select the server).
-fn measure(
-    name: &str,
-    command: String,
-    tls: bool,
-    opts: &Options,
-    sink: &sink::Sink,
-    sonde_args: &[String],
-    mut load: impl FnMut() -> LoadResult,
-) -> Outcome {
-    println!("==> {name}: {} rounds of {}s runs (off, floor, on)", opts.pairs, opts.seconds);
+/// Runs `load` in `pairs` rounds of no agent, floor and sonde.
+fn measure(scenario: Scenario, opts: &Options, sink: &sink::Sink, mut load: impl FnMut() -> LoadResult) -> Outcome {
+    println!("==> {}: {} rounds of {}s runs (off, floor, on)", scenario.name, opts.pairs, opts.seconds);
     let mut out = Outcome {
-        name: name.into(),
-        command,
+        name: scenario.name,
+        command: scenario.command,
         off: Vec::new(),
         off_host_cpu: Vec::new(),
         floor: Vec::new(),
         on: Vec::new(),
-        tls,
+        tls: scenario.tls,
+        spans_per_request: scenario.spans_per_request,
+        sampled: scenario.sampled,
     };
-    let args: Vec<&str> = sonde_args.iter().map(String::as_str).collect();
+    let args: Vec<&str> = scenario.select.iter().map(String::as_str).collect();
     let floor_args: Vec<&str> = args.iter().copied().chain(["--floor"]).collect();
-    let env = [
+    let mut env = vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint()),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
         ("OTEL_METRICS_EXPORTER", "none".to_owned()),
     ];
+    if let Some(ratio) = scenario.sampled {
+        env.push(("OTEL_TRACES_SAMPLER", "traceidratio".to_owned()));
+        env.push(("OTEL_TRACES_SAMPLER_ARG", ratio.to_string()));
+    }
     let traps = |pid: u32, floor: bool| {
         if floor { bpf_stats::runs_of(pid, "floor_u") } else { bpf_stats::runs_of(pid, "ssl_") }
     };
@@ -196,6 +219,7 @@ fn measure(
             bpf_runs: runs1 - runs0,
             events_lost: c("events_lost"),
             spans_exported: c("spans_exported"),
+            spans_created: c("spans_created"),
             spans_dropped: c("spans_dropped_queue_full") + c("spans_dropped_export_failed"),
         };
         println!(
@@ -240,12 +264,13 @@ fn main() {
     let mut baseline = None;
     if opts.runs("nginx") {
         let o = measure(
-            "nginx, small file, wrk saturation (keep-alive, 32 connections)",
-            format!("wrk -t 1 -c 32 -d {secs}s --latency {url}"),
-            false,
+            Scenario::new(
+                "nginx, small file, wrk saturation (keep-alive, 32 connections)",
+                format!("wrk -t 1 -c 32 -d {secs}s --latency {url}"),
+                &select,
+            ),
             &opts,
             &sink,
-            &select,
             || load::wrk(&url, 32, secs),
         );
         baseline = Some(report::median(o.off.iter().map(|r| r.per_second).collect()));
@@ -260,67 +285,85 @@ fn main() {
         };
         let port = nginx.port;
         outcomes.push(measure(
-            "nginx, small file, fixed rate at half the baseline maximum",
-            format!("open-loop client (bench/load.rs): {rate} req/s over {FIXED_RATE_CONNECTIONS} keep-alive connections for {secs}s"),
-            false,
+            Scenario::new(
+                "nginx, small file, fixed rate at half the baseline maximum",
+                format!("open-loop client (bench/load.rs): {rate} req/s over {FIXED_RATE_CONNECTIONS} keep-alive connections for {secs}s"),
+                &select,
+            ),
             &opts,
             &sink,
-            &select,
             || load::fixed_rate(port, "/index.html", rate, FIXED_RATE_CONNECTIONS, secs),
         ));
     }
     drop(nginx);
 
-    // 3. Redis, without and with pipelining.
+    // 3. Redis, without and with pipelining, and pipelined at the sampling production uses.
     let redis = servers::redis(free_port());
     let select = vec!["--open-ports".to_owned(), redis.port.to_string()];
-    for (pipeline, n) in [(1, 100_000), (16, 400_000)].into_iter().filter(|_| opts.runs("redis")) {
+    let redis_runs = [(1, 100_000, None), (16, 400_000, None), (16, 400_000, Some(0.01))];
+    for (pipeline, n, sampled) in redis_runs.into_iter().filter(|_| opts.runs("redis")) {
         let port = redis.port;
-        outcomes.push(measure(
-            &format!("redis-benchmark -P {pipeline} (GET + SET)"),
+        let mut scenario = Scenario::new(
+            match sampled {
+                None => format!("redis-benchmark -P {pipeline} (GET + SET)"),
+                Some(r) => format!("redis-benchmark -P {pipeline} (GET + SET), {}% of traces sampled", r * 100.0),
+            },
             format!("redis-benchmark -p {port} -t set,get -n {n} -c 16 -P {pipeline} --csv"),
-            false,
-            &opts,
-            &sink,
             &select,
-            || load::redis_benchmark(port, pipeline, n),
-        ));
+        );
+        scenario.sampled = sampled;
+        outcomes.push(measure(scenario, &opts, &sink, || load::redis_benchmark(port, pipeline, n)));
     }
-    drop(redis);
 
     // 4. PostgreSQL, read-only pgbench over the extended protocol.
     let pg = servers::postgres(free_port());
-    let select = vec!["--open-ports".to_owned(), pg.port.to_string()];
     let logs = TempDir::new("pgbench");
     let _ = std::process::Command::new("chmod").arg("777").arg(logs.path()).status();
     let port = pg.port;
     if opts.runs("pgbench") {
+        let select = vec!["--open-ports".to_owned(), pg.port.to_string()];
         outcomes.push(measure(
-            "pgbench -S -M extended",
-            format!("pgbench -S -M extended -c 4 -j 2 -T {secs} -n -l -h 127.0.0.1 -p {port} -U postgres postgres"),
-            false,
+            Scenario::new(
+                "pgbench -S -M extended",
+                format!("pgbench -S -M extended -c 4 -j 2 -T {secs} -n -l -h 127.0.0.1 -p {port} -U postgres postgres"),
+                &select,
+            ),
             &opts,
             &sink,
-            &select,
             || load::pgbench(port, secs, servers::PG_PASSWORD, logs.path()),
         ));
     }
-    drop(pg);
 
-    // 5. nginx over HTTPS, plaintext captured by the OpenSSL uprobes.
+    // 5. A Python application: every request queries PostgreSQL and Redis (a typical per-request
+    // cost, beside the worst cases above).
+    if opts.runs("python") {
+        let app_port = free_port();
+        let app = servers::python_app(app_port, pg.port, redis.port);
+        let url = format!("http://127.0.0.1:{app_port}/order/7");
+        let select = vec!["--open-ports".to_owned(), app_port.to_string()];
+        let mut scenario = Scenario::new(
+            "Python HTTP service (http.server, one PostgreSQL query and two Redis commands per request)",
+            format!("wrk -t 1 -c 8 -d {secs}s --latency {url} (tests/fixtures/app.py)"),
+            &select,
+        );
+        scenario.spans_per_request = 4;
+        outcomes.push(measure(scenario, &opts, &sink, || load::wrk(&url, 8, secs)));
+        drop(app);
+    }
+    drop((pg, redis));
+
+    // 6. nginx over HTTPS, plaintext captured by the OpenSSL uprobes.
     let nginx = servers::nginx_with(free_port(), Some(()));
     let url = format!("https://127.0.0.1:{}/index.html", nginx.port);
     let select = vec!["--open-ports".to_owned(), nginx.port.to_string()];
     if opts.runs("https") {
-        outcomes.push(measure(
+        let mut scenario = Scenario::new(
             "nginx HTTPS, small file, wrk saturation (TLS uprobes)",
             format!("wrk -t 1 -c 32 -d {secs}s --latency {url}"),
-            true,
-            &opts,
-            &sink,
             &select,
-            || load::wrk(&url, 32, secs),
-        ));
+        );
+        scenario.tls = true;
+        outcomes.push(measure(scenario, &opts, &sink, || load::wrk(&url, 32, secs)));
     }
     drop(nginx);
 
