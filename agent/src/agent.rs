@@ -10,7 +10,7 @@ use crate::{
     capture::{
         Capture, Event,
         events::{decode, last_loss},
-        loader::CaptureOptions,
+        loader::{CaptureOptions, SyscallHooks},
         tls_probes::TlsProbes,
     },
     config::{AgentConfig, PrintMode},
@@ -65,6 +65,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         wakeup_bytes: cfg.capture.wakeup_bytes,
         inject_http: cfg.inject_http.then(|| cfg.sampler.root_bound()),
         floor: cfg.floor,
+        syscall_hooks: if cfg.paired_syscalls { SyscallHooks::Paired } else { SyscallHooks::ExitOnly },
     })
     .map_err(|e| match crate::check::missing_tracing_capabilities().as_slice() {
         [] => anyhow::anyhow!(e),

@@ -147,6 +147,7 @@ pub fn run_checks(selected: &[u32]) -> Vec<Finding> {
         wakeup_bytes: 1 << 12,
         inject_http: None,
         floor: false,
+        syscall_hooks: Default::default(),
     }) {
         Ok(mut c) => {
             out.push(finding(

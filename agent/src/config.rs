@@ -184,6 +184,8 @@ pub struct CliSelection {
     pub inject_traceparent: bool,
     /// `--floor` (benchmarks only).
     pub floor: bool,
+    /// `--paired-syscalls` (benchmarks only).
+    pub paired_syscalls: bool,
 }
 
 /// Everything the agent needs, validated.
@@ -205,6 +207,8 @@ pub struct AgentConfig {
     pub inject_http: bool,
     /// Benchmark floor: empty programs at the hook points, nothing else (`--floor`).
     pub floor: bool,
+    /// The data syscalls hooked at enter and exit, not by the exit hook (`--paired-syscalls`).
+    pub paired_syscalls: bool,
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -356,6 +360,7 @@ pub fn build(file: FileConfig, cli: CliSelection, env: Env<'_>) -> Result<AgentC
         otlp_metrics,
         inject_http: file.propagation.inject_http || cli.inject_traceparent,
         floor: cli.floor,
+        paired_syscalls: cli.paired_syscalls,
     })
 }
 

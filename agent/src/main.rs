@@ -55,6 +55,10 @@ struct RunArgs {
     /// else (`cargo xtask bench` measures the hooks' own cost with it).
     #[arg(long, hide = true)]
     floor: bool,
+    /// Benchmarks only: hook the data syscalls at enter and exit (the design before the exit
+    /// hook), so `cargo xtask bench --paired-syscalls` can compare the two.
+    #[arg(long, hide = true)]
+    paired_syscalls: bool,
 }
 
 impl SelectionArgs {
@@ -71,8 +75,19 @@ impl RunArgs {
             prometheus_port,
             inject_traceparent,
             floor,
+            paired_syscalls,
         } = self;
-        (config, CliSelection { open_ports, exe_path, pids, print, prometheus_port, inject_traceparent, floor })
+        let cli = CliSelection {
+            open_ports,
+            exe_path,
+            pids,
+            print,
+            prometheus_port,
+            inject_traceparent,
+            floor,
+            paired_syscalls,
+        };
+        (config, cli)
     }
 }
 
@@ -101,9 +116,15 @@ fn main() {
             let selected = if selection.is_empty() {
                 Vec::new()
             } else {
-                let (config, cli) =
-                    RunArgs { selection, print: None, prometheus_port: None, inject_traceparent: false, floor: false }
-                        .split();
+                let (config, cli) = RunArgs {
+                    selection,
+                    print: None,
+                    prometheus_port: None,
+                    inject_traceparent: false,
+                    floor: false,
+                    paired_syscalls: false,
+                }
+                .split();
                 match load_config(config, cli) {
                     Ok(cfg) => sonde::discovery::Discovery::new(cfg.selectors, Vec::new(), None).selected_pids(),
                     Err(code) => std::process::exit(code),

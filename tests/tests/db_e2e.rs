@@ -242,6 +242,44 @@ fn privileged_http_service_with_database_children_in_one_trace() {
     drop((app, pg, redis));
 }
 
+/// A connection pool opened and warmed before sonde starts: psycopg has already prepared the
+/// SELECT (after 5 runs), so sonde never sees its Parse, only Bind/Execute. Concurrent requests
+/// (8 parallel keep-alive connections into a thread-per-connection server) must still give each
+/// request its server span and its three children, the SELECT named by the server's
+/// CommandComplete.
+#[test]
+fn privileged_pool_warmed_before_sonde_prepared_statements_are_traced() {
+    let Some(_guard) = privileged_test("prepared before sonde") else { return };
+    let (app_port, pg_port, redis_port) = (free_port(), free_port(), free_port());
+    let pg = servers::postgres(pg_port);
+    let redis = servers::redis(redis_port);
+    let app = servers::python_app(app_port, pg_port, redis_port);
+    let url = |i: usize| format!("http://127.0.0.1:{app_port}/order/{i}");
+    sonde_e2e::clients::curl(&["-o", "/dev/null"], &(1..=10).map(url).collect::<Vec<_>>());
+    let receiver = HttpReceiver::start();
+    let cfg = test_config(&format!("discovery:\n  - service.name: orders\n    open_ports: {app_port}\n"));
+    let sonde = Sonde::start(&[], &cfg, &env(&receiver));
+    const N: usize = 48;
+    sonde_e2e::clients::curl_parallel(&(1..=N).map(url).collect::<Vec<_>>(), 8);
+    let spans = receiver.collected.wait_for(4 * N, WAIT);
+    let finished = sonde.stop();
+    dump(&spans);
+    assert_eq!(spans.len(), 4 * N, "a server span, a PostgreSQL span and two Redis spans per request");
+    for server in spans.iter().filter(|s| s.kind == "SERVER") {
+        let mut names: Vec<&str> =
+            spans.iter().filter(|c| c.parent_id.as_ref() == Some(&server.span_id)).map(|c| c.name.as_str()).collect();
+        names.sort();
+        assert_eq!(names, vec!["GET", "INCRBY", "SELECT"], "children of {}", server.span_id);
+    }
+    let select = spans.iter().find(|s| s.name == "SELECT").unwrap();
+    assert_eq!(select.s("db.operation.name"), Some("SELECT"));
+    assert_eq!(select.s("db.query.text"), None, "its text went by before sonde started");
+    assert_eq!(select.i("db.response.returned_rows"), Some(1));
+    assert_eq!(finished.counter("streams_unrecognized"), Some(0), "{}", finished.stderr);
+    assert_eq!(finished.counter("events_lost"), Some(0));
+    drop((app, pg, redis));
+}
+
 /// A burst of connections: PostgreSQL accepts, forks, closes and accepts again on the same fd
 /// number before the first backends run; each backend must still find its own connection.
 #[test]

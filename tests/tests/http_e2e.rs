@@ -225,9 +225,8 @@ fn privileged_existing_connections_and_late_servers_are_traced() {
         &otlp_http_env(&receiver),
     );
     // The connection opened before sonde started. The server thread is already blocked in
-    // recvfrom() when sonde attaches: that one syscall's enter (with its buffer) was never seen,
-    // so /after/0 cannot be captured; its response is counted as unmatched. Later requests on
-    // the same connection are traced.
+    // recvfrom() when sonde attaches: the data syscalls are captured at their exit alone, so
+    // /after/0 is traced too.
     for i in 0..3 {
         assert!(conn.get(&format!("/after/{i}")).contains("200 OK"));
     }
@@ -235,11 +234,12 @@ fn privileged_existing_connections_and_late_servers_are_traced() {
     let late = servers::python_http(late_port, None);
     std::thread::sleep(Duration::from_secs(1));
     curl(&["-o", "/dev/null"], &[format!("http://127.0.0.1:{late_port}/late")]);
-    let spans = receiver.collected.wait_for(3, WAIT);
+    let spans = receiver.collected.wait_for(4, WAIT);
     let finished = sonde.stop();
-    assert_eq!(finished.counter("unmatched_responses"), Some(1), "{}", finished.stderr);
+    assert_eq!(finished.counter("unmatched_responses"), Some(0), "{}", finished.stderr);
     let paths = count_by(&spans, |s| format!("{}:{}", s.i("server.port").unwrap_or(0), s.s("url.path").unwrap_or("?")));
     let expected: BTreeMap<String, usize> = [
+        (format!("{early_port}:/after/0"), 1),
         (format!("{early_port}:/after/1"), 1),
         (format!("{early_port}:/after/2"), 1),
         (format!("{late_port}:/late"), 1),

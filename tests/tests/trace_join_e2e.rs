@@ -9,7 +9,7 @@ use sonde_e2e::{
     free_port,
     otlp::HttpReceiver,
     privileged_test,
-    servers::{self, PG_PASSWORD, fixture},
+    servers::{self, fixture},
     sonde::{Finished, Sonde, test_config},
     span::TestSpan,
 };

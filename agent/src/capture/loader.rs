@@ -10,7 +10,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        TracePoint, UProbe,
+        RawTracePoint, TracePoint, UProbe,
         uprobe::{UProbeLinkId, UProbeScope},
     },
 };
@@ -91,7 +91,59 @@ const INJECT_PROGRAMS: &[&str] = &["sonde_inject", "sonde_sockops"];
 const FLOOR_TRACEPOINT: &str = "floor_tracepoint";
 const FLOOR_UPROBE: &str = "floor_uprobe";
 const FLOOR_URETPROBE: &str = "floor_uretprobe";
-const FLOOR_PROGRAMS: &[&str] = &[FLOOR_TRACEPOINT, FLOOR_UPROBE, FLOOR_URETPROBE];
+const FLOOR_RAW_TRACEPOINT: &str = "floor_raw_tracepoint";
+const FLOOR_PROGRAMS: &[&str] = &[FLOOR_TRACEPOINT, FLOOR_UPROBE, FLOOR_URETPROBE, FLOOR_RAW_TRACEPOINT];
+/// The raw tracepoint on every syscall's exit that captures the data syscalls (`exit.rs`).
+const RAW_SYS_EXIT: &str = "raw_sys_exit";
+/// Tracepoints of the data syscalls (their enters) and of every call whose exit [`RAW_SYS_EXIT`]
+/// handles, used only when the syscalls are hooked in pairs.
+const PAIRED_ONLY: &[&str] = &[
+    "sys_enter_read",
+    "sys_enter_write",
+    "sys_enter_recvfrom",
+    "sys_enter_sendto",
+    "sys_enter_readv",
+    "sys_enter_writev",
+    "sys_enter_recvmsg",
+    "sys_enter_sendmsg",
+    "sys_enter_sendfile64",
+    "sys_enter_splice",
+    "sys_exit_read",
+    "sys_exit_write",
+    "sys_exit_recvfrom",
+    "sys_exit_sendto",
+    "sys_exit_readv",
+    "sys_exit_writev",
+    "sys_exit_recvmsg",
+    "sys_exit_sendmsg",
+    "sys_exit_sendfile64",
+    "sys_exit_splice",
+    "sys_exit_accept",
+    "sys_exit_accept4",
+    "sys_exit_connect",
+];
+
+/// How the data syscalls (read, write and the rest) are hooked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SyscallHooks {
+    /// One raw tracepoint on every syscall's exit reads the arguments from the saved registers:
+    /// one program run per call, and calls already blocked when sonde attached are seen.
+    #[default]
+    ExitOnly,
+    /// The enter and exit tracepoints of each syscall, the arguments kept in between (the design
+    /// before issue 17; kept so the benchmark can compare the two).
+    Paired,
+}
+
+impl SyscallHooks {
+    /// Whether program `name` (a syscall hook) belongs to this design.
+    fn uses(self, name: &str) -> bool {
+        match self {
+            Self::ExitOnly => !PAIRED_ONLY.contains(&name),
+            Self::Paired => name != RAW_SYS_EXIT,
+        }
+    }
+}
 
 static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sonde-probes"));
 
@@ -133,6 +185,7 @@ pub struct CaptureOptions {
     pub inject_http: Option<u64>,
     /// Benchmark floor: attach programs that only return at every hook point instead of sonde's.
     pub floor: bool,
+    pub syscall_hooks: SyscallHooks,
 }
 
 /// Sum over CPUs of the kernel's counters.
@@ -250,7 +303,23 @@ impl Capture {
         let names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_owned()).collect();
         for name in &names {
             let name = name.as_str();
-            if INJECT_PROGRAMS.contains(&name) || FLOOR_PROGRAMS.contains(&name) {
+            if INJECT_PROGRAMS.contains(&name) || FLOOR_PROGRAMS.contains(&name) || !opts.syscall_hooks.uses(name) {
+                continue;
+            }
+            if name == RAW_SYS_EXIT {
+                let loaded = if opts.floor { FLOOR_RAW_TRACEPOINT } else { name };
+                let attach_err = |detail: String| CaptureError::Attach {
+                    program: loaded.to_owned(),
+                    category: "raw_syscalls",
+                    name: "sys_exit".to_owned(),
+                    detail,
+                };
+                let tp: &mut RawTracePoint = program_mut(&mut ebpf, loaded)?
+                    .try_into()
+                    .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
+                tp.load().map_err(|e| load_err(loaded, &e))?;
+                tp.attach("sys_exit").map_err(|e| attach_err(e.to_string()))?;
+                attached += 1;
                 continue;
             }
             let category = if name.starts_with("sys_") {

@@ -53,6 +53,10 @@ pub fn map_postgres(ex: &PgExchange, kind: SpanKind, addrs: &ConnAddrs) -> Mappe
             attrs.push(Attr::new("db.query.summary", s.clone()));
         }
         attrs.push(Attr::new("db.query.text", if ex.query_truncated { format!("{clean}...") } else { clean }));
+    } else if let Some(command) = &ex.command {
+        // A statement prepared before sonde started: the server's CommandComplete names it.
+        attrs.push(Attr::new("db.operation.name", command.clone()));
+        summary = Some(command.clone());
     }
     if let Some(rows) = ex.returned_rows {
         attrs.push(Attr::new("db.response.returned_rows", rows as i64));
@@ -125,6 +129,7 @@ mod tests {
             returned_rows: Some(2),
             sqlstate: sqlstate.map(Into::into),
             statements,
+            command: None,
         }
     }
 
@@ -150,6 +155,11 @@ mod tests {
         assert_eq!(same.name, "BATCH INSERT");
         let unknown = map_postgres(&PgExchange { query: None, ..pg("", 1, None) }, SpanKind::Server, &addrs);
         assert_eq!(unknown.name, "postgresql");
+        let prepared_before = PgExchange { query: None, command: Some("SELECT".into()), ..pg("", 1, None) };
+        let named = map_postgres(&prepared_before, SpanKind::Client, &addrs);
+        assert_eq!(named.name, "SELECT");
+        assert_eq!(get(&named, "db.operation.name"), Some(&"SELECT".into()));
+        assert_eq!(get(&named, "db.query.text"), None, "no text was seen");
     }
 
     #[test]

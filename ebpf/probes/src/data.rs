@@ -11,15 +11,15 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use sonde_common::{
-    ConnEvent, DATA_FLAG_TLS, DATA_FLAG_UNCOPIED, DIR_EGRESS, DIR_INGRESS, EventKind, MAX_CAPTURE, MAX_IOVECS,
-    MAX_INFLIGHT, ROLE_CLIENT, ROLE_SERVER, RawSockaddr, SOCKET_FLAG_TLS, SocketInfo, SocketKey, TRACED_FLAG_TLS,
+    ConnEvent, DATA_FLAG_TLS, DATA_FLAG_UNCOPIED, DIR_EGRESS, DIR_INGRESS, EventKind, MAX_CAPTURE, MAX_INFLIGHT,
+    MAX_IOVECS, ROLE_CLIENT, ROLE_SERVER, RawSockaddr, SOCKET_FLAG_TLS, SocketInfo, SocketKey, TRACED_FLAG_TLS,
     counter,
 };
 
 use crate::maps::{
-    Call, DataScratch, EVENTS, HAS_CHILDREN, HISTORY_DEPTH, INFLIGHT, Inflight, LAST_READ_FD, PARENTS, SCRATCH, SOCKET_HISTORY,
-    SOCKETS, SocketHistory, count, header, save_inflight, settings, submit, take_inflight, traced_current,
-    traced_current_flags, wakeup_flags,
+    Call, DataScratch, EVENTS, HAS_CHILDREN, HISTORY_DEPTH, INFLIGHT, Inflight, LAST_READ_FD, PARENTS, SCRATCH,
+    SOCKET_HISTORY, SOCKETS, SocketHistory, count, header, save_inflight, settings, submit, take_inflight,
+    traced_current, traced_current_flags, wakeup_flags,
 };
 
 const EINPROGRESS: i64 = 115;
@@ -82,8 +82,26 @@ fn socket_role(tgid: u32, fd: u32) -> Option<u32> {
 #[inline(always)]
 fn enter_data(ctx: &TracePointContext, call: Call, fd_slot: usize, ptr_slot: usize, len_slot: usize) -> u32 {
     let Some((tgid, _, pid_tgid, traced_flags)) = traced_current_flags() else { return 0 };
-    let fd = arg(ctx, fd_slot) as u32;
-    let Some(info) = socket_info(tgid, fd) else { return 0 };
+    let (fd, ptr, len) = (arg(ctx, fd_slot) as u32, arg(ctx, ptr_slot), arg(ctx, len_slot));
+    if let Some(rec) = data_call(tgid, pid_tgid, traced_flags, call, fd, ptr, len) {
+        save_inflight(pid_tgid, &rec);
+    }
+    0
+}
+
+/// A data syscall of a traced thread on `fd`: the record to emit when it moved plaintext on a
+/// tracked socket, None otherwise. Also notes the socket of a TLS call the syscall runs inside.
+#[inline(always)]
+pub(crate) fn data_call(
+    tgid: u32,
+    pid_tgid: u64,
+    traced_flags: u32,
+    call: Call,
+    fd: u32,
+    ptr: u64,
+    len: u64,
+) -> Option<Inflight> {
+    let info = socket_info(tgid, fd)?;
     let role = info.role;
     // Processes without a probed TLS library skip the TLS bookkeeping (three map operations).
     if traced_flags & TRACED_FLAG_TLS != 0 {
@@ -95,15 +113,28 @@ fn enter_data(ctx: &TracePointContext, call: Call, fd_slot: usize, ptr_slot: usi
         // Inside SSL_read/SSL_write (or a handshake) this syscall moves ciphertext: it tells
         // which socket the TLS session uses, and is not emitted.
         if crate::tls::note_inner_syscall(tgid, pid_tgid, fd) {
-            return 0;
+            return None;
         }
     }
     if info.flags & SOCKET_FLAG_TLS != 0 {
         // Ciphertext of a TLS session: its plaintext comes from the TLS probes.
-        return 0;
+        return None;
     }
-    save_inflight(pid_tgid, &Inflight { call, fd, ptr: arg(ctx, ptr_slot), len: arg(ctx, len_slot), role, _pad: 0 });
-    0
+    Some(Inflight { call, fd, ptr, len, role, _pad: 0 })
+}
+
+/// splice(fd_in, off_in, fd_out, off_out, ...): the socket end, if either is one (only the byte
+/// count is reported).
+#[inline(always)]
+pub(crate) fn splice_call(tgid: u32, fd_in: u32, fd_out: u32) -> Option<Inflight> {
+    let (call, fd, role) = if let Some(role) = socket_role(tgid, fd_out) {
+        (Call::WriteUncopied, fd_out, role)
+    } else if let Some(role) = socket_role(tgid, fd_in) {
+        (Call::ReadUncopied, fd_in, role)
+    } else {
+        return None;
+    };
+    Some(Inflight { call, fd, ptr: 0, len: 0, role, _pad: 0 })
 }
 
 /// Exit of any call whose enter saved an [`Inflight`]: emit what it did. Only traced threads
@@ -112,15 +143,21 @@ fn enter_data(ctx: &TracePointContext, call: Call, fd_slot: usize, ptr_slot: usi
 fn exit_call(ctx: &TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(rec) = take_inflight(pid_tgid) else { return 0 };
+    finish_call(pid_tgid, &rec, ret(ctx));
+    0
+}
+
+/// A finished call of a traced thread, with its return value: track the socket it accepted or
+/// connected, or emit the data it moved.
+#[inline(always)]
+pub(crate) fn finish_call(pid_tgid: u64, rec: &Inflight, ret: i64) {
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let ret = ret(ctx);
     match rec.call {
-        Call::Accept => on_accepted(tgid, tid, &rec, ret),
-        Call::Connect => on_connected(tgid, tid, &rec, ret),
-        _ if ret > 0 => emit_data(tgid, tid, &rec, ret as u64, 0),
+        Call::Accept => on_accepted(tgid, tid, rec, ret),
+        Call::Connect => on_connected(tgid, tid, rec, ret),
+        _ if ret > 0 => emit_data(tgid, tid, rec, ret as u64, 0),
         _ => {}
     }
-    0
 }
 
 #[inline(always)]
@@ -403,15 +440,9 @@ fn enter_conn(ctx: &TracePointContext, call: Call) -> u32 {
 #[tracepoint]
 pub fn sys_enter_splice(ctx: TracePointContext) -> u32 {
     let Some((tgid, _, pid_tgid)) = traced_current() else { return 0 };
-    let (fd_in, fd_out) = (arg(&ctx, 0) as u32, arg(&ctx, 2) as u32);
-    let (call, fd, role) = if let Some(role) = socket_role(tgid, fd_out) {
-        (Call::WriteUncopied, fd_out, role)
-    } else if let Some(role) = socket_role(tgid, fd_in) {
-        (Call::ReadUncopied, fd_in, role)
-    } else {
-        return 0;
-    };
-    save_inflight(pid_tgid, &Inflight { call, fd, ptr: 0, len: 0, role, _pad: 0 });
+    if let Some(rec) = splice_call(tgid, arg(&ctx, 0) as u32, arg(&ctx, 2) as u32) {
+        save_inflight(pid_tgid, &rec);
+    }
     0
 }
 

@@ -3,12 +3,17 @@
 //! work. Never attached otherwise.
 
 use aya_ebpf::{
-    macros::{tracepoint, uprobe, uretprobe},
-    programs::{ProbeContext, RetProbeContext, TracePointContext},
+    macros::{raw_tracepoint, tracepoint, uprobe, uretprobe},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
 };
 
 #[tracepoint]
 pub fn floor_tracepoint(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+#[raw_tracepoint]
+pub fn floor_raw_tracepoint(_ctx: RawTracePointContext) -> u32 {
     0
 }
 

@@ -1,4 +1,4 @@
-//! sonde's kernel side: syscall tracepoints that copy socket payloads into a ring buffer, and
+//! sonde's kernel side: syscall tracepoints (and one raw tracepoint on every syscall's exit) that copy socket payloads into a ring buffer, and
 //! process lifecycle tracepoints that keep the PID filter current.
 //!
 //! Every hook does the PID filter first; a process that is not traced costs one array read.
@@ -7,6 +7,7 @@
 #![no_main]
 
 mod data;
+mod exit;
 mod floor;
 mod inject;
 mod lifecycle;

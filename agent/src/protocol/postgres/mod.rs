@@ -24,11 +24,11 @@ const MAX_NAMED: usize = 512;
 const MAX_PENDING: usize = 4096;
 
 /// Whether the first bytes of a connection's request side are PostgreSQL: a startup-family
-/// message, or (mid-stream) a complete Query/Parse message.
+/// message, or (mid-stream) a complete Query/Parse/Bind message.
 pub fn classify_start(bytes: &[u8]) -> Option<bool> {
     if bytes.len() < 8 {
         // Too short for a startup message; a typed Query needs at least 6 bytes.
-        return if bytes.first().is_some_and(|b| *b == 0 || *b == b'Q' || *b == b'P') { None } else { Some(false) };
+        return if bytes.first().is_some_and(|b| matches!(b, 0 | b'Q' | b'P' | b'B')) { None } else { Some(false) };
     }
     let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
     let code = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
@@ -41,8 +41,9 @@ pub fn classify_start(bytes: &[u8]) -> Option<bool> {
     Some(startup || looks_like_typed_query(bytes))
 }
 
-/// A whole Query (`Q text\0`) or Parse (`P name\0 text\0 int16 n, n x int32`) message: how a
-/// connection opened before sonde looks when its next statement arrives.
+/// A whole Query (`Q text\0`), Parse (`P name\0 text\0 int16 n, n x int32`) or Bind message:
+/// how a connection opened before sonde looks when its next statement arrives (a Bind of a
+/// statement prepared before sonde started, with no Parse, once a driver reuses it).
 fn looks_like_typed_query(b: &[u8]) -> bool {
     if b.len() < 6 {
         return false;
@@ -65,8 +66,45 @@ fn looks_like_typed_query(b: &[u8]) -> bool {
                 && params.len() >= 2
                 && params.len() == 2 + 4 * u16::from_be_bytes([params[0], params[1]]) as usize
         }
+        b'B' => is_whole_bind(body),
         _ => false,
     }
+}
+
+/// A Bind body that parses to its last byte: portal\0 statement\0, parameter formats (each 0
+/// or 1), parameters (int32 length or -1, then the bytes), result formats.
+fn is_whole_bind(body: &[u8]) -> bool {
+    fn int16(rest: &mut &[u8]) -> Option<usize> {
+        let (n, r) = rest.split_first_chunk::<2>()?;
+        *rest = r;
+        Some(u16::from_be_bytes(*n) as usize)
+    }
+    fn formats(rest: &mut &[u8]) -> Option<()> {
+        for _ in 0..int16(rest)? {
+            (int16(rest)? <= 1).then_some(())?;
+        }
+        Some(())
+    }
+    fn parameters(rest: &mut &[u8]) -> Option<()> {
+        for _ in 0..int16(rest)? {
+            let (n, r) = rest.split_first_chunk::<4>()?;
+            let n = i32::from_be_bytes(*n);
+            *rest = if n >= 0 {
+                r.get(n as usize..)?
+            } else if n == -1 {
+                r
+            } else {
+                return None;
+            };
+        }
+        Some(())
+    }
+    let mut names = body.splitn(3, |c| *c == 0);
+    let (Some(_portal), Some(_statement), Some(mut rest)) = (names.next(), names.next(), names.next()) else {
+        return false;
+    };
+    formats(&mut rest).and_then(|()| parameters(&mut rest)).and_then(|()| formats(&mut rest)).is_some()
+        && rest.is_empty()
 }
 
 /// Plausible start of a typed message, for resynchronizing at a syscall boundary.
@@ -92,6 +130,9 @@ pub struct PgExchange {
     pub sqlstate: Option<String>,
     /// Statements the query string held (simple protocol can send several).
     pub statements: u32,
+    /// The command of the CommandComplete tag (`SELECT`, `INSERT`), kept only when the query is
+    /// unknown: all that names a statement prepared before sonde started.
+    pub command: Option<String>,
 }
 
 #[derive(Debug)]
@@ -339,14 +380,17 @@ impl Pairing {
                             *r = Some(r.unwrap_or(0) + n);
                         }
                     }
-                    Some(Op::Execute { .. }) => self.complete_execute(ts, rows, None, out),
+                    Some(Op::Execute { query, .. }) => {
+                        let command = query.is_none().then(|| command_of(tag)).flatten();
+                        self.complete_execute(ts, rows, None, command, out)
+                    }
                     _ => out.push(SessionEvent::UnmatchedResponse),
                 }
             }
             // EmptyQueryResponse, PortalSuspended: the Execute is done.
             b'I' | b's' => {
                 if matches!(self.pending.front(), Some(Op::Execute { .. })) {
-                    self.complete_execute(ts, None, None, out);
+                    self.complete_execute(ts, None, None, None, out);
                 }
             }
             b'E' => {
@@ -354,7 +398,7 @@ impl Pairing {
                 match self.pending.front_mut() {
                     Some(Op::Simple { sqlstate, .. }) => *sqlstate = code,
                     Some(Op::Execute { .. }) => {
-                        self.complete_execute(ts, None, code, out);
+                        self.complete_execute(ts, None, code, None, out);
                         // The server skips everything up to the next Sync.
                         while let Some(Op::Execute { seq, .. }) = self.pending.front() {
                             out.push(SessionEvent::Abandoned { seq: *seq });
@@ -380,6 +424,7 @@ impl Pairing {
                                 returned_rows: rows,
                                 sqlstate,
                                 statements: statements.max(1),
+                                command: None,
                             }),
                         }));
                     }
@@ -399,7 +444,14 @@ impl Pairing {
         }
     }
 
-    fn complete_execute(&mut self, ts: u64, rows: Option<u64>, sqlstate: Option<String>, out: &mut Vec<SessionEvent>) {
+    fn complete_execute(
+        &mut self,
+        ts: u64,
+        rows: Option<u64>,
+        sqlstate: Option<String>,
+        command: Option<String>,
+        out: &mut Vec<SessionEvent>,
+    ) {
         let Some(Op::Execute { seq, start, query, truncated }) = self.pending.pop_front() else {
             return;
         };
@@ -414,6 +466,7 @@ impl Pairing {
                 returned_rows: rows,
                 sqlstate,
                 statements: 1,
+                command,
             }),
         }));
     }
@@ -428,6 +481,12 @@ fn returned_rows(tag: &[u8]) -> Option<u64> {
         return None;
     }
     words.next_back()?.parse().ok()
+}
+
+/// The command word of a CommandComplete tag (`INSERT 0 1` -> INSERT), when it is one.
+fn command_of(tag: &[u8]) -> Option<String> {
+    let word = tag.split(|c| *c == b' ').next()?;
+    (!word.is_empty() && word.len() <= 32 && word.iter().all(u8::is_ascii_uppercase)).then(|| text(word))
 }
 
 /// The SQLSTATE (field 'C') of an ErrorResponse body.

@@ -227,3 +227,28 @@ fn a_message_cut_off_by_close_is_counted_and_a_clean_close_is_not() {
     s.close(1_000, &mut out);
     assert_eq!(errors(&out), 0, "{out:?}");
 }
+
+/// A connection opened (and its statement prepared) before sonde started: the first bytes seen
+/// are a Bind of `_pg3_0`, whose Parse went by unseen. The stream is recognized, and the Execute
+/// is named by the server's CommandComplete.
+#[test]
+fn statement_prepared_before_sonde_is_recognized_and_named_by_its_command_tag() {
+    let parts = load(PSYCOPG);
+    let (bind, answer) = (&parts[8], &parts[9]);
+    assert_eq!(bind.1[0], b'B');
+    assert_eq!(classify_start(&bind.1), Some(true));
+    // The Bind alone, cut anywhere short of its end, is not enough evidence.
+    let bind_len = 1 + u32::from_be_bytes(bind.1[1..5].try_into().unwrap()) as usize;
+    assert!(!looks_like_typed_query(&bind.1[..bind_len - 1]));
+    let mut corrupt = bind.1.clone();
+    corrupt[bind_len - 1] ^= 0x40;
+    assert!(!is_whole_bind(&corrupt[5..bind_len]), "a result format other than 0/1");
+    let ev = replay(&mut PostgresSession::new(true), &[bind.clone(), answer.clone()]);
+    let done = pg(&ev);
+    assert_eq!(done.len(), 1, "{ev:?}");
+    assert_eq!(done[0].query, None);
+    assert_eq!(done[0].command.as_deref(), Some("SELECT"));
+    assert_eq!(done[0].returned_rows, Some(1));
+    // With its Parse seen, the text names it and no command is kept.
+    assert!(pg(&run(PSYCOPG)).iter().all(|d| d.command.is_none()));
+}

@@ -90,6 +90,10 @@ pub struct Options {
     /// `--rate N`: the fixed-rate scenario's requests per second, instead of half the measured
     /// baseline (to compare builds at the same load).
     pub rate: Option<u32>,
+    /// `--syscalls paired`: hook the data syscalls at enter and exit, the design before the exit
+    /// hook (sonde's hidden `--paired-syscalls`), to compare the two. Such runs never rewrite
+    /// BENCHMARKS.md.
+    pub paired_syscalls: bool,
 }
 
 impl Options {
@@ -99,15 +103,15 @@ impl Options {
 }
 
 const USAGE: &str =
-    "usage: bench [--only micro,nginx,fixed-rate,redis,pgbench,python,https] [--pairs N] [--seconds S] [--rate R]
-  run as root; without --only it rewrites BENCHMARKS.md";
+    "usage: bench [--only micro,nginx,fixed-rate,redis,pgbench,python,https] [--pairs N] [--seconds S] [--rate R] [--syscalls exit|paired]
+  run as root; without --only (and with the default --syscalls exit) it rewrites BENCHMARKS.md";
 
 fn options() -> Options {
     let args: Vec<String> = std::env::args().skip(1).collect();
     // Every flag takes a value: anything else (--help, a typo) prints the usage instead of
     // starting a full run that rewrites BENCHMARKS.md.
     for pair in args.chunks(2) {
-        let known = ["--only", "--pairs", "--seconds", "--rate"].contains(&pair[0].as_str());
+        let known = ["--only", "--pairs", "--seconds", "--rate", "--syscalls"].contains(&pair[0].as_str());
         if !known || pair.len() < 2 {
             eprintln!("{USAGE}");
             std::process::exit(if pair[0] == "--help" || pair[0] == "-h" { 0 } else { 2 });
@@ -126,7 +130,15 @@ fn options() -> Options {
         .and_then(|i| args.get(i + 1))
         .map(|v| v.split(',').map(str::to_owned).collect());
     let rate = Some(value("--rate", 0)).filter(|r| *r > 0);
-    Options { pairs: value("--pairs", 5) as usize, seconds: value("--seconds", 5), only, rate }
+    let paired_syscalls = match args.iter().position(|a| a == "--syscalls").map(|i| args[i + 1].as_str()) {
+        None | Some("exit") => false,
+        Some("paired") => true,
+        Some(other) => {
+            eprintln!("--syscalls {other}: expected exit or paired\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    Options { pairs: value("--pairs", 5) as usize, seconds: value("--seconds", 5), only, rate, paired_syscalls }
 }
 
 /// Runs `load` in `pairs` rounds of no agent, floor and sonde.
@@ -143,7 +155,10 @@ fn measure(scenario: Scenario, opts: &Options, sink: &sink::Sink, mut load: impl
         spans_per_request: scenario.spans_per_request,
         sampled: scenario.sampled,
     };
-    let args: Vec<&str> = scenario.select.iter().map(String::as_str).collect();
+    let mut args: Vec<&str> = scenario.select.iter().map(String::as_str).collect();
+    if opts.paired_syscalls {
+        args.push("--paired-syscalls");
+    }
     let floor_args: Vec<&str> = args.iter().copied().chain(["--floor"]).collect();
     let mut env = vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint()),
@@ -369,7 +384,7 @@ fn main() {
 
     println!("\n{}\n{}", report::summary_table(&outcomes), report::floor_table(&outcomes));
     // A partial run (--only) does not replace the full record.
-    if opts.only.is_none() {
+    if opts.only.is_none() && !opts.paired_syscalls {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
         // The hand-written findings after the generated part survive a re-run.
         let previous = std::fs::read_to_string(&path).unwrap_or_default();

@@ -1,0 +1,129 @@
+//! The data syscalls captured at their exit alone. One raw tracepoint on `sys_exit` receives the
+//! user registers the kernel saved at syscall entry and the return value, so the buffer, length
+//! and fd of read/write and the rest are read there: no enter hook and no per-thread slot for
+//! them (one program run per call instead of two, and no map write). A call that was already
+//! blocked when sonde attached is seen too, since only its exit matters.
+//!
+//! The hook runs for every syscall on the host: the PID filter (one inlined array read) comes
+//! first, the registers are read only for traced processes.
+//!
+//! accept and connect keep their enter tracepoints (connect's socket must be known inside the
+//! call, at SYN_SENT); their exit comes here and takes the slot the enter filled.
+
+use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::raw_tracepoint, programs::RawTracePointContext};
+use sonde_common::TRACED_FLAG_TLS;
+
+use crate::{
+    data::{data_call, finish_call, splice_call},
+    maps::{Call, take_inflight, traced_current_flags},
+};
+
+/// Where the syscall number and the first three arguments sit in `struct pt_regs`.
+#[cfg(not(bpf_target_arch = "aarch64"))]
+mod arch {
+    use super::bpf_probe_read_kernel;
+
+    /// `struct pt_regs` from `dx` on: dx, si, di, orig_ax, ip, cs.
+    const FROM_DX: u64 = 96;
+    /// `__USER32_CS`: a 32-bit process, whose syscall numbers come from another table.
+    const USER32_CS: u64 = 0x23;
+
+    /// The syscall number and its first three arguments (rdi, rsi, rdx are not clobbered on the
+    /// way out; rax holds the return value, `orig_ax` the number). None for a 32-bit process.
+    #[inline(always)]
+    pub fn syscall(regs: u64) -> Option<(u64, [u64; 3])> {
+        // SAFETY: a kernel pointer from the tracepoint, read with the fault-tolerant helper.
+        let [dx, si, di, nr, _ip, cs] = unsafe { bpf_probe_read_kernel((regs + FROM_DX) as *const [u64; 6]) }.ok()?;
+        (cs != USER32_CS).then_some((nr, [di, si, dx]))
+    }
+
+    pub const READ: u64 = 0;
+    pub const WRITE: u64 = 1;
+    pub const READV: u64 = 19;
+    pub const WRITEV: u64 = 20;
+    pub const SENDFILE: u64 = 40;
+    pub const CONNECT: u64 = 42;
+    pub const ACCEPT: u64 = 43;
+    pub const SENDTO: u64 = 44;
+    pub const RECVFROM: u64 = 45;
+    pub const SENDMSG: u64 = 46;
+    pub const RECVMSG: u64 = 47;
+    pub const SPLICE: u64 = 275;
+    pub const ACCEPT4: u64 = 288;
+}
+
+#[cfg(bpf_target_arch = "aarch64")]
+mod arch {
+    use super::bpf_probe_read_kernel;
+
+    /// `struct pt_regs`: regs[31], sp, pc, pstate (264), orig_x0 (272), syscallno (280).
+    const FROM_PSTATE: u64 = 264;
+    /// `PSR_MODE32_BIT`: an AArch32 process, whose syscall numbers come from another table.
+    const MODE32: u64 = 0x10;
+
+    /// The syscall number and its first three arguments: x0 holds the return value on the way
+    /// out, `orig_x0` the first argument.
+    #[inline(always)]
+    pub fn syscall(regs: u64) -> Option<(u64, [u64; 3])> {
+        // SAFETY: a kernel pointer from the tracepoint, read with the fault-tolerant helper.
+        let [x1, x2] = unsafe { bpf_probe_read_kernel((regs + 8) as *const [u64; 2]) }.ok()?;
+        let [pstate, x0, nr] = unsafe { bpf_probe_read_kernel((regs + FROM_PSTATE) as *const [u64; 3]) }.ok()?;
+        (pstate & MODE32 == 0).then_some((nr as u32 as u64, [x0, x1, x2]))
+    }
+
+    pub const READ: u64 = 63;
+    pub const WRITE: u64 = 64;
+    pub const READV: u64 = 65;
+    pub const WRITEV: u64 = 66;
+    pub const SENDFILE: u64 = 71;
+    pub const SPLICE: u64 = 76;
+    pub const ACCEPT: u64 = 202;
+    pub const CONNECT: u64 = 203;
+    pub const SENDTO: u64 = 206;
+    pub const RECVFROM: u64 = 207;
+    pub const SENDMSG: u64 = 211;
+    pub const RECVMSG: u64 = 212;
+    pub const ACCEPT4: u64 = 242;
+}
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn raw_sys_exit(ctx: RawTracePointContext) -> u32 {
+    let Some((tgid, _, pid_tgid, traced_flags)) = traced_current_flags() else { return 0 };
+    let regs: u64 = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    let Some((nr, [a0, a1, a2])) = arch::syscall(regs) else { return 0 };
+    let call = match nr {
+        arch::READ | arch::RECVFROM => Call::ReadBuf,
+        arch::WRITE | arch::SENDTO => Call::WriteBuf,
+        arch::READV => Call::ReadVec,
+        arch::WRITEV => Call::WriteVec,
+        arch::RECVMSG => Call::ReadMsg,
+        arch::SENDMSG => Call::WriteMsg,
+        // sendfile(out_fd, in_fd, offset, count): the count only.
+        arch::SENDFILE => Call::WriteUncopied,
+        arch::SPLICE => {
+            if ret > 0
+                && let Some(rec) = splice_call(tgid, a0 as u32, a2 as u32)
+            {
+                finish_call(pid_tgid, &rec, ret);
+            }
+            return 0;
+        }
+        arch::ACCEPT | arch::ACCEPT4 | arch::CONNECT => {
+            if let Some(rec) = take_inflight(pid_tgid) {
+                finish_call(pid_tgid, &rec, ret);
+            }
+            return 0;
+        }
+        _ => return 0,
+    };
+    // A call that moved nothing emits nothing, but inside a TLS call it still tells which
+    // socket the session uses.
+    if ret <= 0 && traced_flags & TRACED_FLAG_TLS == 0 {
+        return 0;
+    }
+    if let Some(rec) = data_call(tgid, pid_tgid, traced_flags, call, a0 as u32, a1, a2) {
+        finish_call(pid_tgid, &rec, ret);
+    }
+    0
+}
