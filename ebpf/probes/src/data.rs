@@ -1,5 +1,8 @@
-//! Data path: enter/exit of the syscalls that move socket payloads, plus accept/connect/close
-//! which tell us which fds are sockets and in which role.
+//! Data path: what the syscalls that move socket payloads emit, plus accept/connect/close which
+//! tell us which fds are sockets and in which role. By default the data syscalls reach this
+//! code from their exit alone (`exit.rs`); the per-syscall enter/exit tracepoints below are the
+//! paired design the benchmark compares against (`--paired-syscalls`), and still serve
+//! accept/connect (enter) and close.
 //!
 //! Syscall tracepoint records are a stable ABI: arguments are 8-byte slots from offset 16 on
 //! enter, and the return value is at offset 16 on exit.

@@ -81,7 +81,8 @@ pub static SOCKET_HISTORY: LruHashMap<SocketKey, SocketHistory> = LruHashMap::wi
 
 pub use sonde_common::{HISTORY_DEPTH, SocketHistory};
 
-/// pid_tgid -> arguments saved at syscall enter, consumed at exit. One slot per traced thread,
+/// pid_tgid -> arguments saved at syscall enter, consumed at exit (accept and connect; every data
+/// syscall too when they are hooked in pairs, see `exit.rs`). One slot per traced thread,
 /// rewritten in place and marked `Call::Done` at exit rather than inserted and deleted per call
 /// (a lookup costs a fraction of an update or a delete); `sched_process_exit` drops the slot.
 #[map]
