@@ -56,7 +56,7 @@ struct RunArgs {
     #[arg(long, hide = true)]
     floor: bool,
     /// Benchmarks only: hook the data syscalls at enter and exit (the design before the exit
-    /// hook), so `cargo xtask bench --paired-syscalls` can compare the two.
+    /// hook), so `cargo xtask bench --syscalls paired` can compare the two.
     #[arg(long, hide = true)]
     paired_syscalls: bool,
 }
