@@ -16,7 +16,8 @@ use crate::{
     config::{AgentConfig, PrintMode},
     conn::table::DataIn,
     discovery::{Action, Discovery, Origin, tls},
-    export::{otlp, otlp_metrics, print::Printer},
+    export::{otlp, otlp_logs, otlp_metrics, print::Printer},
+    logs::{LogSinks, LogStage, LogStream},
     metrics::{MetricsStore, prometheus},
     pipeline::{Pipeline, Sinks},
     stats::Stats,
@@ -25,7 +26,7 @@ use crate::{
         ids::{SpanId, TraceId},
     },
 };
-use sonde_common::inject_reason;
+use sonde_common::{LOG_STREAM_FILE, LOG_STREAM_STDERR, LOG_STREAM_STDOUT, inject_reason};
 
 /// Full /proc rescans, a safety net behind the exec/listen/fork events.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
@@ -66,6 +67,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         inject_http: cfg.inject_http.then(|| cfg.sampler.root_bound()),
         floor: cfg.floor,
         syscall_hooks: if cfg.paired_syscalls { SyscallHooks::Paired } else { SyscallHooks::ExitOnly },
+        log_capture_bytes: cfg.logs.as_ref().map_or(0, |l| l.max_bytes),
+        log_watch_opens: cfg.logs.as_ref().is_some_and(|l| !l.files.is_empty()),
     })
     .map_err(|e| match crate::check::missing_tracing_capabilities().as_slice() {
         [] => anyhow::anyhow!(e),
@@ -103,6 +106,32 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         PrintMode::None => {}
     }
 
+    let mut log_stage = None;
+    let mut log_exporter = None;
+    if let Some(settings) = cfg.logs {
+        let mut log_sinks = LogSinks::default();
+        if let Some(otlp) = settings.otlp.clone() {
+            log::info!("exporting log records over OTLP to {}", otlp.describe());
+            let (queue, task) = otlp_logs::start(otlp, stats.clone()).map_err(|e| anyhow::anyhow!(e))?;
+            log_sinks.otlp = Some(queue);
+            log_exporter = Some(task);
+        }
+        match cfg.print {
+            PrintMode::Text => log_sinks.printer = Some(Printer::new(false)),
+            PrintMode::Json => log_sinks.printer = Some(Printer::new(true)),
+            PrintMode::None => {}
+        }
+        log::info!(
+            "capturing what traced processes write to stdout, stderr{}",
+            if settings.files.is_empty() {
+                String::new()
+            } else {
+                format!(" and {} log file globs", settings.files.len())
+            }
+        );
+        log_stage = Some(LogStage::new(settings, log_sinks, stats.clone()));
+    }
+
     let mut metrics_tasks = Vec::new();
     if let Some(addr) = cfg.prometheus {
         let endpoint = Arc::new(prometheus::Endpoint::new(metrics.clone(), stats.clone()));
@@ -138,6 +167,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     if agent.capture.injection.is_some() {
         agent.pipeline.enable_injection();
     }
+    if let Some(stage) = log_stage {
+        agent.pipeline.enable_logs(stage);
+    }
     let actions = agent.discovery.scan_all();
     agent.apply(actions);
     log::info!("tracing {} processes; waiting for more to match the selectors", agent.discovery.traced_count());
@@ -156,36 +188,33 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
 
     loop {
         tokio::select! {
-                _ = &mut shutdown => break,
-                guard = ring.readable_mut() => {
-                    let mut guard = guard?;
-                    agent.drain(guard.get_inner_mut());
-                    guard.clear_ready();
-                }
-                _ = poll.tick() => agent.drain(ring.get_mut()),
-                _ = rescan.tick() => {
-                    if agent.capture.injection.is_some() {
-            agent.pipeline.enable_injection();
-        }
-        let actions = agent.discovery.scan_all();
-                    agent.apply(actions);
-                    for pid in agent.discovery.prune_dead() {
-                        agent.forget_process(pid);
-                    }
-                }
-                _ = tls_rescan.tick() => agent.attach_tls_everywhere(),
-                _ = housekeeping.tick() => {
-                    ticks += 1;
-                    agent.refresh_counters();
-                    // First after one second, then every few seconds.
-                    if ticks % MAP_FILL_TICKS == 1 {
-                        agent.refresh_map_fill();
-                    }
-                    if ticks.is_multiple_of(60) {
-                        agent.pipeline.recalibrate_clock();
-                    }
+            _ = &mut shutdown => break,
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                agent.drain(guard.get_inner_mut());
+                guard.clear_ready();
+            }
+            _ = poll.tick() => agent.drain(ring.get_mut()),
+            _ = rescan.tick() => {
+                let actions = agent.discovery.scan_all();
+                agent.apply(actions);
+                for pid in agent.discovery.prune_dead() {
+                    agent.forget_process(pid);
                 }
             }
+            _ = tls_rescan.tick() => agent.attach_tls_everywhere(),
+            _ = housekeeping.tick() => {
+                ticks += 1;
+                agent.refresh_counters();
+                // First after one second, then every few seconds.
+                if ticks % MAP_FILL_TICKS == 1 {
+                    agent.refresh_map_fill();
+                }
+                if ticks.is_multiple_of(60) {
+                    agent.pipeline.recalibrate_clock();
+                }
+            }
+        }
     }
 
     log::info!("shutting down: draining events, detaching probes, flushing exports");
@@ -201,6 +230,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         && tokio::time::timeout(FLUSH_TIMEOUT, task).await.is_err()
     {
         log::warn!("exporter did not flush within {FLUSH_TIMEOUT:?}; remaining spans dropped");
+    }
+    if let Some(task) = log_exporter
+        && tokio::time::timeout(FLUSH_TIMEOUT, task).await.is_err()
+    {
+        log::warn!("log exporter did not flush within {FLUSH_TIMEOUT:?}; remaining log records dropped");
     }
     if let Some((tx, task)) = metrics_flush {
         let _ = tx.send(());
@@ -256,6 +290,16 @@ impl Agent {
                 self.pipeline.on_open(pid, fd, role, listen_fd, peer, ts_ns);
             }
             Event::ConnLocal { pid, fd, local } => self.pipeline.on_local_addr(pid, fd, local),
+            Event::LogWrite { pid, tid, fd, ts_ns, stream, byte_count, payload } => {
+                let stream = match stream {
+                    LOG_STREAM_STDOUT => LogStream::Stdout,
+                    LOG_STREAM_STDERR => LogStream::Stderr,
+                    // A pending file is kept only if its open named a log file.
+                    _ => LogStream::File,
+                };
+                self.pipeline.on_log_write(pid, tid, fd, stream, ts_ns, payload, byte_count);
+            }
+            Event::LogOpen { pid, fd, path } => self.classify_opened_file(pid, fd, path),
             Event::ConnClose { pid, fd, ts_ns } => self.pipeline.on_close(pid, fd, ts_ns),
             Event::ProcFork { parent, child, new_netns } => {
                 // Threads are not adopted (they share their process's connections).
@@ -343,10 +387,80 @@ impl Agent {
                 sockets.len()
             );
             self.pipeline.set_resource(pid, resource);
+            if !in_kernel {
+                self.seed_log_fds(pid);
+            }
             if self.tls_enabled {
                 self.tls_probes.on_traced(&mut self.capture, pid, origin);
             }
             self.attach_tls(pid, !in_kernel);
+        }
+    }
+
+    /// A traced process starts with its stdout, stderr and open log files as log fds (when log
+    /// capture is on). Children adopted in the kernel inherit their parent's.
+    fn seed_log_fds(&mut self, pid: u32) {
+        let Some(logs) = self.pipeline.logs() else { return };
+        let watch_files = logs.watches_files();
+        let mut files = Vec::new();
+        for (fd, stream) in [(1, LOG_STREAM_STDOUT), (2, LOG_STREAM_STDERR)] {
+            // Output thrown away stays thrown away.
+            match std::fs::read_link(format!("/proc/{pid}/fd/{fd}")) {
+                Ok(target) if target != std::path::Path::new("/dev/null") => {
+                    if let Err(e) = self.capture.set_log_fd(pid, fd, stream) {
+                        log::warn!("pid {pid}: cannot capture fd {fd}: {e}");
+                    }
+                }
+                _ => {}
+            }
+        }
+        if watch_files && let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+            for entry in dir.flatten() {
+                let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+                if fd <= 2 {
+                    continue;
+                }
+                if let Ok(target) = std::fs::read_link(entry.path())
+                    && let Some(path) = target.to_str()
+                    && logs.is_log_file(path)
+                {
+                    files.push((fd, path.to_string()));
+                }
+            }
+        }
+        for (fd, path) in files {
+            match self.capture.set_log_fd(pid, fd, LOG_STREAM_FILE) {
+                Ok(()) => {
+                    log::info!("pid {pid}: capturing log file {path}");
+                    if let Some(logs) = self.pipeline.logs_mut() {
+                        logs.add_file(pid, fd, &path);
+                    }
+                }
+                Err(e) => log::warn!("pid {pid}: cannot capture log file {path}: {e}"),
+            }
+        }
+    }
+
+    /// A file a traced process opened write-only: a log file when its path matches
+    /// `logs.files`; otherwise the kernel stops sending its writes.
+    fn classify_opened_file(&mut self, pid: u32, fd: u32, raw: &[u8]) {
+        let Some(logs) = self.pipeline.logs_mut() else { return };
+        let given = String::from_utf8_lossy(raw);
+        let path = if given.starts_with('/') {
+            Some(given.into_owned())
+        } else {
+            // Relative to the process's directory: the fd tells where it is.
+            std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok().and_then(|p| p.to_str().map(str::to_owned))
+        };
+        match path.filter(|p| logs.is_log_file(p)) {
+            Some(path) => {
+                logs.add_file(pid, fd, &path);
+                log::debug!("pid {pid}: log file {path} opened as fd {fd}");
+                if let Err(e) = self.capture.set_log_fd(pid, fd, LOG_STREAM_FILE) {
+                    log::warn!("pid {pid}: cannot capture log file {path}: {e}");
+                }
+            }
+            None => self.capture.forget_log_fd(pid, fd),
         }
     }
 
@@ -388,6 +502,7 @@ impl Agent {
         self.pipeline.remove_process(pid);
         self.capture.untrace_pid(pid);
         self.capture.forget_sockets_of(pid);
+        self.capture.forget_log_fds_of(pid);
     }
 
     fn refresh_counters(&mut self) {
@@ -397,6 +512,8 @@ impl Agent {
         s.kernel_bytes_captured.store(k.bytes_captured, std::sync::atomic::Ordering::Relaxed);
         s.kernel_tls_events.store(k.tls_events, std::sync::atomic::Ordering::Relaxed);
         s.kernel_tls_no_fd.store(k.tls_no_fd, std::sync::atomic::Ordering::Relaxed);
+        s.logs_dropped_kernel.store(k.log_drops, std::sync::atomic::Ordering::Relaxed);
+        s.kernel_log_events.store(k.log_events, std::sync::atomic::Ordering::Relaxed);
         s.traced_processes.store(self.discovery.traced_count() as u64, std::sync::atomic::Ordering::Relaxed);
         if let Some(injection) = &self.capture.injection {
             for (slot, n) in s.kernel_inject.iter().zip(injection.counts()) {

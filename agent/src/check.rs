@@ -148,6 +148,8 @@ pub fn run_checks(selected: &[u32]) -> Vec<Finding> {
         inject_http: None,
         floor: false,
         syscall_hooks: Default::default(),
+        log_capture_bytes: 0,
+        log_watch_opens: false,
     }) {
         Ok(mut c) => {
             out.push(finding(

@@ -48,6 +48,45 @@ pub struct FileConfig {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub propagation: PropagationConfig,
+    #[serde(default)]
+    pub logs: LogsConfig,
+}
+
+/// What traced processes write, exported as OTLP log records (opt-in: it ships application
+/// output).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogsConfig {
+    /// Capture writes to stdout and stderr (fds 1 and 2) and to `files`.
+    pub capture: bool,
+    /// Globs of log file paths (e.g. `/var/log/nginx/*.log`), opened before or after sonde started.
+    pub files: Vec<String>,
+    /// Bytes copied per write; the rest of a longer write is counted, not captured.
+    pub max_bytes: u32,
+    /// How long a record waits for its continuation lines, and a partial line for its end.
+    pub flush_ms: u64,
+    /// Extra redaction rules: regular expressions whose matches (or first capture group) are
+    /// replaced by `[REDACTED]`.
+    pub redact: Vec<String>,
+    /// Keep the built-in rules (credentials in headers, key=value pairs, URLs).
+    pub redact_defaults: bool,
+    pub queue_records: usize,
+    pub batch_records: usize,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        Self {
+            capture: false,
+            files: Vec::new(),
+            max_bytes: 2048,
+            flush_ms: 100,
+            redact: Vec::new(),
+            redact_defaults: true,
+            queue_records: 16384,
+            batch_records: 512,
+        }
+    }
 }
 
 /// Trace context propagation that changes traffic (opt-in).
@@ -131,7 +170,7 @@ pub struct ExportConfig {
     pub otlp: OtlpFileConfig,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OtlpFileConfig {
     pub endpoint: Option<String>,
@@ -186,6 +225,8 @@ pub struct CliSelection {
     pub floor: bool,
     /// `--paired-syscalls` (benchmarks only).
     pub paired_syscalls: bool,
+    /// `--capture-logs`.
+    pub capture_logs: bool,
 }
 
 /// Everything the agent needs, validated.
@@ -209,6 +250,19 @@ pub struct AgentConfig {
     pub floor: bool,
     /// The data syscalls hooked at enter and exit, not by the exit hook (`--paired-syscalls`).
     pub paired_syscalls: bool,
+    /// Present when log capture is on.
+    pub logs: Option<LogSettings>,
+}
+
+/// Log capture, validated.
+#[derive(Debug)]
+pub struct LogSettings {
+    pub files: Vec<globset::GlobMatcher>,
+    pub max_bytes: u32,
+    pub flush: std::time::Duration,
+    pub redaction: crate::logs::redact::Redactor,
+    /// Where records go over OTLP (`OTEL_EXPORTER_OTLP_LOGS_*`), unless `OTEL_LOGS_EXPORTER=none`.
+    pub otlp: Option<OtlpSettings>,
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -347,6 +401,7 @@ pub fn build(file: FileConfig, cli: CliSelection, env: Env<'_>) -> Result<AgentC
         }
     };
     let otlp_metrics = otlp_metrics.map(|s| (s, std::time::Duration::from_millis(interval_ms)));
+    let logs = if file.logs.capture || cli.capture_logs { Some(log_settings(&file, env)?) } else { None };
     Ok(AgentConfig {
         selectors,
         capture: file.capture,
@@ -361,6 +416,58 @@ pub fn build(file: FileConfig, cli: CliSelection, env: Env<'_>) -> Result<AgentC
         inject_http: file.propagation.inject_http || cli.inject_traceparent,
         floor: cli.floor,
         paired_syscalls: cli.paired_syscalls,
+        logs,
+    })
+}
+
+fn log_settings(file: &FileConfig, env: Env<'_>) -> Result<LogSettings, ConfigError> {
+    let l = &file.logs;
+    if !(64..=MAX_CAPTURE as u32).contains(&l.max_bytes) {
+        return Err(ConfigError::new(
+            "logs.max_bytes",
+            format!("{} is out of range; use 64..={MAX_CAPTURE}", l.max_bytes),
+        ));
+    }
+    if l.flush_ms == 0 || l.flush_ms > 10_000 {
+        return Err(ConfigError::new("logs.flush_ms", "use 1..=10000 milliseconds, e.g. 100"));
+    }
+    let mut files = Vec::new();
+    for (i, g) in l.files.iter().enumerate() {
+        if !g.starts_with('/') {
+            return Err(ConfigError::new(
+                format!("logs.files[{i}]"),
+                format!("{g:?} must be an absolute path glob, e.g. /var/log/app/*.log"),
+            ));
+        }
+        files.push(compile_glob(g).map_err(|m| ConfigError::new(format!("logs.files[{i}]"), m))?);
+    }
+    let redaction = crate::logs::redact::Redactor::new(l.redact_defaults, &l.redact).map_err(|(i, m)| {
+        ConfigError::new(format!("logs.redact[{i}]"), format!("{m}; write a regular expression (Rust regex syntax)"))
+    })?;
+    // The logs exporter shares the trace exporter's file settings, with its own batch sizes.
+    let otlp_file =
+        OtlpFileConfig { queue_spans: l.queue_records, batch_spans: l.batch_records, ..file.export.otlp.clone() };
+    let otlp = OtlpSettings::for_signal(crate::export::otlp::Signal::Logs, &otlp_file, env).map_err(|e| {
+        let key = if e.key == "export.otlp.batch_spans" { "logs.batch_records".to_string() } else { e.key };
+        let message = e.message.replace("batch_spans <= queue_spans", "batch_records <= queue_records");
+        ConfigError::new(key, message)
+    })?;
+    let otlp = match env("OTEL_LOGS_EXPORTER").as_deref().map(str::trim) {
+        None | Some("otlp") => otlp,
+        Some("none") => None,
+        Some(other) => {
+            return Err(ConfigError::new(
+                "OTEL_LOGS_EXPORTER",
+                format!("{other:?} is not supported; use otlp (default) or none"),
+            ));
+        }
+    };
+    Ok(LogSettings {
+        files,
+        max_bytes: l.max_bytes,
+        flush: std::time::Duration::from_millis(l.flush_ms),
+        redaction,
+        otlp,
     })
 }
 

@@ -51,6 +51,10 @@ struct RunArgs {
     /// processes (changes their traffic; same as `propagation.inject_http: true`).
     #[arg(long)]
     inject_traceparent: bool,
+    /// Export what traced processes write to stdout, stderr and `logs.files` as OTLP log
+    /// records carrying the trace of the request that wrote them (same as `logs.capture: true`).
+    #[arg(long)]
+    capture_logs: bool,
     /// Benchmarks only: attach programs that only return at sonde's hook points, and nothing
     /// else (`cargo xtask bench` measures the hooks' own cost with it).
     #[arg(long, hide = true)]
@@ -74,6 +78,7 @@ impl RunArgs {
             print,
             prometheus_port,
             inject_traceparent,
+            capture_logs,
             floor,
             paired_syscalls,
         } = self;
@@ -86,6 +91,7 @@ impl RunArgs {
             inject_traceparent,
             floor,
             paired_syscalls,
+            capture_logs,
         };
         (config, cli)
     }
@@ -121,6 +127,7 @@ fn main() {
                     print: None,
                     prometheus_port: None,
                     inject_traceparent: false,
+                    capture_logs: false,
                     floor: false,
                     paired_syscalls: false,
                 }

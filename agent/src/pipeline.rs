@@ -15,6 +15,7 @@ use crate::{
         table::{Conn, DataIn, Direction},
     },
     discovery::{SeededSocket, socket_addrs},
+    logs::{LogStage, LogStream},
     metrics::MetricsStore,
     protocol::SessionEvent,
     stats::Stats,
@@ -44,6 +45,8 @@ pub struct Pipeline {
     last_loss: u32,
     loss_epoch: u64,
     events: Vec<SessionEvent>,
+    /// Present when log capture is on.
+    logs: Option<LogStage>,
 }
 
 impl Pipeline {
@@ -58,6 +61,37 @@ impl Pipeline {
             last_loss: 0,
             loss_epoch: 0,
             events: Vec::new(),
+            logs: None,
+        }
+    }
+
+    /// Turns log records on: what traced processes write to their log fds goes to `stage`.
+    pub fn enable_logs(&mut self, stage: LogStage) {
+        self.logs = Some(stage);
+    }
+
+    pub fn logs(&self) -> Option<&LogStage> {
+        self.logs.as_ref()
+    }
+
+    pub fn logs_mut(&mut self) -> Option<&mut LogStage> {
+        self.logs.as_mut()
+    }
+
+    /// One write of a traced thread to one of its log fds.
+    #[expect(clippy::too_many_arguments, reason = "one write's fields, as the kernel reports them")]
+    pub fn on_log_write(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        fd: u32,
+        stream: LogStream,
+        ts_ns: u64,
+        payload: &[u8],
+        byte_count: u64,
+    ) {
+        if let Some(logs) = &mut self.logs {
+            logs.on_write(&self.tracer, pid, tid, fd, stream, ts_ns, payload, byte_count);
         }
     }
 
@@ -74,7 +108,11 @@ impl Pipeline {
     /// Queues the partly filled export batch once it has waited the batch timeout, and gives up
     /// same-host joins that waited too long (call after each drain of the ring buffer).
     pub fn flush_exports_if_due(&mut self) {
-        self.tracer.tick(Clock::monotonic_now());
+        let now = Clock::monotonic_now();
+        self.tracer.tick(now);
+        if let Some(logs) = &mut self.logs {
+            logs.tick(&self.tracer, now);
+        }
     }
 
     pub fn recalibrate_clock(&mut self) {
@@ -100,6 +138,9 @@ impl Pipeline {
         for key in self.conns.keys_of(pid) {
             self.on_close(key.pid, key.fd, now);
         }
+        if let Some(logs) = &mut self.logs {
+            logs.remove_process(&self.tracer, pid);
+        }
         self.tracer.remove_process(pid);
         self.listen_addrs.retain(|(p, _), _| *p != pid);
         self.netns.remove(&pid);
@@ -109,6 +150,9 @@ impl Pipeline {
     /// network namespace unless it got a new one.
     pub fn on_fork(&mut self, parent: u32, child: u32, new_netns: bool) {
         self.conns.inherit(parent, child);
+        if let Some(logs) = &mut self.logs {
+            logs.on_fork(parent, child);
+        }
         let netns = if new_netns { None } else { self.netns_of(parent) };
         self.netns.insert(child, netns);
         for key in self.conns.keys_of(child) {
@@ -186,6 +230,9 @@ impl Pipeline {
     }
 
     pub fn on_close(&mut self, pid: u32, fd: u32, ts_ns: u64) {
+        if let Some(logs) = &mut self.logs {
+            logs.on_close(&self.tracer, pid, fd);
+        }
         let key = ConnKey { pid, fd };
         let mut events = std::mem::take(&mut self.events);
         if let Some(mut conn) = self.conns.close(key, ts_ns, &mut events) {
@@ -249,6 +296,10 @@ impl Pipeline {
         }
         if let Some(conn) = self.conns.get_mut(&key) {
             conn.io_ts_ns = ts_ns;
+            conn.io_tid = data.tid;
+            if conn.role == Role::Server && data.dir == Direction::Ingress {
+                self.tracer.server_read(pid, data.tid);
+            }
             if data.dir == Direction::Egress {
                 // A traceparent written at this write's first byte belongs to the request that
                 // starts there; older ones lost their write (a lost event) and are dropped.
@@ -344,6 +395,9 @@ impl Pipeline {
 impl Drop for Pipeline {
     fn drop(&mut self) {
         self.tracer.finish();
+        if let Some(logs) = &mut self.logs {
+            logs.finish(&self.tracer);
+        }
     }
 }
 

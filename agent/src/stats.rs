@@ -57,6 +57,24 @@ pub struct Stats {
     pub traced_processes: AtomicU64,
     /// Connections the user-space connection table holds now.
     pub connections_tracked: AtomicU64,
+    /// Log records made from what traced processes wrote (`logs.capture`).
+    pub logs_captured: AtomicU64,
+    pub logs_exported: AtomicU64,
+    pub logs_dropped_queue_full: AtomicU64,
+    pub logs_dropped_export_failed: AtomicU64,
+    /// Log writes the kernel could not queue (ring buffer full), copied from its counters.
+    pub logs_dropped_kernel: AtomicU64,
+    pub kernel_log_events: AtomicU64,
+    /// Bytes of log writes beyond `logs.max_bytes`: the rest of such a line is lost.
+    pub log_bytes_not_captured: AtomicU64,
+    /// Credentials replaced in log records.
+    pub logs_redacted: AtomicU64,
+    /// Records written inside a request that carry no trace: the thread served several
+    /// requests at once, or the request's trace was forgotten before the line was complete.
+    pub logs_unlinked_ambiguous: AtomicU64,
+    pub logs_unlinked_expired: AtomicU64,
+    /// Records that carry the trace of the request their thread served.
+    pub logs_linked: AtomicU64,
     /// Entries in the kernel's per-process/per-connection maps, refreshed every few seconds.
     pub kernel_maps: Mutex<Vec<MapFill>>,
 }
@@ -115,7 +133,20 @@ impl Stats {
             g(&self.traced_processes),
         );
         let inject: String = self.injection().iter().map(|(what, n)| format!(" traceparent_{what}={n}")).collect();
-        line + &unlinked + &inject
+        let logs = format!(
+            " logs_captured={} logs_linked={} logs_exported={} logs_dropped_queue_full={} logs_dropped_export_failed={} logs_dropped_kernel={} log_bytes_not_captured={} logs_redacted={} logs_unlinked_ambiguous={} logs_unlinked_expired={}",
+            g(&self.logs_captured),
+            g(&self.logs_linked),
+            g(&self.logs_exported),
+            g(&self.logs_dropped_queue_full),
+            g(&self.logs_dropped_export_failed),
+            g(&self.logs_dropped_kernel),
+            g(&self.log_bytes_not_captured),
+            g(&self.logs_redacted),
+            g(&self.logs_unlinked_ambiguous),
+            g(&self.logs_unlinked_expired),
+        );
+        line + &unlinked + &inject + &logs
     }
 
     /// Traceparent injection counts, named: the kernel's (`inject_reason`), CLIENT spans that

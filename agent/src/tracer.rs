@@ -24,6 +24,7 @@ use crate::{
         parent::{Choice, InFlightServers, Serving, Unlinked},
         resource::Resource,
         sampler::Sampler,
+        serving_thread::{ServingLink, ServingThreads},
         span::{AttrValue, Span, SpanKind, Status, Text},
     },
 };
@@ -74,6 +75,8 @@ pub enum Unjoinable {
 
 pub struct Tracer {
     in_flight: InFlightServers,
+    /// What each thread last did with server requests (for log lines).
+    threads: ServingThreads,
     joiner: Joiner,
     resources: std::collections::HashMap<u32, Arc<Resource>>,
     sampler: Sampler,
@@ -92,6 +95,7 @@ impl Tracer {
     pub fn new(sampler: Sampler, stats: Arc<Stats>, sinks: Sinks, metrics: Arc<MetricsStore>) -> Self {
         Self {
             in_flight: InFlightServers::default(),
+            threads: ServingThreads::default(),
             joiner: Joiner::default(),
             resources: Default::default(),
             sampler,
@@ -121,6 +125,12 @@ impl Tracer {
     pub fn remove_process(&mut self, pid: u32) {
         self.resources.remove(&pid);
         self.in_flight.remove_process(pid);
+        self.threads.remove_process(pid);
+    }
+
+    /// Thread `tid` of `pid` read from one of its server connections.
+    pub fn server_read(&mut self, pid: u32, tid: u32) {
+        self.threads.server_read(pid, tid);
     }
 
     /// The connection closed: nothing on it is in flight any more.
@@ -173,6 +183,7 @@ impl Tracer {
                         let serving =
                             Serving { tid: rs.tid, conn_id: conn.id, seq: rs.seq, lineage, target: rs.target };
                         self.in_flight.start(key.pid, serving);
+                        self.threads.started(key.pid, rs.tid);
                         if self.inject_contexts {
                             self.note_thread_context(key.pid, rs.tid, conn.io_ts_ns, &lineage);
                         }
@@ -190,6 +201,7 @@ impl Tracer {
                     };
                     if conn.role == Role::Server {
                         self.in_flight.finish(key.pid, conn.id, ex.seq);
+                        self.threads.answered(key.pid, conn.io_tid, lineage);
                     }
                     Stats::add(&self.stats.spans_created, 1);
                     let kind = if conn.role == Role::Client { SpanKind::Client } else { SpanKind::Server };
@@ -428,6 +440,24 @@ impl Tracer {
         set(&self.stats.context_unlinked_expired, c.expired);
         set(&self.stats.joins_waiting, self.joiner.waiting_count() as u64);
         set(&self.stats.spans_held, self.joiner.held_count() as u64);
+    }
+}
+
+impl crate::logs::TraceView for Tracer {
+    fn serving(&self, pid: u32, tid: u32) -> ServingLink {
+        self.threads.link(pid, tid, &self.in_flight)
+    }
+
+    fn resolve(&self, lineage: &Lineage) -> Resolved {
+        self.joiner.resolve(lineage)
+    }
+
+    fn resource(&self, pid: u32) -> Arc<Resource> {
+        self.resources.get(&pid).cloned().unwrap_or_else(|| Arc::new(unknown_resource(pid)))
+    }
+
+    fn to_unix_ns(&self, monotonic_ns: u64) -> u64 {
+        self.clock.to_unix_ns(monotonic_ns)
     }
 }
 

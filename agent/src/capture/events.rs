@@ -46,6 +46,22 @@ pub enum Event<'a> {
         fd: u32,
         ts_ns: u64,
     },
+    /// A write to a log fd: `stream` is a `LOG_STREAM_*`.
+    LogWrite {
+        pid: u32,
+        tid: u32,
+        fd: u32,
+        ts_ns: u64,
+        stream: u32,
+        byte_count: u64,
+        payload: &'a [u8],
+    },
+    /// A file opened write-only while log files are watched; `path` as the process passed it.
+    LogOpen {
+        pid: u32,
+        fd: u32,
+        path: &'a [u8],
+    },
     ProcFork {
         parent: u32,
         child: u32,
@@ -124,6 +140,16 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 uncopied: d.flags & DATA_FLAG_UNCOPIED != 0,
                 role: role_of(d.role),
                 tls: d.flags & DATA_FLAG_TLS != 0,
+            }
+        }
+        EventKind::LogWrite | EventKind::LogOpen => {
+            let d: DataEvent = read(bytes)?;
+            let start = size_of::<DataEvent>();
+            let payload = &bytes[start..(start + d.captured_len as usize).min(bytes.len())];
+            if kind == EventKind::LogOpen {
+                Event::LogOpen { pid, fd: d.fd, path: payload }
+            } else {
+                Event::LogWrite { pid, tid, fd: d.fd, ts_ns, stream: d.role, byte_count: d.byte_count, payload }
             }
         }
         EventKind::ConnOpen => {

@@ -15,7 +15,7 @@ use aya::{
     },
 };
 use sonde_common::{
-    MAX_CAPTURE, ROLE_CLIENT, ROLE_SERVER, Settings, SocketHistory, SocketInfo, SocketKey, TRACED_FLAG_TRACED,
+    LogFd, MAX_CAPTURE, ROLE_CLIENT, ROLE_SERVER, Settings, SocketHistory, SocketInfo, SocketKey, TRACED_FLAG_TRACED,
     counter::{self, COUNT},
 };
 
@@ -186,6 +186,10 @@ pub struct CaptureOptions {
     /// Benchmark floor: attach programs that only return at every hook point instead of sonde's.
     pub floor: bool,
     pub syscall_hooks: SyscallHooks,
+    /// Bytes copied per log write; 0: log capture off.
+    pub log_capture_bytes: u32,
+    /// Report files opened write-only (log files may be among them).
+    pub log_watch_opens: bool,
 }
 
 /// Sum over CPUs of the kernel's counters.
@@ -197,6 +201,8 @@ pub struct KernelCounters {
     pub missed_enters: u64,
     pub tls_events: u64,
     pub tls_no_fd: u64,
+    pub log_drops: u64,
+    pub log_events: u64,
 }
 
 pub struct Capture {
@@ -205,6 +211,7 @@ pub struct Capture {
     traced: HashMap<MapData, u32, u32>,
     traced_bits: TracedBits,
     sockets: HashMap<MapData, SocketKey, SocketInfo>,
+    log_fds: HashMap<MapData, SocketKey, LogFd>,
     socket_history: HashMap<MapData, SocketKey, SocketHistory>,
     counters: PerCpuArray<MapData, u64>,
     ring: Option<RingBuf<MapData>>,
@@ -267,7 +274,7 @@ impl Capture {
                     capture_bytes: opts.capture_bytes.min(MAX_CAPTURE as u32),
                     new_task_pid_offset,
                     new_task_clone_flags_offset,
-                    _pad: 0,
+                    log_capture_bytes: opts.log_capture_bytes.min(MAX_CAPTURE as u32),
                     self_pid: std::process::id(),
                     wakeup_bytes: opts.wakeup_bytes,
                     sock_skaddr_offset: sock_field("skaddr")?,
@@ -283,6 +290,8 @@ impl Capture {
                     sock_daddr_v6_offset: sock_field("daddr_v6")?,
                     inject_http: opts.inject_http.is_some() as u32,
                     sample_bound: opts.inject_http.unwrap_or(0),
+                    log_watch_opens: opts.log_watch_opens as u32,
+                    _pad: 0,
                 },
                 0,
             )
@@ -294,6 +303,7 @@ impl Capture {
             _ => return Err(CaptureError::Map { name: "TRACED_BITS", detail: "not an array".into() }),
         };
         let sockets = HashMap::try_from(take(&mut ebpf, "SOCKETS")?).map_err(map_err("SOCKETS"))?;
+        let log_fds = HashMap::try_from(take(&mut ebpf, "LOG_FDS")?).map_err(map_err("LOG_FDS"))?;
         let socket_history =
             HashMap::try_from(take(&mut ebpf, "SOCKET_HISTORY")?).map_err(map_err("SOCKET_HISTORY"))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?).map_err(map_err("COUNTERS"))?;
@@ -373,6 +383,7 @@ impl Capture {
             traced,
             traced_bits,
             sockets,
+            log_fds,
             socket_history,
             counters,
             ring: Some(ring),
@@ -485,6 +496,26 @@ impl Capture {
             .map_err(|e| CaptureError::Update { name: "SOCKETS", detail: e.to_string() })
     }
 
+    /// Marks `fd` of `pid` as a log fd (`LOG_STREAM_*`).
+    pub fn set_log_fd(&mut self, pid: u32, fd: u32, stream: u32) -> Result<(), CaptureError> {
+        self.log_fds
+            .insert(SocketKey { pid, fd }, LogFd { stream, _pad: 0 }, 0)
+            .map_err(|e| CaptureError::Update { name: "LOG_FDS", detail: e.to_string() })
+    }
+
+    /// `fd` of `pid` is not a log fd (a file opened for writing that matched no `logs.files`).
+    pub fn forget_log_fd(&mut self, pid: u32, fd: u32) {
+        let _ = self.log_fds.remove(&SocketKey { pid, fd });
+    }
+
+    /// Removes an exited process's log fds.
+    pub fn forget_log_fds_of(&mut self, pid: u32) {
+        let keys: Vec<SocketKey> = self.log_fds.keys().filter_map(Result::ok).filter(|k| k.pid == pid).collect();
+        for key in keys {
+            let _ = self.log_fds.remove(&key);
+        }
+    }
+
     /// Removes what the kernel keeps for an exited process's sockets: its socket map entries
     /// (closed ones stay as tombstones while it has children) and its socket history.
     pub fn forget_sockets_of(&mut self, pid: u32) {
@@ -526,7 +557,7 @@ impl Capture {
 
     pub fn counters(&self) -> KernelCounters {
         let sum = |index: u32| -> u64 { self.counters.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0) };
-        debug_assert_eq!(COUNT, 6);
+        debug_assert_eq!(COUNT, 8);
         KernelCounters {
             ringbuf_drops: sum(counter::RINGBUF_DROPS),
             data_events: sum(counter::DATA_EVENTS),
@@ -534,6 +565,8 @@ impl Capture {
             missed_enters: sum(counter::MISSED_ENTERS),
             tls_events: sum(counter::TLS_EVENTS),
             tls_no_fd: sum(counter::TLS_NO_FD),
+            log_drops: sum(counter::LOG_DROPS),
+            log_events: sum(counter::LOG_EVENTS),
         }
     }
 }

@@ -82,6 +82,8 @@ pub struct Conn {
     pub sent: u64,
     /// Kernel time of the data event being processed.
     pub io_ts_ns: u64,
+    /// Thread of that syscall (the one that wrote a response's end, for access-log lines).
+    pub io_tid: u32,
     /// Traceparents the kernel wrote into requests on it, oldest first, not yet matched.
     pub injected: VecDeque<Injected>,
     /// The one written into the request that starts at the write being processed.
@@ -108,6 +110,7 @@ impl Conn {
             peer_service: None,
             sent: 0,
             io_ts_ns: 0,
+            io_tid: 0,
             injected: VecDeque::new(),
             injected_now: None,
         }

@@ -3,6 +3,7 @@
 mod grpc_raw;
 pub mod otlp;
 pub mod otlp_encode;
+pub mod otlp_logs;
 pub mod otlp_metrics;
 pub mod otlp_wire;
 pub mod print;

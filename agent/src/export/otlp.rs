@@ -34,13 +34,28 @@ const RETRY_MAX_ELAPSED: Duration = Duration::from_secs(60);
 const PERMANENT_FAILURE_PAUSE: Duration = Duration::from_secs(5);
 use crate::{metrics::exemplars::DeliveryLog, stats::Stats, trace::span::Span};
 
-/// One export request: an encoded `ExportTraceServiceRequest` and the spans it holds.
-struct Batch {
-    body: Bytes,
-    spans: u64,
+/// One export request: an encoded export request and the items (spans, log records) it holds.
+pub(crate) struct Batch {
+    pub body: Bytes,
+    pub spans: u64,
     /// Position in the export order, for the delivery log.
-    seq: u64,
+    pub seq: u64,
 }
+
+/// The counters one signal's exporter keeps, and what its items are called in its log lines.
+pub(crate) struct SignalCounters {
+    pub exported: fn(&Stats) -> &AtomicU64,
+    pub dropped_export_failed: fn(&Stats) -> &AtomicU64,
+    pub dropped_queue_full: fn(&Stats) -> &AtomicU64,
+    pub noun: &'static str,
+}
+
+const SPAN_COUNTERS: SignalCounters = SignalCounters {
+    exported: |s| &s.spans_exported,
+    dropped_export_failed: |s| &s.spans_dropped_export_failed,
+    dropped_queue_full: |s| &s.spans_dropped_queue_full,
+    noun: "spans",
+};
 
 /// The pipeline's end of the export queue: never blocks. Spans are collected into a batch,
 /// which is encoded and queued when it is full or [`SpanQueue::flush_if_due`] finds it older
@@ -123,23 +138,40 @@ pub fn start(
     stats: Arc<Stats>,
     delivery: Arc<DeliveryLog>,
 ) -> Result<(SpanQueue, tokio::task::JoinHandle<()>), String> {
+    let capacity = settings.queue_spans as u64;
+    let (batch_spans, batch_timeout) = (settings.batch_spans, settings.batch_timeout);
+    let (tx, queued, task) = spawn_sender(settings, stats.clone(), Some(delivery.clone()), &SPAN_COUNTERS)?;
+    let queue = SpanQueue {
+        tx,
+        queued,
+        capacity,
+        batch: Vec::with_capacity(batch_spans),
+        batch_started: None,
+        batch_spans,
+        batch_timeout,
+        stats,
+        seq: 1,
+        delivery,
+    };
+    Ok((queue, task))
+}
+
+/// The sending half of one signal's exporter: batches go into the channel, `queued` counts the
+/// items waiting in it, and the task sends them (it ends once the sender is dropped and the
+/// channel drained).
+pub(crate) type Sender = (mpsc::UnboundedSender<Batch>, Arc<AtomicU64>, tokio::task::JoinHandle<()>);
+
+pub(crate) fn spawn_sender(
+    settings: OtlpSettings,
+    stats: Arc<Stats>,
+    delivery: Option<Arc<DeliveryLog>>,
+    counters: &'static SignalCounters,
+) -> Result<Sender, String> {
     let (tx, rx) = mpsc::unbounded_channel();
     let transport = Transport::new(&settings)?;
     let queued = Arc::new(AtomicU64::new(0));
-    let queue = SpanQueue {
-        tx,
-        queued: queued.clone(),
-        capacity: settings.queue_spans as u64,
-        batch: Vec::with_capacity(settings.batch_spans),
-        batch_started: None,
-        batch_spans: settings.batch_spans,
-        batch_timeout: settings.batch_timeout,
-        stats: stats.clone(),
-        seq: 1,
-        delivery: delivery.clone(),
-    };
-    let task = tokio::spawn(export_loop(rx, queued, transport, settings, stats, delivery));
-    Ok((queue, task))
+    let task = tokio::spawn(export_loop(rx, queued.clone(), transport, settings, stats, delivery, counters));
+    Ok((tx, queued, task))
 }
 
 async fn export_loop(
@@ -148,24 +180,30 @@ async fn export_loop(
     mut transport: Transport,
     settings: OtlpSettings,
     stats: Arc<Stats>,
-    delivery: Arc<DeliveryLog>,
+    delivery: Option<Arc<DeliveryLog>>,
+    counters: &'static SignalCounters,
 ) {
     let mut outage = Outage::default();
+    let settle = |seq, delivered| {
+        if let Some(d) = &delivery {
+            d.settle(seq, delivered);
+        }
+    };
     while let Some(batch) = rx.recv().await {
         queued.fetch_sub(batch.spans, Relaxed);
-        let delivered = deliver(&mut transport, &settings, &stats, &batch, &rx, &mut outage).await;
-        delivery.settle(batch.seq, delivered);
+        let delivered = deliver(&mut transport, &settings, &stats, &batch, &rx, &mut outage, counters).await;
+        settle(batch.seq, delivered);
         if rx.is_closed() && outage.since.is_some() {
             // Shutting down with the collector failing: what is still queued cannot be sent in
             // time either. Count it rather than let the flush deadline lose it silently.
             let mut rest = 0;
             while let Ok(b) = rx.try_recv() {
                 rest += b.spans;
-                delivery.settle(b.seq, false);
+                settle(b.seq, false);
             }
-            Stats::add(&stats.spans_dropped_export_failed, rest);
+            Stats::add((counters.dropped_export_failed)(&stats), rest);
             if rest > 0 {
-                log::warn!("shutting down while the collector fails: dropped {rest} queued spans");
+                log::warn!("shutting down while the collector fails: dropped {rest} queued {}", counters.noun);
             }
         }
     }
@@ -189,11 +227,13 @@ async fn deliver(
     batch: &Batch,
     rx: &mpsc::UnboundedReceiver<Batch>,
     outage: &mut Outage,
+    counters: &SignalCounters,
 ) -> bool {
     let n = batch.spans;
+    let noun = counters.noun;
     let started = tokio::time::Instant::now();
     if outage.paused_until.is_some_and(|until| started < until) {
-        Stats::add(&stats.spans_dropped_export_failed, n);
+        Stats::add((counters.dropped_export_failed)(stats), n);
         return false;
     }
     let mut backoff = RETRY_INITIAL_BACKOFF;
@@ -201,11 +241,11 @@ async fn deliver(
         match transport.send(settings, batch.body.clone()).await {
             Ok(()) => {
                 outage.paused_until = None;
-                Stats::add(&stats.spans_exported, n);
+                Stats::add((counters.exported)(stats), n);
                 if let Some(since) = outage.since.take() {
-                    let dropped = dropped(stats) - outage.dropped_before;
+                    let dropped = dropped(stats, counters) - outage.dropped_before;
                     log::info!(
-                        "OTLP export recovered after {:.1} s; {dropped} spans were dropped meanwhile (counted in spans_dropped_*)",
+                        "OTLP export recovered after {:.1} s; {dropped} {noun} were dropped meanwhile (counted in {noun}_dropped_*)",
                         since.elapsed().as_secs_f64()
                     );
                 }
@@ -215,15 +255,15 @@ async fn deliver(
                 Stats::add(&stats.export_errors, 1);
                 if outage.since.is_none() {
                     outage.since = Some(tokio::time::Instant::now());
-                    outage.dropped_before = dropped(stats);
+                    outage.dropped_before = dropped(stats, counters);
                     log::warn!(
-                        "OTLP export to {} failing: {}; {} (queue holds {} spans, beyond that new spans are dropped and counted)",
+                        "OTLP export to {} failing: {}; {} (queue holds {} {noun}, beyond that new {noun} are dropped and counted)",
                         settings.endpoint,
                         e.message,
                         if e.retryable {
                             "retrying with backoff"
                         } else if e.misconfigured {
-                            "retrying cannot fix this: spans are dropped (counted as export_failed), one attempt every 5 s"
+                            "retrying cannot fix this: batches are dropped (counted as export_failed), one attempt every 5 s"
                         } else {
                             "not retryable, batches dropped"
                         },
@@ -235,8 +275,8 @@ async fn deliver(
                     outage.paused_until = Some(tokio::time::Instant::now() + PERMANENT_FAILURE_PAUSE);
                 }
                 if !e.retryable || rx.is_closed() || out_of_time {
-                    Stats::add(&stats.spans_dropped_export_failed, n);
-                    log::debug!("dropped {n} spans: {}", e.message);
+                    Stats::add((counters.dropped_export_failed)(stats), n);
+                    log::debug!("dropped {n} {noun}: {}", e.message);
                     return false;
                 }
                 tokio::time::sleep(backoff).await;
@@ -246,6 +286,6 @@ async fn deliver(
     }
 }
 
-fn dropped(stats: &Stats) -> u64 {
-    Stats::get(&stats.spans_dropped_export_failed) + Stats::get(&stats.spans_dropped_queue_full)
+fn dropped(stats: &Stats, counters: &SignalCounters) -> u64 {
+    Stats::get((counters.dropped_export_failed)(stats)) + Stats::get((counters.dropped_queue_full)(stats))
 }

@@ -1,10 +1,14 @@
-//! Spans on stdout: one human line per span (`text`) or one JSON object per line (`json`).
+//! Spans and log records on stdout: one human line each (`text`) or one JSON object per line
+//! (`json`; log records have `"signal": "log"`).
 
 use std::io::Write;
 
 use serde_json::{Map, Value, json};
 
-use crate::trace::span::{AttrValue, Span, Status};
+use crate::{
+    logs::LogRecord,
+    trace::span::{AttrValue, Span, Status},
+};
 
 fn attr_json(v: &AttrValue) -> Value {
     match v {
@@ -58,6 +62,37 @@ pub fn to_text(span: &Span) -> String {
     )
 }
 
+pub fn log_to_json(r: &LogRecord) -> Value {
+    let resource: Map<String, Value> = r.resource.attributes.iter().map(|(k, v)| (k.clone(), attr_json(v))).collect();
+    json!({
+        "signal": "log",
+        "time_unix_nano": r.time_unix_ns,
+        "observed_time_unix_nano": r.observed_unix_ns,
+        "severity_number": r.severity.as_ref().map(|s| s.number),
+        "severity_text": r.severity.as_ref().map(|s| s.text.as_str()),
+        "body": r.body,
+        "log.iostream": r.stream.iostream(),
+        "log.file.path": r.file_path.as_deref(),
+        "trace_id": r.trace.map(|t| t.trace_id.to_string()),
+        "span_id": r.trace.map(|t| t.span_id.to_string()),
+        "resource": resource,
+    })
+}
+
+pub fn log_to_text(r: &LogRecord) -> String {
+    let severity = r.severity.as_ref().map_or("-", |s| s.text.as_str());
+    let source = r.file_path.as_deref().or(r.stream.iostream()).unwrap_or("-");
+    let (trace, span) = match &r.trace {
+        Some(t) => (t.trace_id.to_string(), t.span_id.to_string()),
+        None => ("-".into(), "-".into()),
+    };
+    format!(
+        "LOG    {source:<28} {severity:>5}  service={} trace={trace} span={span}  {}",
+        r.resource.service_name,
+        r.body.replace('\n', "\n    ")
+    )
+}
+
 /// Writes spans to stdout; a closed stdout (e.g. `| head`) is not an error worth dying for.
 pub struct Printer {
     json: bool,
@@ -71,6 +106,15 @@ impl Printer {
 
     pub fn print(&mut self, span: &Span) {
         let line = if self.json { to_json(span).to_string() } else { to_text(span) };
+        self.write_line(&line);
+    }
+
+    pub fn print_log(&mut self, record: &LogRecord) {
+        let line = if self.json { log_to_json(record).to_string() } else { log_to_text(record) };
+        self.write_line(&line);
+    }
+
+    fn write_line(&mut self, line: &str) {
         let mut lock = self.out.lock();
         let _ = writeln!(lock, "{line}");
         let _ = lock.flush();

@@ -104,7 +104,7 @@ impl Exposition {
     fn encode_self_metrics(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let st = &self.stats;
         let g = Stats::get;
-        let counters: [(&str, &str, u64); 13] = [
+        let counters: [(&str, &str, u64); 17] = [
             ("sonde_events_read", "Records read from the kernel ring buffer.", g(&st.events_read)),
             (
                 "sonde_events_lost",
@@ -137,6 +137,14 @@ impl Exposition {
                 g(&st.kernel_inject[inject_reason::INJECTED as usize]),
             ),
             ("sonde_tls_unattributed", "TLS plaintext whose socket could not be identified.", g(&st.kernel_tls_no_fd)),
+            ("sonde_logs_captured", "Log records made from what traced processes wrote.", g(&st.logs_captured)),
+            ("sonde_logs_exported", "Log records accepted by the OTLP backend.", g(&st.logs_exported)),
+            (
+                "sonde_log_bytes_not_captured",
+                "Bytes of log writes beyond logs.max_bytes (the rest of those lines is lost).",
+                g(&st.log_bytes_not_captured),
+            ),
+            ("sonde_logs_redacted", "Credentials replaced in log records.", g(&st.logs_redacted)),
             (
                 "sonde_metric_overflow",
                 "Measurements recorded in an overflow series (cardinality cap).",
@@ -149,7 +157,23 @@ impl Exposition {
             counter.encode(metric)?;
         }
         let kernel = |r: u32| g(&st.kernel_inject[r as usize]);
-        let labelled: [LabelledCounter; 5] = [
+        let labelled: [LabelledCounter; 7] = [
+            (
+                "sonde_logs_dropped",
+                "Log records (or writes, for reason kernel) lost before export, by reason.",
+                "reason",
+                vec![
+                    ("kernel", g(&st.logs_dropped_kernel)),
+                    ("queue_full", g(&st.logs_dropped_queue_full)),
+                    ("export_failed", g(&st.logs_dropped_export_failed)),
+                ],
+            ),
+            (
+                "sonde_logs_unlinked",
+                "Log records written while their thread served requests that carry no trace, by reason.",
+                "reason",
+                vec![("ambiguous", g(&st.logs_unlinked_ambiguous)), ("expired", g(&st.logs_unlinked_expired))],
+            ),
             (
                 "sonde_traceparent_skipped",
                 "Outgoing HTTP/1.x requests left without an injected traceparent, by reason.",

@@ -11,4 +11,5 @@ pub mod parent;
 pub mod resource;
 pub mod route;
 pub mod sampler;
+pub mod serving_thread;
 pub mod span;

@@ -99,6 +99,14 @@ impl InFlightServers {
         }
     }
 
+    /// Requests in flight on thread `tid` of `pid`: how many, and the first.
+    pub fn on_thread(&self, pid: u32, tid: u32) -> (usize, Option<&Serving>) {
+        let Some(all) = self.by_pid.get(&pid) else { return (0, None) };
+        let mut on_thread = all.iter().filter(|s| s.tid == tid);
+        let first = on_thread.next();
+        (first.map_or(0, |_| 1 + on_thread.count()), first)
+    }
+
     /// The parent of a client request that thread `tid` of `pid` starts now, whose HTTP target
     /// is `target`.
     pub fn choose(&self, pid: u32, tid: u32, target: Option<&str>) -> Choice {

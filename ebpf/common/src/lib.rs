@@ -51,6 +51,13 @@ pub enum EventKind {
     /// The injection program wrote a traceparent into an outgoing request, or gave a
     /// connection up: an [`InjectEvent`].
     Inject = 10,
+    /// A traced process wrote to one of its log fds (`logs.capture`): a [`DataEvent`] whose
+    /// `role` is a `LOG_STREAM_*` and whose payload is the written bytes' prefix.
+    LogWrite = 11,
+    /// A traced process opened a file for writing while log files are watched: a
+    /// [`DataEvent`] whose `fd` is the new fd, `flags` the open flags and payload the path as
+    /// the process passed it (user space decides whether it is a log file).
+    LogOpen = 12,
 }
 
 impl EventKind {
@@ -66,6 +73,8 @@ impl EventKind {
             8 => Self::ExecMapping,
             9 => Self::ConnLocal,
             10 => Self::Inject,
+            11 => Self::LogWrite,
+            12 => Self::LogOpen,
             _ => return None,
         })
     }
@@ -86,6 +95,28 @@ pub const ROLE_CLIENT: u32 = 2;
 pub const DATA_FLAG_UNCOPIED: u32 = 1;
 /// Data event flag: plaintext captured at the TLS library boundary (SSL_read/SSL_write).
 pub const DATA_FLAG_TLS: u32 = 2;
+
+/// What a log fd is (value of the `LOG_FDS` map, and `role` of a [`EventKind::LogWrite`]).
+pub const LOG_STREAM_STDOUT: u32 = 1;
+pub const LOG_STREAM_STDERR: u32 = 2;
+/// A file whose path matches `logs.files`.
+pub const LOG_STREAM_FILE: u32 = 3;
+/// Opened for writing after sonde started and not classified by user space yet: its writes are
+/// sent, and user space keeps them only if the [`EventKind::LogOpen`] before them named a log file.
+pub const LOG_STREAM_PENDING: u32 = 4;
+/// Entries in the log fd map.
+pub const MAX_LOG_FDS: u32 = 16384;
+/// Longest path a [`EventKind::LogOpen`] carries.
+pub const MAX_LOG_PATH: u32 = 256;
+
+/// Value of the `LOG_FDS` map, keyed by [`SocketKey`] (pid, fd).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogFd {
+    /// A `LOG_STREAM_*`.
+    pub stream: u32,
+    pub _pad: u32,
+}
 
 /// Socket flag: the socket carries TLS; its syscall-level bytes are ciphertext and not emitted.
 pub const SOCKET_FLAG_TLS: u32 = 1;
@@ -240,8 +271,13 @@ pub mod counter {
     pub const TLS_NO_FD: u32 = 4;
     /// TLS plaintext events emitted.
     pub const TLS_EVENTS: u32 = 5;
+    /// Log writes that did not fit in the ring buffer (counted apart from `RINGBUF_DROPS`: a
+    /// lost log line says nothing about the connections' byte streams).
+    pub const LOG_DROPS: u32 = 6;
+    /// Log write events emitted.
+    pub const LOG_EVENTS: u32 = 7;
     /// Number of counters.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 8;
 }
 
 /// Runtime settings user space writes into the `SETTINGS` array (index 0) before attaching.
@@ -254,7 +290,8 @@ pub struct Settings {
     /// they differ across kernel versions).
     pub new_task_pid_offset: u32,
     pub new_task_clone_flags_offset: u32,
-    pub _pad: u32,
+    /// Bytes to copy per log write (`logs.max_bytes`); 0: log capture is off.
+    pub log_capture_bytes: u32,
     /// The agent's own pid: never traced.
     pub self_pid: u32,
     /// Wake user space once this many bytes are waiting in the ring buffer; below, it polls.
@@ -276,6 +313,9 @@ pub struct Settings {
     /// Head sampling for traces the injection starts: sampled when the trace id's low 64 bits,
     /// shifted right by one, are below this (u64::MAX: always; 0: never).
     pub sample_bound: u64,
+    /// Non-zero: files opened for writing by traced processes are reported (`logs.files` is set).
+    pub log_watch_opens: u32,
+    pub _pad: u32,
 }
 
 /// A TCP connection by its addresses, as both the sockops and the sk_msg programs see it: the
@@ -389,4 +429,5 @@ mod pod {
     unsafe impl aya::Pod for super::InjectKey {}
     unsafe impl aya::Pod for super::InjectState {}
     unsafe impl aya::Pod for super::ThreadContext {}
+    unsafe impl aya::Pod for super::LogFd {}
 }

@@ -104,7 +104,9 @@ pub(crate) fn data_call(
     ptr: u64,
     len: u64,
 ) -> Option<Inflight> {
-    let info = socket_info(tgid, fd)?;
+    let Some(info) = socket_info(tgid, fd) else {
+        return crate::logs::log_call(tgid, call, fd, ptr, len);
+    };
     let role = info.role;
     // Processes without a probed TLS library skip the TLS bookkeeping (three map operations).
     if traced_flags & TRACED_FLAG_TLS != 0 {
@@ -168,8 +170,13 @@ pub(crate) fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64, ex
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return };
     // SAFETY: per-CPU scratch, exclusively ours while this program runs.
     let scratch: &mut DataScratch = unsafe { &mut *scratch };
-    let cap = settings().map(|s| s.capture_bytes as u64).unwrap_or(0).min(MAX_CAPTURE as u64);
-    let want = byte_count.min(cap);
+    let log = rec.role & crate::logs::LOG_ROLE != 0;
+    let (kind, cap) = match settings() {
+        Some(s) if log => (EventKind::LogWrite, s.log_capture_bytes),
+        Some(s) => (EventKind::Data, s.capture_bytes),
+        None => return,
+    };
+    let want = byte_count.min((cap as u64).min(MAX_CAPTURE as u64));
 
     let (direction, mut flags) = match rec.call {
         Call::ReadBuf | Call::ReadVec | Call::ReadMsg | Call::ReadUncopied => (DIR_INGRESS, 0),
@@ -190,8 +197,8 @@ pub(crate) fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64, ex
         }
     };
 
-    scratch.event.header = header(EventKind::Data, tgid, tid);
-    if rec.role == ROLE_SERVER && settings().is_some_and(|s| s.inject_http != 0) {
+    scratch.event.header = header(kind, tgid, tid);
+    if !log && rec.role == ROLE_SERVER && settings().is_some_and(|s| s.inject_http != 0) {
         crate::inject::note_server_io(((tgid as u64) << 32) | tid as u64, scratch.event.header.ts_ns);
     }
     scratch.event.fd = rec.fd;
@@ -199,7 +206,7 @@ pub(crate) fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64, ex
     scratch.event.byte_count = byte_count;
     scratch.event.captured_len = captured as u32;
     scratch.event.flags = flags | extra_flags;
-    scratch.event.role = rec.role;
+    scratch.event.role = rec.role & 0xff;
 
     let size = (size_of::<sonde_common::DataEvent>() as u64) + (captured & (2 * MAX_CAPTURE as u64 - 1));
     // SAFETY: `size` is bounded below the scratch value's size, which the verifier checks.
@@ -211,7 +218,9 @@ pub(crate) fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64, ex
             wakeup_flags(size),
         )
     };
-    if rc < 0 {
+    if log {
+        count(if rc < 0 { counter::LOG_DROPS } else { counter::LOG_EVENTS }, 1);
+    } else if rc < 0 {
         crate::maps::count_loss();
     } else {
         if extra_flags & DATA_FLAG_TLS != 0 {
@@ -453,6 +462,9 @@ pub fn sys_enter_splice(ctx: TracePointContext) -> u32 {
 pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     let Some((tgid, tid, _)) = traced_current() else { return 0 };
     let fd = arg(&ctx, 0) as u32;
+    if crate::logs::on_close(tgid, tid, fd) {
+        return 0;
+    }
     let key = SocketKey { pid: tgid, fd };
     // SAFETY: the value is copied out.
     let Some(info) = (unsafe { SOCKETS.get(&key) }).copied() else { return 0 };

@@ -50,6 +50,10 @@ mod arch {
     pub const RECVMSG: u64 = 47;
     pub const SPLICE: u64 = 275;
     pub const ACCEPT4: u64 = 288;
+    /// open(path, flags, mode) and creat(path, mode) exist on x86_64 only.
+    pub const OPEN: Option<u64> = Some(2);
+    pub const CREAT: Option<u64> = Some(85);
+    pub const OPENAT: u64 = 257;
 }
 
 #[cfg(bpf_target_arch = "aarch64")]
@@ -84,6 +88,9 @@ mod arch {
     pub const SENDMSG: u64 = 211;
     pub const RECVMSG: u64 = 212;
     pub const ACCEPT4: u64 = 242;
+    pub const OPEN: Option<u64> = None;
+    pub const CREAT: Option<u64> = None;
+    pub const OPENAT: u64 = 56;
 }
 
 #[raw_tracepoint(tracepoint = "sys_exit")]
@@ -113,6 +120,20 @@ pub fn raw_sys_exit(ctx: RawTracePointContext) -> u32 {
             if let Some(rec) = take_inflight(pid_tgid) {
                 finish_call(pid_tgid, &rec, ret);
             }
+            return 0;
+        }
+        // openat(dirfd, path, flags, mode), open(path, flags, mode), creat(path, mode): a
+        // log file may be opened (`logs.files`).
+        arch::OPENAT => {
+            crate::logs::on_open(tgid, pid_tgid as u32, ret, a1, a2);
+            return 0;
+        }
+        nr if Some(nr) == arch::OPEN => {
+            crate::logs::on_open(tgid, pid_tgid as u32, ret, a0, a1);
+            return 0;
+        }
+        nr if Some(nr) == arch::CREAT => {
+            crate::logs::on_open(tgid, pid_tgid as u32, ret, a0, crate::logs::CREAT_FLAGS);
             return 0;
         }
         _ => return 0,

@@ -11,6 +11,7 @@ mod exit;
 mod floor;
 mod inject;
 mod lifecycle;
+mod logs;
 mod maps;
 mod tls;
 
