@@ -10,6 +10,7 @@ use std::{
 };
 
 use opentelemetry_proto::tonic::collector::{
+    logs::v1::ExportLogsServiceRequest,
     metrics::v1::ExportMetricsServiceRequest,
     trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -18,7 +19,10 @@ use opentelemetry_proto::tonic::collector::{
 };
 use prost::Message;
 
-use crate::span::{TestSpan, from_otlp};
+use crate::{
+    log_record::{TestLog, logs_from_otlp},
+    span::{TestSpan, from_otlp},
+};
 
 /// What one export request carried, besides its body.
 #[derive(Clone, Debug, Default)]
@@ -86,6 +90,8 @@ impl Collected {
 pub struct HttpReceiver {
     pub port: u16,
     pub collected: Collected,
+    /// Every log record received (POST /v1/logs), in arrival order.
+    pub logs: Arc<Mutex<Vec<TestLog>>>,
     /// Every metrics request received, newest last.
     pub metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
     /// Every request body as received (protobuf, decompressed), traces and metrics: what left the host.
@@ -99,6 +105,7 @@ pub struct HttpReceiver {
 #[derive(Clone)]
 struct HttpState {
     collected: Collected,
+    logs: Arc<Mutex<Vec<TestLog>>>,
     metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
     raw: Arc<Mutex<Vec<Vec<u8>>>>,
     requests: Arc<Mutex<Vec<Received>>>,
@@ -120,6 +127,7 @@ impl HttpReceiver {
         let port = listener.local_addr().expect("addr").port();
         let state = HttpState {
             collected: Collected::default(),
+            logs: Arc::new(Mutex::new(Vec::new())),
             metrics: Arc::new(Mutex::new(Vec::new())),
             raw: Arc::new(Mutex::new(Vec::new())),
             requests: Arc::new(Mutex::new(Vec::new())),
@@ -145,6 +153,7 @@ impl HttpReceiver {
         Self {
             port,
             collected: state.collected,
+            logs: state.logs,
             metrics: state.metrics,
             raw: state.raw,
             requests: state.requests,
@@ -154,6 +163,18 @@ impl HttpReceiver {
 
     pub fn received(&self) -> Vec<Received> {
         self.requests.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// The log records received so far.
+    pub fn log_records(&self) -> Vec<TestLog> {
+        self.logs.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Waits until `done` holds for the log records received (or the timeout), then returns them.
+    pub fn wait_for_logs(&self, timeout: Duration, done: impl Fn(&[TestLog]) -> bool) -> Vec<TestLog> {
+        crate::wait_for(timeout, || done(&self.log_records()).then_some(()));
+        std::thread::sleep(Duration::from_millis(700));
+        self.log_records()
     }
 
     /// The newest metrics request, if any.
@@ -177,7 +198,7 @@ fn gunzip(body: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn serve_http<S: Read + Write>(stream: S, state: &HttpState) {
-    let HttpState { collected, metrics, raw, requests, answer } = state;
+    let HttpState { collected, logs, metrics, raw, requests, answer } = state;
     let mut reader = BufReader::new(stream);
     loop {
         let mut received = Received::default();
@@ -224,6 +245,16 @@ fn serve_http<S: Read + Write>(stream: S, state: &HttpState) {
             match ExportTraceServiceRequest::decode(body.as_slice()) {
                 Ok(req) => {
                     collected.add(&req);
+                    "200 OK"
+                }
+                Err(_) => "400 Bad Request",
+            }
+        } else if request_line.starts_with("POST /v1/logs ") {
+            match ExportLogsServiceRequest::decode(body.as_slice()) {
+                Ok(req) => {
+                    if let Ok(mut l) = logs.lock() {
+                        l.extend(logs_from_otlp(&req));
+                    }
                     "200 OK"
                 }
                 Err(_) => "400 Bad Request",

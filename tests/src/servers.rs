@@ -21,6 +21,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// A server started by the caller (listening on `port`), stopped like the others on drop.
+    pub fn from_child(child: Child, port: u16) -> Self {
+        Self { child, port, _dir: None }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

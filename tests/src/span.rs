@@ -52,7 +52,7 @@ impl TestSpan {
     }
 }
 
-fn value(v: &Option<AnyValue>) -> V {
+pub(crate) fn value(v: &Option<AnyValue>) -> V {
     match v.as_ref().and_then(|a| a.value.as_ref()) {
         Some(Value::StringValue(s)) => V::S(s.clone()),
         Some(Value::IntValue(i)) => V::I(*i),
@@ -61,7 +61,7 @@ fn value(v: &Option<AnyValue>) -> V {
     }
 }
 
-fn hex(b: &[u8]) -> String {
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 

@@ -26,6 +26,10 @@ struct Building<L> {
     previous_indented: bool,
     /// Blank lines seen after the record: kept only if a continuation follows.
     blank_lines: usize,
+    /// The write its latest line came in.
+    last_write: u64,
+    /// Its latest line announced a chained exception: the next traceback belongs to it.
+    chained: bool,
 }
 
 pub struct Writer<L> {
@@ -33,26 +37,30 @@ pub struct Writer<L> {
     partial_ts_ns: u64,
     partial_link: Option<L>,
     record: Option<Building<L>>,
+    /// Writes seen, numbering them.
+    writes: u64,
 }
 
 impl<L> Default for Writer<L> {
     fn default() -> Self {
-        Self { partial: Vec::new(), partial_ts_ns: 0, partial_link: None, record: None }
+        Self { partial: Vec::new(), partial_ts_ns: 0, partial_link: None, record: None, writes: 0 }
     }
 }
 
-const CONTINUATION_STARTS: [&str; 4] = [
-    "Traceback (most recent call last):",
-    "Caused by:",
-    "During handling of the above exception",
-    "The above exception was the direct cause",
-];
+/// A Python traceback's first line. It continues the record before it when both came in one
+/// write (`logging.exception`), or after a chaining line; written on its own
+/// (`traceback.print_exc`) it starts a record.
+const TRACEBACK: &str = "Traceback (most recent call last):";
+/// Lines that always continue the record before them.
+const CONTINUATION_STARTS: [&str; 3] =
+    ["Caused by:", "During handling of the above exception", "The above exception was the direct cause"];
 
 impl<L: Clone> Writer<L> {
     /// One write's bytes at kernel time `ts_ns`; `link` is the writer's trace link at that
     /// moment. `truncated`: the write was longer than what was captured, so its last line ends
     /// here (its rest is lost).
     pub fn write(&mut self, bytes: &[u8], ts_ns: u64, truncated: bool, link: &L, out: &mut Vec<Assembled<L>>) {
+        self.writes += 1;
         let mut rest = bytes;
         while let Some(nl) = memchr::memchr(b'\n', rest) {
             let (line, ts, line_link) = self.take_line(&rest[..nl], ts_ns, link);
@@ -129,9 +137,10 @@ impl<L: Clone> Writer<L> {
         if let Some(r) = &mut self.record
             && r.body.len() + line.len() < MAX_RECORD_BYTES
         {
-            let starts_chain = CONTINUATION_STARTS.iter().any(|p| line.starts_with(p));
+            let chaining = CONTINUATION_STARTS.iter().any(|p| line.starts_with(p));
+            let traceback = line.starts_with(TRACEBACK) && (r.last_write == self.writes || r.chained);
             let exception_line = r.in_traceback && r.previous_indented && !indented;
-            if indented || starts_chain || exception_line {
+            if indented || chaining || traceback || exception_line {
                 for _ in 0..r.blank_lines {
                     r.body.push('\n');
                 }
@@ -139,7 +148,9 @@ impl<L: Clone> Writer<L> {
                 r.body.push('\n');
                 r.body.push_str(line);
                 r.last_ns = ts_ns;
-                if line.starts_with(CONTINUATION_STARTS[0]) {
+                r.last_write = self.writes;
+                r.chained = chaining;
+                if traceback {
                     r.in_traceback = true;
                 } else if exception_line {
                     r.in_traceback = false;
@@ -154,9 +165,11 @@ impl<L: Clone> Writer<L> {
             ts_ns,
             link,
             last_ns: ts_ns,
-            in_traceback: line.starts_with(CONTINUATION_STARTS[0]),
+            in_traceback: line.starts_with(TRACEBACK),
             previous_indented: indented,
             blank_lines: 0,
+            last_write: self.writes,
+            chained: false,
         });
     }
 
@@ -199,8 +212,11 @@ mod tests {
         let tb = "ERROR:root:request failed\nTraceback (most recent call last):\n  File \"app.py\", line 3, in handle\n    boom()\nValueError: bad value\n";
         let expected = tb.trim_end().to_string();
         assert_eq!(feed(&[tb, "INFO next\n"]), vec![expected.clone(), "INFO next".into()]);
+        // Printed line by line after a line of its own (`traceback.print_exc`): the traceback
+        // is its own record.
         let by_line: Vec<&str> = tb.split_inclusive('\n').collect();
-        assert_eq!(feed(&by_line), vec![expected]);
+        let (first, rest) = expected.split_once('\n').unwrap();
+        assert_eq!(feed(&by_line), vec![first.to_string(), rest.to_string()]);
         // A bare traceback (the default excepthook), chained.
         let chained = "Traceback (most recent call last):\n  File \"a\", line 1\nKeyError: 'k'\n\nDuring handling of the above exception, another exception occurred:\n\nTraceback (most recent call last):\n  File \"b\", line 2\nRuntimeError: x\nafter\n";
         let out = feed(&[chained]);
