@@ -500,6 +500,24 @@ pub fn describe(c: &AgentConfig) -> String {
         if c.inject_http { "on (outgoing HTTP/1.x requests of traced processes)" } else { "off" }
     );
     let otlp = |o: &OtlpSettings| format!("{} ({:?}, {} headers)", o.endpoint, o.protocol, o.headers.len());
+    let _ = writeln!(
+        out,
+        "logs: {}",
+        match &c.logs {
+            None => "not captured".to_string(),
+            Some(l) => format!(
+                "stdout, stderr{} ({} bytes per write, {} redaction rules), {}",
+                if l.files.is_empty() {
+                    String::new()
+                } else {
+                    format!(" and {}", l.files.iter().map(|g| g.glob().to_string()).collect::<Vec<_>>().join(", "))
+                },
+                l.max_bytes,
+                l.redaction.rule_count(),
+                l.otlp.as_ref().map(otlp).unwrap_or_else(|| "not exported".into())
+            ),
+        }
+    );
     let _ = writeln!(out, "traces: {}", c.otlp.as_ref().map(otlp).unwrap_or_else(|| "not exported".into()));
     let _ = writeln!(
         out,

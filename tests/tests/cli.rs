@@ -21,7 +21,21 @@ fn run_with_config(subcommand: &str, config: &str, args: &[&str], env: &[(&str, 
 fn bad_configuration_exits_2_and_names_the_key_and_the_fix() {
     // (config file, arguments, environment, words the error must contain)
     type Case<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
-    let cases: [Case<'_>; 14] = [
+    let cases: [Case<'_>; 18] = [
+        (
+            "logs:\n  capture: true\n  files: [\"var/log/*.log\"]\n",
+            &["--pid", "1"],
+            &[],
+            &["logs.files[0]", "absolute"],
+        ),
+        (
+            "logs:\n  redact: [\"(\"]\n",
+            &["--pid", "1", "--capture-logs"],
+            &[],
+            &["logs.redact[0]", "regular expression"],
+        ),
+        ("logs:\n  capture: true\n  max_bytes: 9\n", &["--pid", "1"], &[], &["logs.max_bytes", "64..="]),
+        ("", &["--pid", "1", "--capture-logs"], &[("OTEL_LOGS_EXPORTER", "console")], &["OTEL_LOGS_EXPORTER", "none"]),
         ("capture:\n  max_byte: 10\n", &["--pid", "1"], &[], &["max_byte", "max_bytes"]),
         ("", &["--open-ports", "9100-9000"], &[], &["--open-ports", "backwards"]),
         ("", &["--exe-path", "[bad"], &[], &["--exe-path", "glob"]),

@@ -13,6 +13,15 @@ pub struct Assembled<L> {
     pub body: String,
     pub ts_ns: u64,
     pub link: L,
+    /// The write it started in (within its writer).
+    pub first_write: u64,
+}
+
+/// A record that starts in a write carrying other records too: the writing thread may have
+/// flushed lines other threads buffered (a shared, line-buffered stream), so the link of that
+/// write is no evidence for it.
+pub trait Unproven {
+    fn unproven(&self) -> Self;
 }
 
 struct Building<L> {
@@ -26,8 +35,9 @@ struct Building<L> {
     previous_indented: bool,
     /// Blank lines seen after the record: kept only if a continuation follows.
     blank_lines: usize,
-    /// The write its latest line came in.
+    /// The write its latest line came in, and its first.
     last_write: u64,
+    first_write: u64,
     /// Its latest line announced a chained exception: the next traceback belongs to it.
     chained: bool,
 }
@@ -36,14 +46,26 @@ pub struct Writer<L> {
     partial: Vec<u8>,
     partial_ts_ns: u64,
     partial_link: Option<L>,
+    /// The write the partial line's first byte came in.
+    partial_write: u64,
     record: Option<Building<L>>,
     /// Writes seen, numbering them.
     writes: u64,
+    /// Records started by the current write.
+    started: usize,
 }
 
 impl<L> Default for Writer<L> {
     fn default() -> Self {
-        Self { partial: Vec::new(), partial_ts_ns: 0, partial_link: None, record: None, writes: 0 }
+        Self {
+            partial: Vec::new(),
+            partial_ts_ns: 0,
+            partial_link: None,
+            partial_write: 0,
+            record: None,
+            writes: 0,
+            started: 0,
+        }
     }
 }
 
@@ -55,28 +77,44 @@ const TRACEBACK: &str = "Traceback (most recent call last):";
 const CONTINUATION_STARTS: [&str; 3] =
     ["Caused by:", "During handling of the above exception", "The above exception was the direct cause"];
 
-impl<L: Clone> Writer<L> {
+impl<L: Clone + Unproven> Writer<L> {
     /// One write's bytes at kernel time `ts_ns`; `link` is the writer's trace link at that
     /// moment. `truncated`: the write was longer than what was captured, so its last line ends
     /// here (its rest is lost).
     pub fn write(&mut self, bytes: &[u8], ts_ns: u64, truncated: bool, link: &L, out: &mut Vec<Assembled<L>>) {
         self.writes += 1;
+        self.started = 0;
+        let first_out = out.len();
         let mut rest = bytes;
         while let Some(nl) = memchr::memchr(b'\n', rest) {
-            let (line, ts, line_link) = self.take_line(&rest[..nl], ts_ns, link);
-            self.line(&line, ts, line_link, out);
+            let (line, ts, line_link, first_write) = self.take_line(&rest[..nl], ts_ns, link);
+            self.line(&line, ts, line_link, first_write, out);
             rest = &rest[nl + 1..];
         }
         if !rest.is_empty() {
             if self.partial.is_empty() {
                 self.partial_ts_ns = ts_ns;
                 self.partial_link = Some(link.clone());
+                self.partial_write = self.writes;
             }
             let room = MAX_RECORD_BYTES.saturating_sub(self.partial.len());
             self.partial.extend_from_slice(&rest[..rest.len().min(room)]);
         }
         if truncated || self.partial.len() >= MAX_RECORD_BYTES {
             self.flush_partial(out);
+        }
+        if self.started > 1 {
+            let this_write = self.writes;
+            for a in &mut out[first_out..] {
+                if a.first_write == this_write {
+                    a.link = a.link.unproven();
+                }
+            }
+            if let Some(r) = &mut self.record
+                && r.first_write == this_write
+            {
+                r.link = r.link.unproven();
+            }
         }
     }
 
@@ -108,24 +146,24 @@ impl<L: Clone> Writer<L> {
         let Some(link) = self.partial_link.take() else { return };
         let line = String::from_utf8_lossy(&self.partial).into_owned();
         self.partial.clear();
-        self.line(&line, self.partial_ts_ns, link, out);
+        self.line(&line, self.partial_ts_ns, link, self.partial_write, out);
     }
 
     /// The text of a line ending here, joined to the partial line before it; the time and
     /// link are those of its first byte.
-    fn take_line(&mut self, tail: &[u8], ts_ns: u64, link: &L) -> (String, u64, L) {
+    fn take_line(&mut self, tail: &[u8], ts_ns: u64, link: &L) -> (String, u64, L, u64) {
         if self.partial.is_empty() {
-            return (String::from_utf8_lossy(tail).into_owned(), ts_ns, link.clone());
+            return (String::from_utf8_lossy(tail).into_owned(), ts_ns, link.clone(), self.writes);
         }
         let room = MAX_RECORD_BYTES.saturating_sub(self.partial.len());
         self.partial.extend_from_slice(&tail[..tail.len().min(room)]);
         let line = String::from_utf8_lossy(&self.partial).into_owned();
         self.partial.clear();
         let first_link = self.partial_link.take().unwrap_or_else(|| link.clone());
-        (line, self.partial_ts_ns, first_link)
+        (line, self.partial_ts_ns, first_link, self.partial_write)
     }
 
-    fn line(&mut self, line: &str, ts_ns: u64, link: L, out: &mut Vec<Assembled<L>>) {
+    fn line(&mut self, line: &str, ts_ns: u64, link: L, first_write: u64, out: &mut Vec<Assembled<L>>) {
         let line = line.strip_suffix('\r').unwrap_or(line);
         if line.trim().is_empty() {
             if let Some(r) = &mut self.record {
@@ -169,13 +207,17 @@ impl<L: Clone> Writer<L> {
             previous_indented: indented,
             blank_lines: 0,
             last_write: self.writes,
+            first_write,
             chained: false,
         });
+        if first_write == self.writes {
+            self.started += 1;
+        }
     }
 
     fn finish_record(&mut self, out: &mut Vec<Assembled<L>>) {
         if let Some(r) = self.record.take() {
-            out.push(Assembled { body: r.body, ts_ns: r.ts_ns, link: r.link });
+            out.push(Assembled { body: r.body, ts_ns: r.ts_ns, link: r.link, first_write: r.first_write });
         }
     }
 }
@@ -183,6 +225,12 @@ impl<L: Clone> Writer<L> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Unproven for usize {
+        fn unproven(&self) -> Self {
+            usize::MAX
+        }
+    }
 
     fn feed(writes: &[&str]) -> Vec<String> {
         let mut w = Writer::default();
@@ -203,8 +251,15 @@ mod tests {
         w.write(b"first ", 10, false, &1, &mut out);
         w.write(b"half\nsecond\n", 20, false, &2, &mut out);
         w.finish(&mut out);
-        assert_eq!(out[0], Assembled { body: "first half".into(), ts_ns: 10, link: 1 });
-        assert_eq!(out[1], Assembled { body: "second".into(), ts_ns: 20, link: 2 });
+        assert_eq!((out[0].body.as_str(), out[0].ts_ns, out[0].link), ("first half", 10, 1));
+        assert_eq!((out[1].body.as_str(), out[1].ts_ns, out[1].link), ("second", 20, 2));
+        // Two records started in one write: neither has its writer's link as evidence.
+        let mut out = Vec::new();
+        w.write(b"a\nb\n", 30, false, &3, &mut out);
+        w.write(b"c\n  continued\n", 40, false, &4, &mut out);
+        w.finish(&mut out);
+        let links: Vec<(String, usize)> = out.into_iter().map(|a| (a.body, a.link)).collect();
+        assert_eq!(links, [("a".into(), usize::MAX), ("b".into(), usize::MAX), ("c\n  continued".into(), 4)]);
     }
 
     #[test]

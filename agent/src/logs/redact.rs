@@ -40,6 +40,10 @@ impl Redactor {
         Ok(Self { any, rules })
     }
 
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
     /// Redacts `text` in place; returns how many values were replaced.
     pub fn redact(&self, text: &mut String) -> u64 {
         let hits = self.any.matches(text);

@@ -33,6 +33,17 @@ pub enum ServingLink {
     Ambiguous,
 }
 
+/// A record that shares its write with other records gets no trace (see `logs::lines`); it
+/// counts as ambiguous when the thread was serving a request.
+impl crate::logs::lines::Unproven for ServingLink {
+    fn unproven(&self) -> Self {
+        match self {
+            ServingLink::Outside => ServingLink::Outside,
+            _ => ServingLink::Ambiguous,
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct ServingThreads {
     latest: HashMap<(u32, u32), Latest>,
