@@ -10,7 +10,10 @@ use std::{
 };
 
 use opentelemetry_proto::tonic::collector::{
-    logs::v1::ExportLogsServiceRequest,
+    logs::v1::{
+        ExportLogsServiceRequest, ExportLogsServiceResponse,
+        logs_service_server::{LogsService, LogsServiceServer},
+    },
     metrics::v1::ExportMetricsServiceRequest,
     trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -320,10 +323,28 @@ impl TraceService for GrpcSink {
     }
 }
 
-/// OTLP/gRPC receiver (tonic) on its own runtime thread; accepts gzip.
+/// Log records over gRPC, into the same receiver.
+struct GrpcLogSink(Arc<Mutex<Vec<TestLog>>>);
+
+#[tonic::async_trait]
+impl LogsService for GrpcLogSink {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportLogsServiceRequest>,
+    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        if let Ok(mut l) = self.0.lock() {
+            l.extend(logs_from_otlp(request.get_ref()));
+        }
+        Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
+    }
+}
+
+/// OTLP/gRPC receiver (tonic) on its own runtime thread; accepts gzip. Takes traces and logs.
 pub struct GrpcReceiver {
     pub port: u16,
     pub collected: Collected,
+    /// Every log record received, in arrival order.
+    pub logs: Arc<Mutex<Vec<TestLog>>>,
     pub requests: Arc<Mutex<Vec<Received>>>,
     tls: bool,
 }
@@ -340,6 +361,8 @@ impl GrpcReceiver {
         std_listener.set_nonblocking(true).expect("nonblocking");
         let collected = Collected::default();
         let requests = Arc::new(Mutex::new(Vec::new()));
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let log_sink = GrpcLogSink(logs.clone());
         let sink = GrpcSink {
             collected: collected.clone(),
             requests: requests.clone(),
@@ -351,14 +374,16 @@ impl GrpcReceiver {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(std_listener).expect("tokio listener");
                 let service = TraceServiceServer::new(sink).accept_compressed(tonic::codec::CompressionEncoding::Gzip);
-                let router = tonic::transport::Server::builder().add_service(service);
+                let router = tonic::transport::Server::builder()
+                    .add_service(service)
+                    .add_service(LogsServiceServer::new(log_sink));
                 let _ = match tls {
                     None => router.serve_with_incoming(tokio_stream_from(listener)).await,
                     Some(config) => router.serve_with_incoming(tls_incoming(listener, config)).await,
                 };
             });
         });
-        Self { port, collected, requests, tls: options.tls.is_some() }
+        Self { port, collected, logs, requests, tls: options.tls.is_some() }
     }
 
     pub fn received(&self) -> Vec<Received> {

@@ -155,6 +155,11 @@ pub fn tls_cert(dir: &std::path::Path) -> (PathBuf, PathBuf) {
 
 /// nginx as above; with `tls` it serves HTTPS with a fresh self-signed certificate.
 pub fn nginx_with(port: u16, tls: Option<()>) -> Server {
+    nginx_logging(port, tls, None)
+}
+
+/// nginx as above, writing its access log (the default `combined` format) to `access_log`.
+pub fn nginx_logging(port: u16, tls: Option<()>, access_log: Option<&std::path::Path>) -> Server {
     let dir = TempDir::new("nginx");
     let root = dir.path().join("www");
     std::fs::create_dir_all(&root).expect("docroot");
@@ -173,8 +178,9 @@ pub fn nginx_with(port: u16, tls: Option<()>) -> Server {
         None => format!("listen 127.0.0.1:{port};"),
     };
     let conf = format!(
-        "daemon off;\nmaster_process on;\nworker_processes 2;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  sendfile on;\n  keepalive_requests 100000;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    {listen}\n    root {root};\n    location /teapot {{ return 418 \"short and stout\"; }}\n  }}\n}}\n",
-        root = root.display()
+        "daemon off;\nmaster_process on;\nworker_processes 2;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log {access};\n  sendfile on;\n  keepalive_requests 100000;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    {listen}\n    root {root};\n    location /teapot {{ return 418 \"short and stout\"; }}\n  }}\n}}\n",
+        root = root.display(),
+        access = access_log.map_or("off".to_string(), |p| p.display().to_string()),
     );
     start_nginx(dir, &conf, port)
 }

@@ -335,7 +335,7 @@ fn compose_stack_and_image_are_consistent() {
     let compose_dir = deploy().join("compose");
     let compose = yaml_docs(&read(&compose_dir.join("docker-compose.yaml"))).remove(0);
     let services = compose["services"].as_mapping().expect("services");
-    for name in ["sonde", "otel-collector", "tempo", "prometheus", "grafana"] {
+    for name in ["sonde", "otel-collector", "tempo", "loki", "prometheus", "grafana"] {
         assert!(services.contains_key(name), "compose lacks {name}");
     }
     // Every file a service mounts exists.
@@ -369,8 +369,27 @@ fn compose_stack_and_image_are_consistent() {
     let ds = yaml_docs(&read(&compose_dir.join("grafana/provisioning/datasources/datasources.yaml"))).remove(0);
     let uids: Vec<&str> =
         ds["datasources"].as_sequence().expect("datasources").iter().filter_map(|d| d["uid"].as_str()).collect();
-    assert_eq!(uids, ["prometheus", "tempo"]);
+    assert_eq!(uids, ["prometheus", "tempo", "loki"]);
     assert_eq!(ds["datasources"][1]["jsonData"]["tracesToMetrics"]["datasourceUid"], "prometheus");
+    // Logs: sonde captures them, the collector sends them to Loki over OTLP, Loki keeps the
+    // record's trace_id (structured metadata), and Grafana links both ways.
+    assert_eq!(config["logs"]["capture"], true, "the compose sonde captures logs");
+    let logs = &collector["service"]["pipelines"]["logs"];
+    assert_eq!(logs["receivers"][0], "otlp");
+    assert_eq!(logs["exporters"][0], "otlphttp/loki");
+    assert_eq!(collector["exporters"]["otlphttp/loki"]["endpoint"], "http://loki:3100/otlp");
+    let loki = yaml_docs(&read(&compose_dir.join("loki.yaml"))).remove(0);
+    assert_eq!(loki["server"]["http_listen_port"], 3100);
+    assert_eq!(loki["limits_config"]["allow_structured_metadata"], true, "OTLP ingestion needs structured metadata");
+    assert_eq!(loki["schema_config"]["configs"][0]["schema"], "v13");
+    assert_eq!(ds["datasources"][2]["url"], "http://loki:3100");
+    let to_logs = &ds["datasources"][1]["jsonData"]["tracesToLogsV2"];
+    assert_eq!((to_logs["datasourceUid"].as_str(), to_logs["filterByTraceID"].as_bool()), (Some("loki"), Some(true)));
+    let to_trace = &ds["datasources"][2]["jsonData"]["derivedFields"][0];
+    assert_eq!(
+        (to_trace["matcherType"].as_str(), to_trace["matcherRegex"].as_str(), to_trace["datasourceUid"].as_str()),
+        (Some("label"), Some("trace_id"), Some("tempo"))
+    );
     // Exemplars: Prometheus keeps them, Grafana links their trace_id label to Tempo, and every
     // latency panel asks for them.
     let links = &ds["datasources"][0]["jsonData"]["exemplarTraceIdDestinations"][0];
@@ -386,6 +405,22 @@ fn compose_stack_and_image_are_consistent() {
         .filter(|p| p["title"].as_str().is_some_and(|t| t.to_lowercase().contains("latency")))
         .collect();
     assert!(latency.len() >= 5, "latency panels: {}", latency.len());
+    // The logs row: error lines per service, and the lines themselves. Loki's OTLP ingestion
+    // makes service.name the `service_name` label and keeps severity_number as structured
+    // metadata: the queries use exactly those.
+    let loki_targets: Vec<&serde_json::Value> = dash["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .filter(|p| p["datasource"]["uid"] == "loki")
+        .flat_map(|p| p["targets"].as_array().expect("targets"))
+        .collect();
+    assert_eq!(loki_targets.len(), 2, "an error-count panel and a logs panel");
+    assert!(dash["panels"].as_array().expect("panels").iter().any(|p| p["type"] == "logs"));
+    for t in loki_targets {
+        let expr = t["expr"].as_str().expect("expr");
+        assert!(expr.contains("{service_name=~\"$service\"}") && expr.contains("severity_number >= 17"), "{expr}");
+    }
     for panel in latency {
         for t in panel["targets"].as_array().expect("targets") {
             assert_eq!(t["exemplar"], true, "panel {:?} shows exemplars", panel["title"]);
@@ -414,6 +449,10 @@ fn shipped_expressions() -> Vec<(String, String)> {
     let dash: serde_json::Value = serde_json::from_str(&read(&dash_path)).expect("dashboard");
     for panel in dash["panels"].as_array().expect("panels") {
         for t in panel["targets"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            if panel["datasource"]["uid"] == "loki" {
+                // LogQL over Loki, checked in compose_stack_and_image_are_consistent.
+                continue;
+            }
             if t["queryType"] == "serviceMap" {
                 // Tempo's service map: the series Grafana queries from the datasource it names.
                 for expr in SERVICE_MAP_SERIES {

@@ -291,7 +291,8 @@ impl Capture {
                     inject_http: opts.inject_http.is_some() as u32,
                     sample_bound: opts.inject_http.unwrap_or(0),
                     log_watch_opens: opts.log_watch_opens as u32,
-                    _pad: 0,
+                    // Half the ring: socket payloads always have the other half.
+                    log_ring_limit: opts.ring_buffer_bytes / 2,
                 },
                 0,
             )

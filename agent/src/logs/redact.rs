@@ -10,10 +10,10 @@ pub const REDACTED: &str = "[REDACTED]";
 /// Built-in rules: group 1 is the secret. Case-insensitive; keys may carry a prefix
 /// (`db_password`, `X-Api-Key`) and be quoted (JSON, YAML).
 const DEFAULT_RULES: [&str; 5] = [
-    r#"(?i)\b(?:proxy-)?authorization["']?\s*[:=]\s*["']?([^"'\r\n]+)"#,
-    r#"(?i)\b(?:set-)?cookie["']?\s*[:=]\s*["']?([^"'\r\n]+)"#,
+    r#"(?i)\b(?:proxy-)?authorization(?:\\?["'])?\s*[:=]\s*(?:\\?["'])?([^"'\\\r\n]+)"#,
+    r#"(?i)\b(?:set-)?cookie(?:\\?["'])?\s*[:=]\s*(?:\\?["'])?([^"'\\\r\n]+)"#,
     r"(?i)\b(?:bearer|basic)\s+([A-Za-z0-9._~+/-]+=*)",
-    r#"(?i)[A-Za-z0-9_.-]*(?:password|passwd|secret|token|api[_-]?key)["']?\s*[=:]\s*["']?([^\s"'&,;}]+)"#,
+    r#"(?i)[A-Za-z0-9_.-]*(?:password|passwd|secret|token|api[_-]?key)(?:\\?["'])?\s*[=:]\s*(?:\\?["'])?([^\s"'&,;}\\]+)"#,
     r"(?i)\b[a-z][a-z0-9+.-]*://[^/\s:@]+:([^/\s@]+)@",
 ];
 
@@ -99,6 +99,8 @@ mod tests {
             ("api_key=ZZZ", "ZZZ"),
             ("connecting to postgres://app:pa55word@db:5432/x", "pa55word"),
             ("Cookie: session=deadbeef", "deadbeef"),
+            (r#"{"msg": "{\"client_secret\": \"nested-1\"}"}"#, "nested-1"),
+            (r#"{"msg": "Authorization: Bearer tok-in-json"}"#, "tok-in-json"),
         ] {
             let (out, n) = redacted(line);
             assert!(n >= 1, "{line}");

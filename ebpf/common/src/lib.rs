@@ -315,7 +315,10 @@ pub struct Settings {
     pub sample_bound: u64,
     /// Non-zero: files opened for writing by traced processes are reported (`logs.files` is set).
     pub log_watch_opens: u32,
-    pub _pad: u32,
+    /// A log write is dropped (and counted) when the unread ring buffer data would exceed this:
+    /// the rest of the ring stays for socket payloads, so a burst of log lines never costs a
+    /// span.
+    pub log_ring_limit: u32,
 }
 
 /// A TCP connection by its addresses, as both the sockops and the sk_msg programs see it: the

@@ -209,6 +209,11 @@ pub(crate) fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64, ex
     scratch.event.role = rec.role & 0xff;
 
     let size = (size_of::<sonde_common::DataEvent>() as u64) + (captured & (2 * MAX_CAPTURE as u64 - 1));
+    if log && EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64) + size > settings().map_or(0, |s| s.log_ring_limit) as u64 {
+        // Log lines may fill only part of the ring: the rest is kept for socket payloads.
+        count(counter::LOG_DROPS, 1);
+        return;
+    }
     // SAFETY: `size` is bounded below the scratch value's size, which the verifier checks.
     let rc = unsafe {
         aya_ebpf::helpers::generated::bpf_ringbuf_output(
