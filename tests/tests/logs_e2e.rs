@@ -69,10 +69,14 @@ fn privileged_log_lines_carry_the_trace_of_the_request_that_wrote_them() {
     let urls: Vec<String> = paths.iter().map(|p| format!("http://127.0.0.1:{port}{p}")).collect();
     curl_parallel(&urls, 8);
 
+    // A child started now inherits the service's stderr.
+    sonde_e2e::clients::curl(&["-o", "/dev/null"], &[format!("http://127.0.0.1:{port}/spawn")]);
+    paths.push("/spawn".into());
     let spans = receiver.collected.wait_for(paths.len(), WAIT);
     let logs = receiver.wait_for_logs(WAIT, |l| {
         l.iter().filter(|r| r.body.starts_with("access ")).count() >= paths.len()
             && l.iter().filter(|r| r.body.starts_with("audit ")).count() >= paths.len()
+            && l.iter().any(|r| r.body == "child line")
     });
     let finished = sonde.stop();
     drop(app);
@@ -119,6 +123,11 @@ fn privileged_log_lines_carry_the_trace_of_the_request_that_wrote_them() {
             assert_eq!(ids(tb[0]), *expected);
         }
     }
+    let child: Vec<&TestLog> = with_body(&logs, "child line");
+    assert_eq!(child.len(), 1, "the child's line arrives once");
+    assert_eq!(child[0].s("log.iostream"), Some("stderr"));
+    assert_ne!(child[0].resource.get("process.pid"), spans[0].resource.get("process.pid"), "the child's own resource");
+    assert!(!child[0].has_trace(), "the child serves no request");
     let heartbeats: Vec<&TestLog> = logs.iter().filter(|l| l.body.starts_with("heartbeat ")).collect();
     assert!(heartbeats.len() >= 5, "{} heartbeat lines", heartbeats.len());
     assert!(heartbeats.iter().all(|l| !l.has_trace()), "a background thread's lines carry no trace");
