@@ -384,7 +384,10 @@ fn compose_stack_and_image_are_consistent() {
     assert_eq!(loki["schema_config"]["configs"][0]["schema"], "v13");
     assert_eq!(ds["datasources"][2]["url"], "http://loki:3100");
     let to_logs = &ds["datasources"][1]["jsonData"]["tracesToLogsV2"];
-    assert_eq!((to_logs["datasourceUid"].as_str(), to_logs["filterByTraceID"].as_bool()), (Some("loki"), Some(true)));
+    assert_eq!((to_logs["datasourceUid"].as_str(), to_logs["customQuery"].as_bool()), (Some("loki"), Some(true)));
+    // trace_id is structured metadata in Loki, not text in the line: a label filter finds it.
+    let query = to_logs["query"].as_str().expect("trace-to-logs query");
+    assert!(query.contains("| trace_id=\"$${__trace.traceId}\"") && query.contains("service_name="), "{query}");
     let to_trace = &ds["datasources"][2]["jsonData"]["derivedFields"][0];
     assert_eq!(
         (to_trace["matcherType"].as_str(), to_trace["matcherRegex"].as_str(), to_trace["datasourceUid"].as_str()),
