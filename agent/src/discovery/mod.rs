@@ -3,6 +3,7 @@
 
 pub mod procfs;
 pub mod selector;
+pub mod service_name;
 pub mod tls;
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};
@@ -172,6 +173,7 @@ impl Discovery {
             .clone()
             .or_else(|| procfs::environ_var(pid, "OTEL_SERVICE_NAME"))
             .or_else(|| self.default_service.clone())
+            .or_else(|| service_name::for_runtime(pid, exe.rsplit('/').next().unwrap_or(&exe)))
             .unwrap_or_else(|| exe.rsplit('/').next().unwrap_or(&exe).to_owned());
         let resource = Arc::new(self.resource_for(pid, &service, &exe));
         self.traced.insert(pid, resource.clone());

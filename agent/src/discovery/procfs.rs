@@ -31,6 +31,12 @@ pub fn exe_path(pid: u32) -> Option<String> {
     Some(s.strip_suffix(" (deleted)").unwrap_or(&s).to_owned())
 }
 
+/// The process's arguments (`/proc/PID/cmdline`), empty when unreadable.
+pub fn cmdline(pid: u32) -> Vec<String> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
+}
+
 pub fn environ_var(pid: u32, name: &str) -> Option<String> {
     let env = fs::read(format!("/proc/{pid}/environ")).ok()?;
     env.split(|b| *b == 0).find_map(|kv| {
