@@ -18,7 +18,7 @@ use crate::trace::{
     span::{AttrValue, Span, SpanKind, Status},
 };
 
-fn any(v: &AttrValue) -> AnyValue {
+pub(crate) fn any(v: &AttrValue) -> AnyValue {
     let value = match v {
         AttrValue::Str(s) => any_value::Value::StringValue(s.to_string()),
         AttrValue::Int(i) => any_value::Value::IntValue(*i),
@@ -27,7 +27,7 @@ fn any(v: &AttrValue) -> AnyValue {
     AnyValue { value: Some(value) }
 }
 
-fn kv(key: &str, v: &AttrValue) -> KeyValue {
+pub(crate) fn kv(key: &str, v: &AttrValue) -> KeyValue {
     KeyValue { key: key.to_owned(), value: Some(any(v)) }
 }
 
@@ -56,7 +56,7 @@ fn encode_span(s: &Span) -> OtlpSpan {
     }
 }
 
-fn encode_resource(r: &Resource) -> OtlpResource {
+pub(crate) fn encode_resource(r: &Resource) -> OtlpResource {
     OtlpResource { attributes: r.attributes.iter().map(|(k, v)| kv(k, v)).collect(), ..Default::default() }
 }
 

@@ -15,17 +15,15 @@ use opentelemetry_proto::tonic::{
     collector::logs::v1::ExportLogsServiceRequest,
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     logs::v1::{LogRecord as OtlpLogRecord, ResourceLogs, ScopeLogs},
-    resource::v1::Resource as OtlpResource,
 };
 use prost::Message;
 use tokio::sync::mpsc;
 
-use super::otlp::{Batch, OtlpSettings, SignalCounters, spawn_sender};
-use crate::{
-    logs::LogRecord,
-    stats::Stats,
-    trace::{resource::Resource, span::AttrValue},
+use super::{
+    otlp::{Batch, OtlpSettings, SignalCounters, spawn_sender},
+    otlp_encode::encode_resource,
 };
+use crate::{logs::LogRecord, stats::Stats, trace::resource::Resource};
 
 const LOG_COUNTERS: SignalCounters = SignalCounters {
     exported: |s| &s.logs_exported,
@@ -108,15 +106,6 @@ impl Drop for LogQueue {
     }
 }
 
-fn any(v: &AttrValue) -> AnyValue {
-    let value = match v {
-        AttrValue::Str(s) => any_value::Value::StringValue(s.to_string()),
-        AttrValue::Int(i) => any_value::Value::IntValue(*i),
-        AttrValue::Bool(b) => any_value::Value::BoolValue(*b),
-    };
-    AnyValue { value: Some(value) }
-}
-
 fn string_attr(key: &str, value: &str) -> KeyValue {
     KeyValue { key: key.into(), value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }) }
 }
@@ -144,13 +133,6 @@ fn encode_record(r: &LogRecord) -> OtlpLogRecord {
         flags,
         trace_id,
         span_id,
-        ..Default::default()
-    }
-}
-
-fn encode_resource(r: &Resource) -> OtlpResource {
-    OtlpResource {
-        attributes: r.attributes.iter().map(|(k, v)| KeyValue { key: k.clone(), value: Some(any(v)) }).collect(),
         ..Default::default()
     }
 }
