@@ -31,6 +31,7 @@ fn resource() -> Arc<Resource> {
         exe_path: "/usr/bin/bench".into(),
         host_name: "host".into(),
         start_ticks: 1,
+        platform: Vec::new(),
     };
     Arc::new(Resource::for_process(&p, &[]))
 }

@@ -34,6 +34,8 @@ const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 /// Kernel map fill levels are counted key by key: every few housekeeping ticks only.
 const MAP_FILL_TICKS: u64 = 5;
+/// How long start waits for the first list of this node's pods.
+const FIRST_POD_LIST_WAIT: Duration = Duration::from_secs(3);
 /// How long to wait for the exporter to flush on shutdown.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -154,13 +156,24 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             Some((tx, tokio::spawn(otlp_metrics::run(settings, interval, metrics.clone(), stats.clone(), rx))));
     }
 
+    let needs_pods = cfg.selectors.iter().chain(&cfg.excludes).filter(|s| s.needs_pod()).count();
+    let pods = crate::k8s::start(&cfg.kubernetes, stats.clone()).await?;
+    match &pods {
+        None if cfg.selectors.iter().any(|s| s.needs_pod()) => anyhow::bail!(
+            "a selector matches by pod (k8s_* or container_name), but no Kubernetes API is configured; \
+             run in a pod with a service account, or set KUBECONFIG"
+        ),
+        Some(cache) => wait_for_first_list(cache).await,
+        None => log::debug!("no Kubernetes API configured; {needs_pods} pod criteria unused"),
+    }
     let mut agent = Agent {
         capture,
         tls_probes: TlsProbes::default(),
         tls_reported: HashSet::new(),
         tls_pending: HashSet::new(),
         tls_enabled: cfg.capture.tls,
-        discovery: Discovery::new(cfg.selectors, cfg.resource_attributes, cfg.service_name),
+        discovery: Discovery::new(cfg.selectors, cfg.excludes, cfg.resource_attributes, cfg.service_name)
+            .with_kubernetes(pods.clone(), cfg.kubernetes.clone()),
         pipeline: Pipeline::new(cfg.sampler, stats.clone(), sinks, metrics.clone()),
         stats: stats.clone(),
     };
@@ -203,6 +216,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                 }
             }
             _ = tls_rescan.tick() => agent.attach_tls_everywhere(),
+            _ = pods_changed(pods.as_deref()) => {
+                let actions = agent.discovery.on_pods_changed();
+                agent.apply(actions);
+            }
             _ = housekeeping.tick() => {
                 ticks += 1;
                 agent.refresh_counters();
@@ -245,6 +262,25 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     }
     log::info!("final counters: {}", stats.summary());
     Ok(())
+}
+
+/// Processes running at start are matched against a full pod list when the API gives one soon.
+async fn wait_for_first_list(cache: &crate::k8s::PodCache) {
+    let deadline = tokio::time::Instant::now() + FIRST_POD_LIST_WAIT;
+    while !cache.synced() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if !cache.synced() {
+        log::warn!("kubernetes: no pod list after {FIRST_POD_LIST_WAIT:?}; pods are matched as they arrive");
+    }
+}
+
+/// Resolves when the pod cache changed; never without one.
+async fn pods_changed(cache: Option<&crate::k8s::PodCache>) {
+    match cache {
+        Some(c) => c.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Agent {

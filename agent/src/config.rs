@@ -7,8 +7,9 @@ use serde::Deserialize;
 use sonde_common::{DEFAULT_CAPTURE, MAX_CAPTURE};
 
 use crate::{
-    discovery::selector::{PortSet, Selector, compile_glob},
+    discovery::selector::{PodCriteria, PortSet, Selector, compile_glob},
     export::otlp::{OtlpSettings, OtlpSettingsError},
+    k8s::{KubernetesSettings, pod::OwnerKind},
     trace::{resource::parse_resource_attributes, sampler::Sampler},
 };
 
@@ -40,6 +41,11 @@ pub enum PrintMode {
 pub struct FileConfig {
     #[serde(default)]
     pub discovery: Vec<SelectorConfig>,
+    /// Processes never traced, whatever the selectors say.
+    #[serde(default)]
+    pub exclude: Vec<SelectorConfig>,
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
     #[serde(default)]
     pub capture: CaptureConfig,
     #[serde(default)]
@@ -136,6 +142,29 @@ pub struct SelectorConfig {
     pub exe_path: Option<String>,
     #[serde(default)]
     pub pid: Vec<u32>,
+    /// Pod and container criteria (globs), matched against the Kubernetes API's pods.
+    pub k8s_namespace: Option<String>,
+    pub k8s_pod_name: Option<String>,
+    pub k8s_deployment_name: Option<String>,
+    pub k8s_replicaset_name: Option<String>,
+    pub k8s_statefulset_name: Option<String>,
+    pub k8s_daemonset_name: Option<String>,
+    pub k8s_job_name: Option<String>,
+    pub k8s_cronjob_name: Option<String>,
+    pub k8s_owner_name: Option<String>,
+    pub container_name: Option<String>,
+    pub k8s_pod_labels: Option<std::collections::BTreeMap<String, String>>,
+    pub k8s_pod_annotations: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// The Kubernetes API side (`kubernetes:`): used when the host has an API configuration.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// `k8s.cluster.name` on every resource (the API does not know it).
+    pub cluster_name: Option<String>,
+    /// This node's name; default `NODE_NAME`, else the host name.
+    pub node_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -233,6 +262,9 @@ pub struct CliSelection {
 #[derive(Debug)]
 pub struct AgentConfig {
     pub selectors: Vec<Selector>,
+    /// Never traced: `exclude[]`, and the kube-system namespace unless a selector names it.
+    pub excludes: Vec<Selector>,
+    pub kubernetes: KubernetesSettings,
     pub capture: CaptureConfig,
     pub print: PrintMode,
     pub otlp: Option<OtlpSettings>,
@@ -295,44 +327,32 @@ pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 pub fn build(file: FileConfig, cli: CliSelection, env: Env<'_>) -> Result<AgentConfig, ConfigError> {
     let mut selectors = Vec::new();
     for (i, s) in file.discovery.iter().enumerate() {
-        let key = |k: &str| format!("discovery[{i}].{k}");
-        let open_ports = match &s.open_ports {
-            None => None,
-            Some(v) => {
-                let text = match v {
-                    serde_yaml::Value::Number(n) => n.to_string(),
-                    serde_yaml::Value::String(s) => s.clone(),
-                    _ => {
-                        return Err(ConfigError::new(
-                            key("open_ports"),
-                            "must be a port or a string like \"8080,9000-9100\"",
-                        ));
-                    }
-                };
-                Some(PortSet::parse(&text).map_err(|m| ConfigError::new(key("open_ports"), m))?)
-            }
-        };
-        let exe_path =
-            s.exe_path.as_deref().map(compile_glob).transpose().map_err(|m| ConfigError::new(key("exe_path"), m))?;
-        let sel = Selector { service_name: s.service_name.clone(), open_ports, exe_path, pids: s.pid.clone() };
-        if sel.is_empty() {
+        selectors.push(selector_from(s, &format!("discovery[{i}]"))?);
+    }
+    let mut excludes = Vec::new();
+    for (i, s) in file.exclude.iter().enumerate() {
+        if s.service_name.is_some() {
             return Err(ConfigError::new(
-                format!("discovery[{i}]"),
-                "selects nothing; set open_ports, exe_path or pid",
+                format!("exclude[{i}].service.name"),
+                "an exclude names no service; remove it",
             ));
         }
-        selectors.push(sel);
+        excludes.push(selector_from(s, &format!("exclude[{i}]"))?);
+    }
+    // kube-system is excluded unless a selector names it.
+    if !selectors.iter().any(|s| s.names_namespace("kube-system")) {
+        excludes.push(Selector::namespace("kube-system"));
     }
     if let Some(p) = &cli.open_ports {
         let ports = PortSet::parse(p).map_err(|m| ConfigError::new("--open-ports", m))?;
-        selectors.push(Selector { service_name: None, open_ports: Some(ports), exe_path: None, pids: vec![] });
+        selectors.push(Selector { open_ports: Some(ports), ..Selector::default() });
     }
     if let Some(g) = &cli.exe_path {
         let glob = compile_glob(g).map_err(|m| ConfigError::new("--exe-path", m))?;
-        selectors.push(Selector { service_name: None, open_ports: None, exe_path: Some(glob), pids: vec![] });
+        selectors.push(Selector { exe_path: Some(glob), ..Selector::default() });
     }
     if !cli.pids.is_empty() {
-        selectors.push(Selector { service_name: None, open_ports: None, exe_path: None, pids: cli.pids.clone() });
+        selectors.push(Selector { pids: cli.pids.clone(), ..Selector::default() });
     }
     if selectors.is_empty() {
         return Err(ConfigError::new(
@@ -402,8 +422,20 @@ pub fn build(file: FileConfig, cli: CliSelection, env: Env<'_>) -> Result<AgentC
     };
     let otlp_metrics = otlp_metrics.map(|s| (s, std::time::Duration::from_millis(interval_ms)));
     let logs = if file.logs.capture || cli.capture_logs { Some(log_settings(&file, env)?) } else { None };
+    let kubernetes = KubernetesSettings {
+        cluster_name: file.kubernetes.cluster_name.clone().filter(|c| !c.is_empty()),
+        node_name: file
+            .kubernetes
+            .node_name
+            .clone()
+            .or_else(|| env("NODE_NAME"))
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(crate::discovery::procfs::host_name),
+    };
     Ok(AgentConfig {
         selectors,
+        excludes,
+        kubernetes,
         capture: file.capture,
         print,
         otlp,
@@ -418,6 +450,74 @@ pub fn build(file: FileConfig, cli: CliSelection, env: Env<'_>) -> Result<AgentC
         paired_syscalls: cli.paired_syscalls,
         logs,
     })
+}
+
+/// One `discovery[]` or `exclude[]` entry; `at` names it in errors.
+fn selector_from(s: &SelectorConfig, at: &str) -> Result<Selector, ConfigError> {
+    let key = |k: &str| format!("{at}.{k}");
+    let open_ports = match &s.open_ports {
+        None => None,
+        Some(v) => {
+            let text = match v {
+                serde_yaml::Value::Number(n) => n.to_string(),
+                serde_yaml::Value::String(s) => s.clone(),
+                _ => {
+                    return Err(ConfigError::new(
+                        key("open_ports"),
+                        "must be a port or a string like \"8080,9000-9100\"",
+                    ));
+                }
+            };
+            Some(PortSet::parse(&text).map_err(|m| ConfigError::new(key("open_ports"), m))?)
+        }
+    };
+    let glob = |name: &str, value: &Option<String>| {
+        value.as_deref().map(compile_glob).transpose().map_err(|m| ConfigError::new(key(name), m))
+    };
+    let globs = |name: &str, value: &Option<std::collections::BTreeMap<String, String>>| {
+        value
+            .iter()
+            .flatten()
+            .map(|(k, v)| {
+                compile_glob(v).map(|g| (k.clone(), g)).map_err(|m| ConfigError::new(format!("{}.{k}", key(name)), m))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let mut owners = Vec::new();
+    for (name, kind, value) in [
+        ("k8s_deployment_name", OwnerKind::Deployment, &s.k8s_deployment_name),
+        ("k8s_replicaset_name", OwnerKind::ReplicaSet, &s.k8s_replicaset_name),
+        ("k8s_statefulset_name", OwnerKind::StatefulSet, &s.k8s_statefulset_name),
+        ("k8s_daemonset_name", OwnerKind::DaemonSet, &s.k8s_daemonset_name),
+        ("k8s_job_name", OwnerKind::Job, &s.k8s_job_name),
+        ("k8s_cronjob_name", OwnerKind::CronJob, &s.k8s_cronjob_name),
+    ] {
+        if let Some(g) = glob(name, value)? {
+            owners.push((kind, g));
+        }
+    }
+    let sel = Selector {
+        service_name: s.service_name.clone(),
+        open_ports,
+        exe_path: glob("exe_path", &s.exe_path)?,
+        pids: s.pid.clone(),
+        k8s: PodCriteria {
+            namespace: glob("k8s_namespace", &s.k8s_namespace)?,
+            pod_name: glob("k8s_pod_name", &s.k8s_pod_name)?,
+            owners,
+            owner_name: glob("k8s_owner_name", &s.k8s_owner_name)?,
+            container_name: glob("container_name", &s.container_name)?,
+            pod_labels: globs("k8s_pod_labels", &s.k8s_pod_labels)?,
+            pod_annotations: globs("k8s_pod_annotations", &s.k8s_pod_annotations)?,
+        },
+    };
+    if sel.is_empty() {
+        return Err(ConfigError::new(
+            at,
+            "selects nothing; set open_ports, exe_path, pid or a k8s_*/container_name criterion",
+        ));
+    }
+    Ok(sel)
 }
 
 fn log_settings(file: &FileConfig, env: Env<'_>) -> Result<LogSettings, ConfigError> {
@@ -478,21 +578,19 @@ pub fn describe(c: &AgentConfig) -> String {
     let mut out = String::from("configuration is valid\n");
     let _ = writeln!(out, "selectors: {}", c.selectors.len());
     for (i, s) in c.selectors.iter().enumerate() {
-        let mut parts = Vec::new();
-        if let Some(name) = &s.service_name {
-            parts.push(format!("service.name={name}"));
-        }
-        if let Some(ports) = &s.open_ports {
-            parts.push(format!("open_ports={ports}"));
-        }
-        if let Some(glob) = &s.exe_path {
-            parts.push(format!("exe_path={}", glob.glob()));
-        }
-        if !s.pids.is_empty() {
-            parts.push(format!("pid={:?}", s.pids));
-        }
-        let _ = writeln!(out, "  {}. {}", i + 1, parts.join(" "));
+        let _ = writeln!(out, "  {}. {s}", i + 1);
     }
+    let _ = writeln!(out, "excludes: {}", c.excludes.len());
+    for (i, s) in c.excludes.iter().enumerate() {
+        let _ = writeln!(out, "  {}. {s}", i + 1);
+    }
+    let _ = writeln!(
+        out,
+        "kubernetes: {} (node {}{})",
+        if crate::k8s::api_configured() { "API configured" } else { "no API configured (no pod metadata)" },
+        c.kubernetes.node_name,
+        c.kubernetes.cluster_name.as_ref().map(|n| format!(", cluster {n}")).unwrap_or_default()
+    );
     let _ = writeln!(out, "print: {:?}", c.print);
     let _ = writeln!(
         out,

@@ -73,6 +73,7 @@ pub fn pipeline(input: &[u8]) -> Arc<Stats> {
         exe_path: "/fuzz".into(),
         host_name: "fuzz".into(),
         start_ticks: 1,
+        platform: Vec::new(),
     };
     p.set_resource(FUZZ_PID, Arc::new(Resource::for_process(&identity, &[])));
     let peer: SocketAddr = ([127, 0, 0, 1], 40000).into();

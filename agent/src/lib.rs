@@ -12,6 +12,7 @@ pub mod conn;
 pub mod discovery;
 pub mod export;
 pub mod fuzzing;
+pub mod k8s;
 pub mod logs;
 pub mod metrics;
 pub mod pipeline;

@@ -133,7 +133,9 @@ fn main() {
                 }
                 .split();
                 match load_config(config, cli) {
-                    Ok(cfg) => sonde::discovery::Discovery::new(cfg.selectors, Vec::new(), None).selected_pids(),
+                    Ok(cfg) => {
+                        sonde::discovery::Discovery::new(cfg.selectors, cfg.excludes, Vec::new(), None).selected_pids()
+                    }
                     Err(code) => std::process::exit(code),
                 }
             };

@@ -75,6 +75,12 @@ pub struct Stats {
     pub logs_unlinked_expired: AtomicU64,
     /// Records that carry the trace of the request their thread served.
     pub logs_linked: AtomicU64,
+    /// Pods of this node the Kubernetes cache holds now.
+    pub k8s_pods_cached: AtomicU64,
+    /// Failed Kubernetes API requests and watch errors (tracing goes on with the cache).
+    pub k8s_api_errors: AtomicU64,
+    /// Full relists after the first (410 Gone, or a watch that could not resume).
+    pub k8s_relists: AtomicU64,
     /// Entries in the kernel's per-process/per-connection maps, refreshed every few seconds.
     pub kernel_maps: Mutex<Vec<MapFill>>,
 }
@@ -146,7 +152,13 @@ impl Stats {
             g(&self.logs_unlinked_ambiguous),
             g(&self.logs_unlinked_expired),
         );
-        line + &unlinked + &inject + &logs
+        let k8s = format!(
+            " k8s_pods_cached={} k8s_api_errors={} k8s_relists={}",
+            g(&self.k8s_pods_cached),
+            g(&self.k8s_api_errors),
+            g(&self.k8s_relists)
+        );
+        line + &unlinked + &inject + &logs + &k8s
     }
 
     /// Traceparent injection counts, named: the kernel's (`inject_reason`), CLIENT spans that

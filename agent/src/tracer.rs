@@ -490,6 +490,7 @@ fn unknown_resource(pid: u32) -> Resource {
         exe_path: String::new(),
         host_name: crate::discovery::procfs::host_name(),
         start_ticks: 0,
+        platform: Vec::new(),
     };
     Resource::for_process(&identity, &[])
 }

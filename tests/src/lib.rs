@@ -3,6 +3,7 @@
 
 pub mod bpf_stats;
 pub mod clients;
+pub mod kube;
 pub mod log_record;
 pub mod otlp;
 pub mod pki;

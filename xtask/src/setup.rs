@@ -37,6 +37,7 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub fn run() -> Result<()> {
     apt_packages()?;
+    node()?;
     python_modules()?;
     rust_src()?;
     bpf_linker()?;
@@ -56,6 +57,15 @@ fn installed(pkg: &str) -> bool {
 
 fn apt_packages() -> Result<()> {
     apt_install(PACKAGES)
+}
+
+/// Node.js, for the Node servers and clients the tests trace. Any `node` on the PATH will do
+/// (Debian's is 18; a machine may have its own); Debian's package only when there is none.
+fn node() -> Result<()> {
+    if quiet(Command::new("node").arg("--version")) {
+        return Ok(());
+    }
+    apt_install(&["nodejs"])
 }
 
 pub use crate::steps::step;

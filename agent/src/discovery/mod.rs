@@ -1,6 +1,7 @@
 //! Discovery: turns selectors into traced processes, gives each its resource, and finds the
 //! sockets they already had open so those connections are traced too.
 
+pub mod container;
 pub mod procfs;
 pub mod selector;
 pub mod service_name;
@@ -12,7 +13,11 @@ use selector::{ProcessFacts, Selector};
 
 use crate::{
     conn::Role,
-    trace::resource::{ProcessIdentity, Resource},
+    k8s::{KubernetesSettings, PodCache, identity, pod::PodMeta},
+    trace::{
+        resource::{ProcessIdentity, Resource},
+        span::AttrValue,
+    },
 };
 
 /// Listening TCP sockets (inode -> port) per network namespace, read at most once per scan.
@@ -64,28 +69,103 @@ pub enum Origin {
 
 pub struct Discovery {
     selectors: Vec<Selector>,
+    /// A process any of these match is never traced (checked before the selectors).
+    excludes: Vec<Selector>,
     extra_resource: Vec<(String, String)>,
     default_service: Option<String>,
     host_name: String,
     self_pid: u32,
     traced: HashMap<u32, Arc<Resource>>,
+    /// Names a traced process got from its selector or its own OTEL_SERVICE_NAME: metadata
+    /// that arrives later never renames it.
+    explicit_names: HashMap<u32, String>,
+    pods: Option<Arc<PodCache>>,
+    k8s: KubernetesSettings,
+}
+
+/// Where a process runs: its container and, when the Kubernetes cache knows it, its pod.
+struct Placement {
+    container: container::ContainerIdentity,
+    pod: Option<Arc<PodMeta>>,
+}
+
+impl Placement {
+    fn container_name(&self) -> Option<&str> {
+        let id = self.container.container_id.as_deref()?;
+        self.pod.as_deref()?.container_name(id)
+    }
 }
 
 impl Discovery {
     /// `default_service` is OTEL_SERVICE_NAME from sonde's own environment (below a selector's name).
     pub fn new(
         selectors: Vec<Selector>,
+        excludes: Vec<Selector>,
         extra_resource: Vec<(String, String)>,
         default_service: Option<String>,
     ) -> Self {
         Self {
             selectors,
+            excludes,
             extra_resource,
             default_service,
             host_name: procfs::host_name(),
             self_pid: std::process::id(),
             traced: HashMap::new(),
+            explicit_names: HashMap::new(),
+            pods: None,
+            k8s: KubernetesSettings::default(),
         }
+    }
+
+    /// Pod metadata for resources, names and selectors, from this node's pod cache.
+    pub fn with_kubernetes(mut self, pods: Option<Arc<PodCache>>, settings: KubernetesSettings) -> Self {
+        self.pods = pods;
+        self.k8s = settings;
+        self
+    }
+
+    /// The pod cache changed: traced processes get their new identity, and processes whose pod
+    /// just became known are checked against the selectors again.
+    pub fn on_pods_changed(&mut self) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let pids: Vec<u32> = self.traced.keys().copied().collect();
+        for pid in pids {
+            let Some(old) = self.traced.get(&pid).cloned() else { continue };
+            let Some(exe) = exe_of(&old) else { continue };
+            let placement = self.placement(pid);
+            let service = match self.explicit_names.get(&pid) {
+                Some(name) => name.clone(),
+                None => self.derived_name(pid, &exe, &placement),
+            };
+            let resource = Arc::new(self.resource_for(pid, &service, &exe, &placement));
+            if *resource != *old {
+                self.traced.insert(pid, resource.clone());
+                actions.push(Action::Refresh { pid, resource });
+            }
+        }
+        actions.extend(self.scan_all());
+        actions
+    }
+
+    /// What a process's cgroup and the pod cache say about where it runs.
+    fn placement(&self, pid: u32) -> Placement {
+        let container = container::of_pid(pid);
+        let pod = container.pod_uid.as_deref().zip(self.pods.as_ref()).and_then(|(uid, cache)| cache.get(uid));
+        Placement { container, pod }
+    }
+
+    /// A name from what sonde knows (no selector or process name): the pod's rules, sonde's own
+    /// OTEL_SERVICE_NAME, the runtime's command line, the executable.
+    fn derived_name(&self, pid: u32, exe: &str, placement: &Placement) -> String {
+        let exe_name = exe.rsplit('/').next().unwrap_or(exe);
+        placement
+            .pod
+            .as_deref()
+            .and_then(|pod| identity::service_name(pod, placement.container_name()))
+            .or_else(|| self.default_service.clone())
+            .or_else(|| service_name::for_runtime(pid, exe_name))
+            .unwrap_or_else(|| exe_name.to_owned())
     }
 
     pub fn traced_count(&self) -> usize {
@@ -166,17 +246,25 @@ impl Discovery {
             let table = listeners.of(pid);
             fds.iter().filter_map(|(_, inode)| table.get(inode).copied()).collect()
         };
-        let facts = ProcessFacts { pid, exe_path: &exe, listen_ports: &listen_ports };
+        let placement = self.placement(pid);
+        let facts = ProcessFacts {
+            pid,
+            exe_path: &exe,
+            listen_ports: &listen_ports,
+            pod: placement.pod.as_deref(),
+            container_name: placement.container_name(),
+        };
+        if self.excludes.iter().any(|s| s.matches(&facts)) {
+            return None;
+        }
         let selector = self.selectors.iter().find(|s| s.matches(&facts))?;
-        let service = selector
-            .service_name
-            .clone()
-            .or_else(|| procfs::environ_var(pid, "OTEL_SERVICE_NAME"))
-            .or_else(|| self.default_service.clone())
-            .or_else(|| service_name::for_runtime(pid, exe.rsplit('/').next().unwrap_or(&exe)))
-            .unwrap_or_else(|| exe.rsplit('/').next().unwrap_or(&exe).to_owned());
-        let resource = Arc::new(self.resource_for(pid, &service, &exe));
+        let explicit = selector.service_name.clone().or_else(|| procfs::environ_var(pid, "OTEL_SERVICE_NAME"));
+        let service = explicit.clone().unwrap_or_else(|| self.derived_name(pid, &exe, &placement));
+        let resource = Arc::new(self.resource_for(pid, &service, &exe, &placement));
         self.traced.insert(pid, resource.clone());
+        if let Some(name) = explicit {
+            self.explicit_names.insert(pid, name);
+        }
         let listening = if needs_ports {
             !listen_ports.is_empty()
         } else {
@@ -206,8 +294,10 @@ impl Discovery {
             return None;
         }
         let exe = procfs::exe_path(child).or_else(|| exe_of(&parent_res)).unwrap_or_default();
-        let resource = Arc::new(self.resource_for(child, &parent_res.service_name, &exe));
+        let placement = self.placement(child);
+        let resource = Arc::new(self.resource_for(child, &parent_res.service_name, &exe, &placement));
         self.traced.insert(child, resource.clone());
+        self.inherit_name(parent, child);
         // No /proc seeding: the kernel hands the child exactly the sockets open at fork time,
         // with their true role.
         Some(Action::Adopt { pid: child, resource, sockets: Vec::new() })
@@ -218,13 +308,23 @@ impl Discovery {
     pub fn on_exec(&mut self, pid: u32) -> Option<Action> {
         let Some(old) = self.traced.get(&pid).cloned() else { return self.check_pid(pid) };
         let exe = procfs::exe_path(pid)?;
-        let resource = Arc::new(self.resource_for(pid, &old.service_name, &exe));
+        let placement = self.placement(pid);
+        let resource = Arc::new(self.resource_for(pid, &old.service_name, &exe, &placement));
         self.traced.insert(pid, resource.clone());
         Some(Action::Refresh { pid, resource })
     }
 
     pub fn on_exit(&mut self, pid: u32) {
         self.traced.remove(&pid);
+        self.explicit_names.remove(&pid);
+    }
+
+    /// A child keeps its parent's service name, however it was given.
+    fn inherit_name(&mut self, parent: u32, child: u32) {
+        let name = self.traced.get(&parent).map(|r| r.service_name.clone());
+        if let Some(name) = name {
+            self.explicit_names.insert(child, name);
+        }
     }
 
     /// Processes that vanished without an exit event (e.g. events lost).
@@ -233,24 +333,46 @@ impl Discovery {
             self.traced.keys().copied().filter(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()).collect();
         for p in &dead {
             self.traced.remove(p);
+            self.explicit_names.remove(p);
         }
         dead
     }
 
     fn trace_inherited(&mut self, pid: u32, parent: &Arc<Resource>) -> Action {
         let exe = procfs::exe_path(pid).unwrap_or_default();
-        let resource = Arc::new(self.resource_for(pid, &parent.service_name, &exe));
+        let placement = self.placement(pid);
+        let resource = Arc::new(self.resource_for(pid, &parent.service_name, &exe, &placement));
         self.traced.insert(pid, resource.clone());
+        self.explicit_names.insert(pid, parent.service_name.clone());
         Action::Trace { pid, resource, sockets: seed_sockets(pid), origin: Origin::Descendant }
     }
 
-    fn resource_for(&self, pid: u32, service: &str, exe: &str) -> Resource {
+    fn resource_for(&self, pid: u32, service: &str, exe: &str, placement: &Placement) -> Resource {
+        let mut platform: Vec<(String, AttrValue)> = Vec::new();
+        if let Some(pod) = placement.pod.as_deref() {
+            platform.extend(identity::service_namespace(pod).map(|ns| ("service.namespace".to_owned(), ns.into())));
+            platform.extend(identity::service_version(pod).map(|v| ("service.version".to_owned(), v.into())));
+        }
+        if let Some(id) = &placement.container.container_id {
+            platform.push(("container.id".into(), id.clone().into()));
+        }
+        if let Some(runtime) = placement.container.runtime {
+            platform.push(("container.runtime.name".into(), runtime.into()));
+        }
+        match placement.pod.as_deref() {
+            Some(pod) => platform.extend(identity::resource_attributes(pod, placement.container_name(), &self.k8s)),
+            // The cgroup names the pod even when the API does not (or is not configured).
+            None => {
+                platform.extend(placement.container.pod_uid.clone().map(|uid| ("k8s.pod.uid".to_owned(), uid.into())))
+            }
+        }
         let identity = ProcessIdentity {
             pid,
             service_name: service.to_owned(),
             exe_path: exe.to_owned(),
             host_name: self.host_name.clone(),
             start_ticks: procfs::start_ticks(pid),
+            platform,
         };
         Resource::for_process(&identity, &self.extra_resource)
     }

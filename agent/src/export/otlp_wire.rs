@@ -184,6 +184,7 @@ mod tests {
             exe_path: "/usr/bin/web".into(),
             host_name: "h".into(),
             start_ticks: 7,
+            platform: Vec::new(),
         };
         Arc::new(Resource::for_process(&p, &[("deployment.environment".into(), "".into())]))
     }

@@ -104,7 +104,7 @@ impl Exposition {
     fn encode_self_metrics(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let st = &self.stats;
         let g = Stats::get;
-        let counters: [(&str, &str, u64); 17] = [
+        let counters: [(&str, &str, u64); 19] = [
             ("sonde_events_read", "Records read from the kernel ring buffer.", g(&st.events_read)),
             (
                 "sonde_events_lost",
@@ -145,6 +145,16 @@ impl Exposition {
                 g(&st.log_bytes_not_captured),
             ),
             ("sonde_logs_redacted", "Credentials replaced in log records.", g(&st.logs_redacted)),
+            (
+                "sonde_k8s_api_errors",
+                "Failed Kubernetes API requests and watch errors (tracing goes on with the cached pods).",
+                g(&st.k8s_api_errors),
+            ),
+            (
+                "sonde_k8s_relists",
+                "Full pod relists after the first (410 Gone, or a watch that could not resume).",
+                g(&st.k8s_relists),
+            ),
             (
                 "sonde_metric_overflow",
                 "Measurements recorded in an overflow series (cardinality cap).",
@@ -230,8 +240,9 @@ impl Exposition {
                 ConstCounter::new(value).encode(family)?;
             }
         }
-        let gauges: [(&str, &str, u64); 4] = [
+        let gauges: [(&str, &str, u64); 5] = [
             ("sonde_traced_processes", "Processes sonde traces now.", g(&st.traced_processes)),
+            ("sonde_k8s_pods_cached", "Pods of this node the Kubernetes metadata cache holds.", g(&st.k8s_pods_cached)),
             (
                 "sonde_joins_waiting",
                 "Server requests waiting for their same-host client request to be seen.",

@@ -389,6 +389,7 @@ mod tests {
             exe_path: "/bin/web".into(),
             host_name: "h".into(),
             start_ticks: 1,
+            platform: Vec::new(),
         };
         Arc::new(Resource::for_process(&p, &[]))
     }

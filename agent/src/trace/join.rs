@@ -342,6 +342,7 @@ mod tests {
             exe_path: String::new(),
             host_name: "h".into(),
             start_ticks: 0,
+            platform: Vec::new(),
         };
         Span {
             context: SpanContext {

@@ -19,6 +19,8 @@ pub struct ProcessIdentity {
     pub host_name: String,
     /// Process start time in clock ticks since boot; makes the instance id unique across pid reuse.
     pub start_ticks: u64,
+    /// What discovery knows of where it runs: container, pod, `service.namespace`/`version`.
+    pub platform: Vec<(String, AttrValue)>,
 }
 
 impl Resource {
@@ -37,6 +39,7 @@ impl Resource {
             ("telemetry.sdk.language".into(), "rust".into()),
             ("telemetry.sdk.version".into(), env!("CARGO_PKG_VERSION").into()),
         ];
+        attributes.extend(p.platform.iter().cloned());
         for (k, v) in extra {
             if !attributes.iter().any(|(known, _)| known == k) {
                 attributes.push((k.clone(), v.clone().into()));
@@ -97,6 +100,7 @@ mod tests {
             exe_path: "/usr/bin/python3.11".into(),
             host_name: "h".into(),
             start_ticks: 5,
+            platform: vec![],
         };
         let r = Resource::for_process(&p, &[("process.pid".into(), "1".into()), ("env".into(), "x".into())]);
         let get = |k: &str| r.attributes.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());

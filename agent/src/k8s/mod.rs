@@ -1,0 +1,45 @@
+//! Kubernetes metadata: the pods of this node, from the API server, for resource attributes,
+//! service names, selectors and peer names. Off unless an API is configured (in-cluster service
+//! account, `KUBECONFIG` or `~/.kube/config`): outside Kubernetes nothing changes.
+
+pub mod cache;
+pub mod identity;
+pub mod owners;
+pub mod pod;
+pub mod watch;
+
+use std::sync::Arc;
+
+pub use cache::PodCache;
+
+use crate::stats::Stats;
+
+/// What the operator configured (`kubernetes:` in the config file).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KubernetesSettings {
+    /// `k8s.cluster.name`; the API does not tell it.
+    pub cluster_name: Option<String>,
+    /// This node's name: `NODE_NAME` (downward API), else the host name.
+    pub node_name: String,
+}
+
+/// Whether this host has any Kubernetes API configuration, without reading it.
+pub fn api_configured() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        || std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty())
+        || std::env::var_os("HOME").is_some_and(|h| std::path::Path::new(&h).join(".kube/config").exists())
+}
+
+/// Connects to the API and starts watching this node's pods. `None` when no API is configured;
+/// an error when one is configured but unusable (bad kubeconfig).
+pub async fn start(settings: &KubernetesSettings, stats: Arc<Stats>) -> anyhow::Result<Option<Arc<PodCache>>> {
+    if !api_configured() {
+        return Ok(None);
+    }
+    let config = kube::Config::infer().await.map_err(|e| anyhow::anyhow!("kubernetes configuration: {e}"))?;
+    log::info!("kubernetes: watching the pods of node {} at {}", settings.node_name, config.cluster_url);
+    let client = kube::Client::try_from(config).map_err(|e| anyhow::anyhow!("kubernetes client: {e}"))?;
+    let cache = Arc::new(PodCache::default());
+    tokio::spawn(watch::run(client, settings.node_name.clone(), cache.clone(), stats));
+    Ok(Some(cache))
+}
