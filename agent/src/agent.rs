@@ -183,6 +183,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     if let Some(stage) = log_stage {
         agent.pipeline.enable_logs(stage);
     }
+    if let Some(cache) = &pods {
+        agent.pipeline.name_peers(cache.clone());
+    }
     let actions = agent.discovery.scan_all();
     agent.apply(actions);
     log::info!("tracing {} processes; waiting for more to match the selectors", agent.discovery.traced_count());

@@ -119,6 +119,11 @@ impl Pipeline {
         self.tracer.clock = Clock::calibrated();
     }
 
+    /// Client spans to this node's pods name the pod's service as `server.address`.
+    pub fn name_peers(&mut self, pods: Arc<crate::k8s::PodCache>) {
+        self.tracer.peers = Some(pods);
+    }
+
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }

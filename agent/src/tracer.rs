@@ -89,6 +89,8 @@ pub struct Tracer {
     pub inject_contexts: bool,
     /// Those contexts, until the agent writes them to the kernel.
     pub thread_contexts: Vec<(u64, sonde_common::ThreadContext)>,
+    /// This node's pods, to name the servers client spans call by their service.
+    pub peers: Option<Arc<crate::k8s::PodCache>>,
 }
 
 impl Tracer {
@@ -104,6 +106,7 @@ impl Tracer {
             sinks,
             metrics,
             released: Vec::new(),
+            peers: None,
             inject_contexts: false,
             thread_contexts: Vec::new(),
         }
@@ -217,6 +220,11 @@ impl Tracer {
                     };
                     let mut span =
                         assemble(&ex, kind, provisional, &conn.addrs, conn.tls, resource, |t| clock.to_unix_ns(t));
+                    if kind == SpanKind::Client
+                        && let Some(pods) = &self.peers
+                    {
+                        crate::k8s::peers::name_server_address(&mut span.attributes, pods);
+                    }
                     // Metrics count every request; sampling only decides what is exported.
                     span.counted_in = self.metrics.record(&span);
                     self.record_edge(conn, &span);

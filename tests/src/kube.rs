@@ -214,8 +214,9 @@ impl ContainerCgroup {
         Self { created, leaf: path }
     }
 
-    /// `python3 ARGS` started inside this cgroup from its first instruction (moved before exec).
-    pub fn spawn_python(&self, args: &[&str], port: u16, env: &[(&str, &str)]) -> Server {
+    /// `python3 ARGS` started inside this cgroup from its first instruction (moved before exec);
+    /// returns once it accepts connections on `listen`.
+    pub fn spawn_python(&self, args: &[&str], listen: std::net::SocketAddr, env: &[(&str, &str)]) -> Server {
         let procs = self.leaf.join("cgroup.procs");
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg(r#"echo $$ > "$0" && exec python3 "$@""#).arg(&procs).args(args);
@@ -224,8 +225,11 @@ impl ContainerCgroup {
         }
         let child =
             cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::null()).spawn().expect("start python in cgroup");
-        wait_listening(port);
-        Server::from_child(child, port)
+        let up = crate::wait_for(std::time::Duration::from_secs(30), || {
+            std::net::TcpStream::connect_timeout(&listen, std::time::Duration::from_millis(200)).ok()
+        });
+        assert!(up.is_some(), "nothing listens on {listen}");
+        Server::from_child(child, listen.port())
     }
 
     pub fn path(&self) -> &Path {

@@ -31,6 +31,7 @@ fn container_id(i: u32) -> String {
 /// One pod of the test: its cgroup, its server, its object in the API.
 struct TestPod {
     port: u16,
+    ip: String,
     uid: String,
     container_id: String,
     object: Value,
@@ -47,6 +48,13 @@ struct Shape<'a> {
     annotations: Value,
     owner: Option<(&'a str, &'a str)>,
     env: Vec<(&'a str, &'a str)>,
+    /// More arguments to http_server.py.
+    args: Vec<String>,
+}
+
+/// The pod IP of test pod `i`: on loopback (all of 127/8 reaches lo), so other pods can call it.
+fn pod_ip(i: u32) -> String {
+    format!("127.0.0.{}", 10 + i)
 }
 
 fn test_pod(i: u32, layout: Layout, shape: Shape<'_>) -> TestPod {
@@ -61,15 +69,19 @@ fn test_pod(i: u32, layout: Layout, shape: Shape<'_>) -> TestPod {
         annotations: if shape.annotations.is_null() { json!({}) } else { shape.annotations },
         owner: shape.owner,
         container: Some(("app", &container_id)),
-        ip: &format!("10.244.1.{}", 10 + i),
+        ip: &pod_ip(i),
     });
     let script = fixture("http_server.py");
-    let server = cgroup.spawn_python(&[script.to_str().unwrap(), &port.to_string()], port, &shape.env);
-    TestPod { port, uid, container_id, object, _server: server, _cgroup: cgroup }
+    // Each pod listens on its own IP, as in a cluster.
+    let mut args = vec![script.display().to_string(), port.to_string(), "--bind".into(), pod_ip(i)];
+    args.extend(shape.args);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = cgroup.spawn_python(&args, format!("{}:{port}", pod_ip(i)).parse().unwrap(), &shape.env);
+    TestPod { port, ip: pod_ip(i), uid, container_id, object, _server: server, _cgroup: cgroup }
 }
 
-fn requests(port: u16, n: usize) {
-    let urls: Vec<String> = (0..n).map(|i| format!("http://127.0.0.1:{port}/k8s/{i}")).collect();
+fn requests(ip: &str, port: u16, n: usize) {
+    let urls: Vec<String> = (0..n).map(|i| format!("http://{ip}:{port}/k8s/{i}")).collect();
     curl(&["-o", "/dev/null"], &urls);
 }
 
@@ -128,6 +140,17 @@ fn privileged_pods_are_named_described_and_selected_from_cgroups_and_the_api() {
     api.add_object(&owner_object("ReplicaSet", "shop", "orders-7d9f8b6c5", Some(("Deployment", "orders"))));
     api.add_object(&owner_object("Job", "shop", "report-29100", Some(("CronJob", "report"))));
 
+    let labelled = test_pod(
+        2,
+        Layout::CgroupfsPids,
+        Shape {
+            name: "payments-0",
+            namespace: "shop",
+            labels: json!({"app.kubernetes.io/name": "payments", "app.kubernetes.io/version": "2.1.0"}),
+            owner: Some(("StatefulSet", "payments")),
+            ..Default::default()
+        },
+    );
     let annotated = test_pod(
         1,
         Layout::SystemdUnified,
@@ -137,17 +160,8 @@ fn privileged_pods_are_named_described_and_selected_from_cgroups_and_the_api() {
             annotations: json!({"resource.opentelemetry.io/service.name": "checkout"}),
             labels: json!({"app.kubernetes.io/name": "orders"}),
             owner: Some(("ReplicaSet", "orders-7d9f8b6c5")),
-            ..Default::default()
-        },
-    );
-    let labelled = test_pod(
-        2,
-        Layout::CgroupfsPids,
-        Shape {
-            name: "payments-0",
-            namespace: "shop",
-            labels: json!({"app.kubernetes.io/name": "payments", "app.kubernetes.io/version": "2.1.0"}),
-            owner: Some(("StatefulSet", "payments")),
+            // Calls payments by its pod IP.
+            args: vec!["--backend".into(), format!("{}:{}", pod_ip(2), labelled.port)],
             ..Default::default()
         },
     );
@@ -198,7 +212,7 @@ fn privileged_pods_are_named_described_and_selected_from_cgroups_and_the_api() {
     let sonde =
         sonde_for(&api, &receiver, prometheus, "  - k8s_namespace: shop\n  - k8s_pod_labels:\n      tier: \"back*\"\n");
     for p in pods {
-        requests(p.port, 3);
+        requests(&p.ip, p.port, 3);
     }
     let traced = [&annotated, &labelled, &cron, &bare, &own_name, &web_backend];
     let spans = receiver.collected.wait_for(3 * traced.len(), WAIT);
@@ -248,6 +262,16 @@ fn privileged_pods_are_named_described_and_selected_from_cgroups_and_the_api() {
     assert_eq!((res(s, "k8s.job.name"), res(s, "k8s.cronjob.name")), (Some("report-29100"), Some("report")));
     assert_eq!(res(on_port(&spans, bare.port)[0], "k8s.deployment.name"), None);
 
+    // A call to another pod's IP names that pod's service as the server.
+    curl(&["-o", "/dev/null"], &[format!("http://{}:{}/call/peer", annotated.ip, annotated.port)]);
+    let spans = receiver.collected.wait_for(3 * traced.len() + 3, WAIT);
+    let clients: Vec<&TestSpan> = spans.iter().filter(|s| s.kind == "CLIENT").collect();
+    assert_eq!(clients.len(), 1, "{spans:#?}");
+    assert_eq!(clients[0].s("server.address"), Some("payments"), "{:#?}", clients[0]);
+    assert_eq!(clients[0].i("server.port"), Some(i64::from(labelled.port)));
+    assert_eq!(clients[0].s("network.peer.address"), Some(pod_ip(2).as_str()));
+    assert_eq!(clients[0].service(), Some("checkout"));
+
     // Only this node's pods were listed and are held.
     assert_eq!(wait_for(WAIT, || (gauge(prometheus, "sonde_k8s_pods_cached") == Some(8)).then_some(())), Some(()));
     let served = api.requests();
@@ -294,12 +318,16 @@ fn privileged_pods_come_and_go_and_the_api_may_vanish() {
     assert_eq!(wait_for(WAIT, || (gauge(prometheus, "sonde_k8s_pods_cached") == Some(2)).then_some(())), Some(()));
     let script = fixture("http_server.py");
     let started = std::time::Instant::now();
-    let late = late_cgroup.spawn_python(&[script.to_str().unwrap(), &late_port.to_string()], late_port, &[]);
+    let late = late_cgroup.spawn_python(
+        &[script.to_str().unwrap(), &late_port.to_string()],
+        format!("127.0.0.1:{late_port}").parse().unwrap(),
+        &[],
+    );
     api.add_pods(&[pod(&spec(Some(("worker", &late_cid))))]);
     // Traced within a second of its process starting.
     std::thread::sleep(Duration::from_secs(1).saturating_sub(started.elapsed()));
-    requests(late_port, 2);
-    requests(first.port, 2);
+    requests("127.0.0.1", late_port, 2);
+    requests(&first.ip, first.port, 2);
     let spans = receiver.collected.wait_for(4, WAIT);
     let late_spans = on_port(&spans, late_port);
     assert_eq!(late_spans.len(), 2, "{spans:#?}");
@@ -309,7 +337,7 @@ fn privileged_pods_come_and_go_and_the_api_may_vanish() {
     // The container's name arrived with its status and renamed nothing.
     assert!(
         wait_for(WAIT, || {
-            requests(late_port, 1);
+            requests("127.0.0.1", late_port, 1);
             let spans = receiver.collected.spans();
             on_port(&spans, late_port)
                 .last()
@@ -339,7 +367,7 @@ fn privileged_pods_come_and_go_and_the_api_may_vanish() {
     // The API goes away: tracing goes on with the cached pod, and the errors are counted.
     api.stop();
     let before = receiver.collected.len();
-    requests(first.port, 3);
+    requests(&first.ip, first.port, 3);
     let spans = receiver.collected.wait_for(before + 3, WAIT);
     let after: Vec<&TestSpan> = on_port(&spans[before..], first.port);
     assert_eq!(after.len(), 3, "{spans:#?}");

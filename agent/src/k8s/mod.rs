@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod identity;
 pub mod owners;
+pub mod peers;
 pub mod pod;
 pub mod watch;
 
