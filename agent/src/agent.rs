@@ -34,8 +34,6 @@ const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 /// Kernel map fill levels are counted key by key: every few housekeeping ticks only.
 const MAP_FILL_TICKS: u64 = 5;
-/// How long start waits for the first list of this node's pods.
-const FIRST_POD_LIST_WAIT: Duration = Duration::from_secs(3);
 /// How long to wait for the exporter to flush on shutdown.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -163,7 +161,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             "a selector matches by pod (k8s_* or container_name), but no Kubernetes API is configured; \
              run in a pod with a service account, or set KUBECONFIG"
         ),
-        Some(cache) => wait_for_first_list(cache).await,
+        Some(cache) => {
+            crate::k8s::wait_for_first_list(cache).await;
+        }
         None => log::debug!("no Kubernetes API configured; {needs_pods} pod criteria unused"),
     }
     let mut agent = Agent {
@@ -265,17 +265,6 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     }
     log::info!("final counters: {}", stats.summary());
     Ok(())
-}
-
-/// Processes running at start are matched against a full pod list when the API gives one soon.
-async fn wait_for_first_list(cache: &crate::k8s::PodCache) {
-    let deadline = tokio::time::Instant::now() + FIRST_POD_LIST_WAIT;
-    while !cache.synced() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    if !cache.synced() {
-        log::warn!("kubernetes: no pod list after {FIRST_POD_LIST_WAIT:?}; pods are matched as they arrive");
-    }
 }
 
 /// Resolves when the pod cache changed; never without one.

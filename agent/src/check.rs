@@ -1,6 +1,6 @@
 //! `sonde check`: what this host offers sonde, each finding with what it means for tracing.
 
-use std::path::Path;
+use std::{path::Path, sync::Arc};
 
 use crate::{
     capture::{
@@ -8,8 +8,14 @@ use crate::{
         loader::{CaptureOptions, TlsScope},
         tracefs,
     },
-    discovery::tls,
+    config::AgentConfig,
+    discovery::{Discovery, tls},
+    stats::Stats,
+    trace::{resource::Resource, span::AttrValue},
 };
+
+/// A process the configuration selects, with the resource `sonde run` would give it.
+pub type Selected = (u32, Arc<Resource>);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -61,8 +67,70 @@ pub fn missing_tracing_capabilities() -> Vec<&'static str> {
         .collect()
 }
 
-/// Host checks, then a TLS finding per process in `selected`.
-pub fn run_checks(selected: &[u32]) -> Vec<Finding> {
+/// The processes `cfg` selects, resolved as `sonde run` resolves them: with this node's pods
+/// when a Kubernetes API is configured (the first list is awaited, bounded). The finding says
+/// what the API gave.
+pub fn select(cfg: AgentConfig) -> (Option<Finding>, Vec<Selected>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return (Some(finding("kubernetes", Verdict::Degraded, format!("no runtime: {e}"))), Vec::new()),
+    };
+    let (pods, k8s_finding) = runtime.block_on(async {
+        match crate::k8s::start(&cfg.kubernetes, Arc::new(Stats::default())).await {
+            Ok(None) => (None, None),
+            Ok(Some(cache)) => {
+                let listed = crate::k8s::wait_for_first_list(&cache).await;
+                let node = &cfg.kubernetes.node_name;
+                let f = if listed {
+                    finding("kubernetes", Verdict::Ok, format!("{} pods on node {node} listed by the API", cache.len()))
+                } else {
+                    finding(
+                        "kubernetes",
+                        Verdict::Degraded,
+                        format!(
+                            "no pod list for node {node} within {:?}: pod metadata and k8s_* selectors unavailable",
+                            crate::k8s::FIRST_POD_LIST_WAIT
+                        ),
+                    )
+                };
+                (Some(cache), Some(f))
+            }
+            Err(e) => (None, Some(finding("kubernetes", Verdict::Degraded, format!("{e:#}")))),
+        }
+    });
+    let selected = Discovery::new(cfg.selectors, cfg.excludes, cfg.resource_attributes, cfg.service_name)
+        .with_kubernetes(pods, cfg.kubernetes)
+        .selected();
+    (k8s_finding, selected)
+}
+
+/// Where a selected process runs and what it is named: its service, and its container and pod
+/// attributes as they will be exported.
+fn placement_finding(pid: u32, resource: &Resource) -> Finding {
+    let text = |v: &AttrValue| match v {
+        AttrValue::Str(s) => s.to_string(),
+        AttrValue::Int(i) => i.to_string(),
+        AttrValue::Bool(b) => b.to_string(),
+    };
+    let exe = resource
+        .attributes
+        .iter()
+        .find(|(k, _)| k == "process.executable.path")
+        .map(|(_, v)| text(v))
+        .unwrap_or_default();
+    let placement: Vec<String> = resource
+        .attributes
+        .iter()
+        .filter(|(k, _)| k.starts_with("k8s.") || k.starts_with("container.") || k.starts_with("service.namespace"))
+        .map(|(k, v)| format!("{k}={}", text(v)))
+        .collect();
+    let place = if placement.is_empty() { "not in a container".to_owned() } else { placement.join(" ") };
+    finding("process", Verdict::Ok, format!("pid {pid} ({exe}): service.name={} {place}", resource.service_name))
+}
+
+/// Host checks, what the Kubernetes API gave, then per selected process where it runs and how
+/// its TLS is traced.
+pub fn run_checks(selected: &[Selected], kubernetes: Option<Finding>) -> Vec<Finding> {
     let mut out = Vec::new();
     let caps = effective_caps();
     for (bit, name, why) in CAPS {
@@ -168,7 +236,9 @@ pub fn run_checks(selected: &[u32]) -> Vec<Finding> {
                 ),
                 Err(e) => finding("traceparent inject", Verdict::Degraded, format!("unavailable: {e}")),
             });
-            for pid in selected {
+            out.extend(kubernetes);
+            for (pid, resource) in selected {
+                out.push(placement_finding(*pid, resource));
                 out.push(tls_finding(&mut c, *pid));
             }
         }

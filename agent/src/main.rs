@@ -119,8 +119,8 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Check(selection) => {
-            let selected = if selection.is_empty() {
-                Vec::new()
+            let (kubernetes, selected) = if selection.is_empty() {
+                (None, Vec::new())
             } else {
                 let (config, cli) = RunArgs {
                     selection,
@@ -133,13 +133,11 @@ fn main() {
                 }
                 .split();
                 match load_config(config, cli) {
-                    Ok(cfg) => {
-                        sonde::discovery::Discovery::new(cfg.selectors, cfg.excludes, Vec::new(), None).selected_pids()
-                    }
+                    Ok(cfg) => sonde::check::select(cfg),
                     Err(code) => std::process::exit(code),
                 }
             };
-            sonde::check::report(&sonde::check::run_checks(&selected))
+            sonde::check::report(&sonde::check::run_checks(&selected, kubernetes))
         }
         Command::Config(args) => {
             let (config, selection) = args.split();

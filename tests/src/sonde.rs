@@ -85,6 +85,11 @@ impl Sonde {
         s
     }
 
+    /// The configuration file this sonde runs with (for `sonde check --config` on the same).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("sonde.yaml")
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
     }

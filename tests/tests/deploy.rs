@@ -144,6 +144,8 @@ fn kubernetes_manifests_are_valid_objects() {
     assert!(out.contains("for resource daemonset/sonde"), "{out}");
     let ds = yaml_docs(&read(&dir.join("daemonset.yaml"))).remove(0);
     check_daemonset(&ds);
+    let rbac = yaml_docs(&read(&dir.join("rbac.yaml")));
+    check_pod_watch_access(&rbac, &ds, "sonde");
     let cm = yaml_docs(&read(&dir.join("configmap.yaml"))).remove(0);
     sonde_accepts(cm["data"]["sonde.yaml"].as_str().expect("sonde.yaml in the ConfigMap"));
 }
@@ -165,6 +167,48 @@ fn check_daemonset(ds: &Value) {
     assert!(mounts.contains(&"/sys/kernel/tracing") && mounts.contains(&"/etc/sonde"), "{mounts:?}");
     let env: Vec<&str> = c["env"].as_sequence().expect("env").iter().filter_map(|e| e["name"].as_str()).collect();
     assert!(env.contains(&"OTEL_EXPORTER_OTLP_ENDPOINT"), "{env:?}");
+}
+
+/// The pod watch's access: a ServiceAccount the DaemonSet runs as, with its token mounted, bound
+/// to a ClusterRole that reads pods and the two owner kinds sonde looks up, and nothing else.
+fn check_pod_watch_access(objects: &[Value], ds: &Value, namespace: &str) {
+    let find =
+        |kind: &str| objects.iter().find(|o| o["kind"] == kind).unwrap_or_else(|| panic!("no {kind} in {objects:#?}"));
+    let account = find("ServiceAccount")["metadata"]["name"].as_str().expect("account name");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], account);
+    assert_eq!(pod["automountServiceAccountToken"], Value::Bool(true));
+    let role = find("ClusterRole");
+    let rules: BTreeSet<(String, String, String)> = role["rules"]
+        .as_sequence()
+        .expect("rules")
+        .iter()
+        .flat_map(|r| {
+            let list = |k: &str| -> Vec<String> {
+                r[k].as_sequence().expect(k).iter().map(|v| v.as_str().expect("string").to_owned()).collect()
+            };
+            let (groups, resources, verbs) = (list("apiGroups"), list("resources"), list("verbs"));
+            groups
+                .iter()
+                .flat_map(|g| resources.iter().flat_map(|r| verbs.iter().map(|v| (g.clone(), r.clone(), v.clone()))))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let expected: BTreeSet<(String, String, String)> = [
+        ("", "pods", "get"),
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
+        ("apps", "replicasets", "get"),
+        ("batch", "jobs", "get"),
+    ]
+    .iter()
+    .map(|(g, r, v)| ((*g).to_owned(), (*r).to_owned(), (*v).to_owned()))
+    .collect();
+    assert_eq!(rules, expected, "read-only, pods and owners only");
+    let binding = find("ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(binding["subjects"][0]["name"], account);
+    assert_eq!(binding["subjects"][0]["namespace"], namespace);
 }
 
 fn helm_template(args: &[&str]) -> Vec<Value> {
@@ -201,11 +245,12 @@ fn helm_chart_lints_and_renders_valid_objects() {
     }
     run_ok(Command::new("helm").arg("lint").arg("--strict").arg(deploy().join("helm/sonde")));
 
-    // Defaults: DaemonSet, its config, the alert rules.
-    let objects = helm_template(&[]);
-    assert_eq!(objects.len(), 3);
+    // Defaults: DaemonSet, its config, the alert rules, the pod watch's account and role.
+    let objects = helm_template(&["--namespace", "observability"]);
+    assert_eq!(objects.len(), 6);
     validate_objects(&objects);
     check_daemonset(object(&objects, "DaemonSet", "sonde"));
+    check_pod_watch_access(&objects, object(&objects, "DaemonSet", "sonde"), "observability");
     let config = object(&objects, "ConfigMap", "sonde")["data"]["sonde.yaml"].as_str().expect("config");
     let summary = sonde_accepts(config);
     assert!(summary.contains("prometheus: http://0.0.0.0:9464/metrics"), "{summary}");
@@ -309,7 +354,31 @@ fn helm_chart_lints_and_renders_valid_objects() {
 
     // Alerts can be turned off.
     let objects = helm_template(&["--set", "alerts.enabled=false"]);
-    assert_eq!(objects.len(), 2);
+    assert_eq!(objects.len(), 5);
+
+    // Without Kubernetes metadata: no account, no role, no token in the pod.
+    let objects = helm_template(&["--set", "kubernetes.enabled=false"]);
+    assert_eq!(objects.len(), 3);
+    assert!(objects.iter().all(|o| !o["kind"].as_str().unwrap_or("").contains("Role")));
+    let pod = &object(&objects, "DaemonSet", "sonde")["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], Value::Bool(false));
+    assert!(pod.get("serviceAccountName").is_none());
+
+    // The shipped example selects by namespace and labels, excludes by annotation, names the cluster.
+    let example = deploy().join("helm/sonde/examples/by-workload.yaml");
+    let objects = helm_template(&["-f", example.to_str().expect("path")]);
+    validate_objects(&objects);
+    let config = object(&objects, "ConfigMap", "sonde")["data"]["sonde.yaml"].as_str().expect("config");
+    let summary = sonde_accepts(config);
+    for expected in [
+        "1. k8s_namespace=shop",
+        "2. service.name=checkout k8s_namespace=payments-* k8s_pod_labels.app.kubernetes.io/part-of=checkout",
+        "excludes: 2",
+        "k8s_pod_annotations.sonde.dev/trace=false",
+        "cluster prod-eu-1",
+    ] {
+        assert!(summary.contains(expected), "{expected:?} in {summary}");
+    }
 }
 
 #[test]

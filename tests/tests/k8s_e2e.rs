@@ -283,6 +283,56 @@ fn privileged_pods_are_named_described_and_selected_from_cgroups_and_the_api() {
     }
     let bytes: u64 = lists.iter().map(|r| r["bytes"].as_u64().unwrap()).sum();
     assert!(bytes < 64 * 1024, "10,000 pods elsewhere cost {bytes} bytes of pod lists and watches");
+    // Reported, not asserted (memory targets belong in benchmarks).
+    println!("sonde: {bytes} bytes of pod lists and watches, RSS {} KiB, 8 pods cached", sonde.rss_kib());
+
+    // `sonde check` with the same configuration names each selected process's pod and
+    // container, as `run` resolved them, and lists no other pod.
+    let check = std::process::Command::new(sonde_e2e::sonde::binary())
+        .arg("check")
+        .arg("--config")
+        .arg(sonde.config_path())
+        .env("KUBECONFIG", api.kubeconfig())
+        .env("NODE_NAME", NODE)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("OTEL_SERVICE_NAME")
+        .output()
+        .expect("run sonde check");
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{report}\n{}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("[ok  ] kubernetes") && l.ends_with(" 8 pods on node node-a listed by the API")),
+        "{report}"
+    );
+    let line_of =
+        |p: &TestPod| report.lines().find(|l| l.contains(&format!("k8s.pod.uid={} ", p.uid))).map(str::to_owned);
+    for (p, service) in [
+        (&annotated, "checkout"),
+        (&labelled, "payments"),
+        (&cron, "report"),
+        (&bare, "scratch"),
+        (&own_name, "from-env"),
+        (&web_backend, "api-1"),
+    ] {
+        let line = line_of(p).unwrap_or_else(|| panic!("no process line for pod {}: {report}", p.uid));
+        assert!(line.starts_with("[ok  ] process"), "{line}");
+        for part in [
+            format!("service.name={service} "),
+            format!("container.id={} ", p.container_id),
+            "k8s.container.name=app ".to_owned(),
+            "k8s.node.name=node-a ".to_owned(),
+        ] {
+            assert!(line.contains(&part), "{part:?} in {line}");
+        }
+    }
+    let payments = line_of(&labelled).unwrap_or_default();
+    assert!(payments.contains("k8s.namespace.name=shop k8s.pod.name=payments-0 "), "{payments}");
+    assert!(payments.contains("k8s.statefulset.name=payments "), "{payments}");
+    for p in [&web_frontend, &system] {
+        assert!(line_of(p).is_none(), "pod {} is not selected: {report}", p.uid);
+    }
     let finished = sonde.stop();
     assert_eq!(finished.counter("k8s_api_errors"), Some(0), "{}", finished.stderr);
 }

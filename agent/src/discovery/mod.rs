@@ -172,17 +172,20 @@ impl Discovery {
         self.traced.len()
     }
 
-    /// The processes the selectors match now (with their descendants), without tracing them.
-    pub fn selected_pids(mut self) -> Vec<u32> {
-        let mut pids: Vec<u32> = self
+    /// The processes the selectors match now (with their descendants) and the resource each
+    /// would get, without tracing them.
+    pub fn selected(mut self) -> Vec<(u32, Arc<Resource>)> {
+        let mut selected: Vec<(u32, Arc<Resource>)> = self
             .scan_all()
             .into_iter()
             .map(|a| match a {
-                Action::Trace { pid, .. } | Action::Adopt { pid, .. } | Action::Refresh { pid, .. } => pid,
+                Action::Trace { pid, resource, .. }
+                | Action::Adopt { pid, resource, .. }
+                | Action::Refresh { pid, resource } => (pid, resource),
             })
             .collect();
-        pids.sort_unstable();
-        pids
+        selected.sort_unstable_by_key(|(pid, _)| *pid);
+        selected
     }
 
     pub fn traced_pids(&self) -> Vec<u32> {

@@ -29,6 +29,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   "capture" (dict "max_bytes" .Values.capture.maxBytes "ring_buffer_bytes" .Values.capture.ringBufferBytes)
   "metrics" (dict "max_series" .Values.metrics.maxSeries "prometheus" (dict "port" .Values.metrics.port "address" "0.0.0.0"))
   "export" (dict "print" "none") -}}
+{{- with .Values.excludes }}
+{{- $_ := set $base "exclude" . }}
+{{- end }}
+{{- with .Values.kubernetes.clusterName }}
+{{- $_ := set $base "kubernetes" (dict "cluster_name" .) }}
+{{- end }}
 {{- if .Values.propagation.injectHttp }}
 {{- $_ := set $base "propagation" (dict "inject_http" true) }}
 {{- end }}
