@@ -11,7 +11,7 @@ use crate::{
     conn::table::{DataIn, Direction, Role},
     metrics::MetricsStore,
     pipeline::{Pipeline, Sinks},
-    protocol::{Protocol, Segment, Session, SessionEvent, Side, http, postgres, redis},
+    protocol::{Protocol, Segment, Session, SessionEvent, Side, http, http2, postgres, redis},
     stats::Stats,
     trace::{
         resource::{ProcessIdentity, Resource},
@@ -39,6 +39,7 @@ pub fn records(input: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
 pub fn session(protocol: Protocol, input: &[u8]) -> Vec<SessionEvent> {
     let mut session: Box<dyn Session> = match protocol {
         Protocol::Http => Box::new(http::HttpSession::default()),
+        Protocol::Http2 => Box::new(http2::Http2Session::new(input.get(5..).unwrap_or_default())),
         Protocol::Postgres => Box::new(postgres::PostgresSession::new(input.get(5).is_some_and(|b| *b != 0))),
         Protocol::Redis => Box::new(redis::RedisSession::default()),
     };
@@ -133,6 +134,7 @@ mod tests {
         for kind in ["seeds", "regressions"] {
             for (target, run) in [
                 ("http", (|b| drop(session(Protocol::Http, b))) as fn(&[u8])),
+                ("http2", |b| drop(session(Protocol::Http2, b))),
                 ("postgres", |b| drop(session(Protocol::Postgres, b))),
                 ("redis", |b| drop(session(Protocol::Redis, b))),
                 ("pipeline", |b| drop(pipeline(b))),
@@ -145,7 +147,7 @@ mod tests {
                 }
             }
         }
-        assert!(replayed >= 12, "the committed seed corpus is missing: {replayed} files replayed");
+        assert!(replayed >= 15, "the committed seed corpus is missing: {replayed} files replayed");
     }
 
     #[test]

@@ -15,6 +15,10 @@ pub struct Stats {
     pub http_parse_errors: AtomicU64,
     pub postgres_parse_errors: AtomicU64,
     pub redis_parse_errors: AtomicU64,
+    pub http2_parse_errors: AtomicU64,
+    /// HTTP/2 header fields left out because they referred to compression state sonde never
+    /// saw (connections seen mid-stream, header blocks not captured whole).
+    pub http2_fields_undecodable: AtomicU64,
     /// Bytes that moved on traced connections beyond the per-syscall capture (capture.max_bytes):
     /// parsers skip them, and messages entirely inside them are not seen.
     pub bytes_not_captured: AtomicU64,
@@ -114,7 +118,7 @@ impl Stats {
         let g = |c: &AtomicU64| c.load(Relaxed);
         let unlinked: String = self.unlinked().iter().map(|(why, n)| format!(" context_unlinked_{why}={n}")).collect();
         let line = format!(
-            "events_read={} events_lost={} events_undecodable={} bytes_captured={} bytes_not_captured={} tls_events={} tls_unattributed={} http_parse_errors={} postgres_parse_errors={} redis_parse_errors={} streams_unrecognized={} unmatched_requests={} unmatched_responses={} spans_created={} context_joined={} context_unlinked={} spans_unsampled={} spans_exported={} spans_dropped_queue_full={} spans_dropped_export_failed={} export_errors={} traced_processes={}",
+            "events_read={} events_lost={} events_undecodable={} bytes_captured={} bytes_not_captured={} tls_events={} tls_unattributed={} http_parse_errors={} postgres_parse_errors={} redis_parse_errors={} http2_parse_errors={} http2_fields_undecodable={} streams_unrecognized={} unmatched_requests={} unmatched_responses={} spans_created={} context_joined={} context_unlinked={} spans_unsampled={} spans_exported={} spans_dropped_queue_full={} spans_dropped_export_failed={} export_errors={} traced_processes={}",
             g(&self.events_read),
             g(&self.kernel_ringbuf_drops),
             g(&self.events_undecodable),
@@ -125,6 +129,8 @@ impl Stats {
             g(&self.http_parse_errors),
             g(&self.postgres_parse_errors),
             g(&self.redis_parse_errors),
+            g(&self.http2_parse_errors),
+            g(&self.http2_fields_undecodable),
             g(&self.streams_unrecognized),
             g(&self.unmatched_requests),
             g(&self.unmatched_responses),

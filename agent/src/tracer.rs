@@ -256,6 +256,7 @@ impl Tracer {
                     conn.desynced = true;
                     match protocol {
                         Some(Protocol::Http) => Stats::add(&self.stats.http_parse_errors, 1),
+                        Some(Protocol::Http2) => Stats::add(&self.stats.http2_parse_errors, 1),
                         Some(Protocol::Postgres) => Stats::add(&self.stats.postgres_parse_errors, 1),
                         Some(Protocol::Redis) => Stats::add(&self.stats.redis_parse_errors, 1),
                         None => {}
@@ -267,6 +268,9 @@ impl Tracer {
                     Stats::add(&self.stats.unmatched_requests, 1);
                 }
                 SessionEvent::Unrecognized => Stats::add(&self.stats.streams_unrecognized, 1),
+                SessionEvent::Undecodable { fields } => {
+                    Stats::add(&self.stats.http2_fields_undecodable, u64::from(fields))
+                }
                 SessionEvent::UnmatchedResponse => {
                     conn.desynced = true;
                     Stats::add(&self.stats.unmatched_responses, 1);

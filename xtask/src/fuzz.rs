@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-pub const TARGETS: &[&str] = &["http", "postgres", "redis", "pipeline"];
+pub const TARGETS: &[&str] = &["http", "http2", "postgres", "redis", "pipeline"];
 
 pub struct Outcome {
     pub target: &'static str,

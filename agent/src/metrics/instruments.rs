@@ -56,6 +56,10 @@ const DB_ATTRS: &[&str] = &[
     "server.port",
 ];
 
+const RPC_SERVER_ATTRS: &[&str] = &["rpc.system.name", "rpc.method", "rpc.status_code", "error.type"];
+const RPC_CLIENT_ATTRS: &[&str] =
+    &["rpc.system.name", "rpc.method", "rpc.status_code", "error.type", "server.address", "server.port"];
+
 const fn instrument(
     name: &'static str,
     prometheus_base: &'static str,
@@ -77,8 +81,10 @@ pub const HTTP_SERVER_REQUEST_BODY: usize = 3;
 pub const HTTP_SERVER_RESPONSE_BODY: usize = 4;
 pub const HTTP_CLIENT_REQUEST_BODY: usize = 5;
 pub const HTTP_CLIENT_RESPONSE_BODY: usize = 6;
+pub const RPC_SERVER_DURATION: usize = 7;
+pub const RPC_CLIENT_DURATION: usize = 8;
 
-pub static INSTRUMENTS: [Instrument; 7] = [
+pub static INSTRUMENTS: [Instrument; 9] = [
     instrument(
         "http.server.request.duration",
         "http_server_request_duration",
@@ -128,6 +134,20 @@ pub static INSTRUMENTS: [Instrument; 7] = [
         "Size of HTTP client response bodies.",
         HTTP_CLIENT_ATTRS,
     ),
+    instrument(
+        "rpc.server.call.duration",
+        "rpc_server_call_duration",
+        Unit::Seconds,
+        "Duration of incoming RPCs.",
+        RPC_SERVER_ATTRS,
+    ),
+    instrument(
+        "rpc.client.call.duration",
+        "rpc_client_call_duration",
+        Unit::Seconds,
+        "Duration of outgoing RPCs.",
+        RPC_CLIENT_ATTRS,
+    ),
 ];
 
 /// The (instrument, value) pairs of one span: at most three, kept inline (no allocation per
@@ -167,15 +187,31 @@ impl IntoIterator for Measurements {
     }
 }
 
+/// Which conventions a span follows, as its attributes tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Http,
+    Db,
+    Rpc,
+    Other,
+}
+
 /// (instrument, value) pairs a finished span contributes to.
 pub fn measurements(
     kind: SpanKind,
-    is_http: bool,
-    is_db: bool,
+    family: Family,
     seconds: f64,
     request_body: i64,
     response_body: i64,
 ) -> Measurements {
+    let is_http = family == Family::Http;
+    let is_db = family == Family::Db;
+    if family == Family::Rpc {
+        return Measurements::of(&[(
+            if kind == SpanKind::Server { RPC_SERVER_DURATION } else { RPC_CLIENT_DURATION },
+            seconds,
+        )]);
+    }
     match (is_http, is_db, kind) {
         (true, _, SpanKind::Server) => Measurements::of(&[
             (HTTP_SERVER_DURATION, seconds),

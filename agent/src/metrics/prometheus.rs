@@ -104,7 +104,7 @@ impl Exposition {
     fn encode_self_metrics(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let st = &self.stats;
         let g = Stats::get;
-        let counters: [(&str, &str, u64); 19] = [
+        let counters: [(&str, &str, u64); 20] = [
             ("sonde_events_read", "Records read from the kernel ring buffer.", g(&st.events_read)),
             (
                 "sonde_events_lost",
@@ -145,6 +145,11 @@ impl Exposition {
                 g(&st.log_bytes_not_captured),
             ),
             ("sonde_logs_redacted", "Credentials replaced in log records.", g(&st.logs_redacted)),
+            (
+                "sonde_http2_fields_undecodable",
+                "HTTP/2 header fields left out of spans: they referred to compression state sonde never saw (connections seen mid-stream, header blocks not captured whole).",
+                g(&st.http2_fields_undecodable),
+            ),
             (
                 "sonde_k8s_api_errors",
                 "Failed Kubernetes API requests and watch errors (tracing goes on with the cached pods).",
@@ -213,6 +218,7 @@ impl Exposition {
                     ("http", g(&st.http_parse_errors)),
                     ("postgresql", g(&st.postgres_parse_errors)),
                     ("redis", g(&st.redis_parse_errors)),
+                    ("http2", g(&st.http2_parse_errors)),
                 ],
             ),
             (

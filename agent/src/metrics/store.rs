@@ -10,7 +10,7 @@ use std::{
 
 use super::{
     exemplars::{BucketExemplar, DeliveryLog, Exemplar},
-    instruments::{INSTRUMENTS, Unit, measurements},
+    instruments::{Family, INSTRUMENTS, Unit, measurements},
 };
 use crate::trace::{
     resource::Resource,
@@ -235,21 +235,22 @@ impl MetricsStore {
     /// Records what a finished span measures. Called for every span, sampled or not. Returns
     /// the series it was counted in, for [`MetricsStore::offer_exemplar`].
     pub fn record(&self, span: &Span) -> Option<SeriesRef> {
-        let is_http = span.attr("http.request.method").is_some();
-        let is_db = span.attr("db.system.name").is_some();
+        let family = if span.attr("http.request.method").is_some() {
+            Family::Http
+        } else if span.attr("rpc.system.name").is_some() {
+            Family::Rpc
+        } else if span.attr("db.system.name").is_some() {
+            Family::Db
+        } else {
+            Family::Other
+        };
         let int = |k: &str| match span.attr(k) {
             Some(AttrValue::Int(i)) => *i,
             _ => 0,
         };
         let seconds = span.end_unix_ns.saturating_sub(span.start_unix_ns) as f64 / 1e9;
-        let values = measurements(
-            span.kind,
-            is_http,
-            is_db,
-            seconds,
-            int("http.request.body.size"),
-            int("http.response.body.size"),
-        );
+        let values =
+            measurements(span.kind, family, seconds, int("http.request.body.size"), int("http.response.body.size"));
         let (group_index, _) = *self.placement.get(values.first()?.0)?;
         // The process's resource is shared (one Arc per process) and kept alive by the series
         // that use it, so its address identifies it without hashing its attributes.

@@ -1,7 +1,7 @@
 //! Protocol detection from the first bytes of a connection (never from the port alone).
 //! Adding a protocol adds one line to [`detect`].
 
-use super::{Session, Side, http, postgres, redis};
+use super::{Session, Side, http, http2, postgres, redis};
 
 pub enum Detection {
     Matched(Box<dyn Session>),
@@ -15,8 +15,9 @@ type Classifier = fn(Side, &[u8]) -> Option<bool>;
 type Maker = fn(&[u8]) -> Box<dyn Session>;
 
 /// Each protocol: how its first bytes look, and how to start its session.
-const PROTOCOLS: [(Classifier, Maker); 3] = [
+const PROTOCOLS: [(Classifier, Maker); 4] = [
     (http::classify_start, |_| Box::new(http::HttpSession::default())),
+    (http2::classify_start, |b| Box::new(http2::Http2Session::new(b))),
     (
         |side, b| {
             if side == Side::Request { postgres::classify_start(b) } else { Some(false) }

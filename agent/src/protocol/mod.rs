@@ -4,6 +4,7 @@
 
 pub mod detect;
 pub mod http;
+pub mod http2;
 pub mod postgres;
 pub mod redis;
 pub mod sql;
@@ -16,6 +17,7 @@ use crate::trace::context::TraceParent;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Protocol {
     Http,
+    Http2,
     Postgres,
     Redis,
 }
@@ -24,6 +26,7 @@ impl Protocol {
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Http => "http",
+            Protocol::Http2 => "http2",
             Protocol::Postgres => "postgresql",
             Protocol::Redis => "redis",
         }
@@ -85,6 +88,7 @@ pub struct Exchange {
 #[derive(Clone, Debug)]
 pub enum ExchangeDetail {
     Http(http::HttpExchange),
+    Grpc(http2::grpc::GrpcExchange),
     Postgres(postgres::PgExchange),
     Redis(redis::RedisExchange),
 }
@@ -100,6 +104,11 @@ pub enum SessionEvent {
     },
     /// The connection's first bytes matched no supported protocol: it is not parsed further.
     Unrecognized,
+    /// Header fields that referred to compression state sonde never saw (HTTP/2 seen
+    /// mid-stream, or a header block not captured whole): left out of the span, not guessed.
+    Undecodable {
+        fields: u32,
+    },
     /// A response with no request waiting for it.
     UnmatchedResponse,
     /// A request dropped without a response (connection closed, or too many outstanding).

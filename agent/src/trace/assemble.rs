@@ -7,6 +7,7 @@ use super::{
     db_attrs,
     http_attrs::{self, ConnAddrs},
     resource::Resource,
+    rpc_attrs,
     span::{Span, SpanKind},
 };
 use crate::protocol::{Exchange, ExchangeDetail};
@@ -23,6 +24,7 @@ pub fn assemble(
 ) -> Span {
     let mapped = match &ex.detail {
         ExchangeDetail::Http(h) => http_attrs::map(h, kind, addrs, if tls { "https" } else { "http" }),
+        ExchangeDetail::Grpc(g) => rpc_attrs::map(g, kind, addrs),
         ExchangeDetail::Postgres(p) => db_attrs::map_postgres(p, kind, addrs),
         ExchangeDetail::Redis(r) => db_attrs::map_redis(r, kind, addrs),
     };

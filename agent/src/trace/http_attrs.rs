@@ -58,32 +58,39 @@ pub struct Mapped {
 
 pub fn map(ex: &HttpExchange, kind: SpanKind, addrs: &ConnAddrs, scheme: &'static str) -> Mapped {
     let mut attrs = Vec::with_capacity(16);
-    let method = if KNOWN_METHODS.contains(&ex.method.as_str()) {
+    // An empty method is one HTTP/2 could not decode (seen mid-stream): left out, not guessed.
+    let method = if KNOWN_METHODS.contains(&ex.method.as_str()) || ex.method.is_empty() {
         ex.method.clone()
     } else {
         attrs.push(Attr::new("http.request.method_original", ex.method.clone()));
         Text::const_new("_OTHER")
     };
-    attrs.push(Attr::new("http.request.method", method.clone()));
-    attrs.push(Attr::new("http.response.status_code", ex.status as i64));
-    let version = match ex.version_minor {
-        0 => Text::const_new("1.0"),
-        1 => Text::const_new("1.1"),
-        minor => format_compact!("1.{minor}"),
-    };
-    attrs.push(Attr::new("network.protocol.version", version));
+    if !method.is_empty() {
+        attrs.push(Attr::new("http.request.method", method.clone()));
+    }
+    // 0: the stream was reset before any response.
+    if ex.status != 0 {
+        attrs.push(Attr::new("http.response.status_code", ex.status as i64));
+    }
+    attrs.push(Attr::new("network.protocol.version", Text::const_new(ex.version.as_str())));
     let (host, port) = split_host(ex.host.as_deref(), scheme);
     let query = redacted_query(&ex.target);
+    // An empty target is one HTTP/2 could not decode: no path, route or URL is made up.
+    let target_known = !ex.target.is_empty();
 
     let name = match kind {
         SpanKind::Server => {
-            let route = route_of(&ex.target);
-            attrs.push(Attr::new("url.path", path_of(&ex.target)));
+            let route = if target_known { route_of(&ex.target) } else { Text::default() };
+            if target_known {
+                attrs.push(Attr::new("url.path", path_of(&ex.target)));
+            }
             attrs.push(Attr::new("url.scheme", Text::const_new(scheme)));
             if let Some(q) = &query {
                 attrs.push(Attr::new("url.query", q.clone()));
             }
-            attrs.push(Attr::new("http.route", route.clone()));
+            if target_known {
+                attrs.push(Attr::new("http.route", route.clone()));
+            }
             let server_address = host.or_else(|| addrs.local.map(|a| ip_text(a.ip())));
             let server_port = port.or_else(|| addrs.local.map(|a| a.port()));
             if let Some(h) = server_address {
@@ -96,8 +103,10 @@ pub fn map(ex: &HttpExchange, kind: SpanKind, addrs: &ConnAddrs, scheme: &'stati
                 attrs.push(Attr::new("client.address", ip_text(peer.ip())));
                 attrs.push(Attr::new("client.port", peer.port() as i64));
             }
-            if method == "_OTHER" {
+            if method == "_OTHER" || method.is_empty() {
                 Text::const_new("HTTP")
+            } else if !target_known {
+                method.clone()
             } else {
                 let mut name = Text::with_capacity(method.len() + 1 + route.len());
                 name.push_str(&method);
@@ -114,19 +123,21 @@ pub fn map(ex: &HttpExchange, kind: SpanKind, addrs: &ConnAddrs, scheme: &'stati
                 (Some(h), _) => h.clone(),
                 (None, _) => Text::default(),
             };
-            let mut full = format_compact!("{scheme}://{authority}{}", path_of(&ex.target));
-            if let Some(q) = &query {
-                full.push('?');
-                full.push_str(q);
+            if target_known {
+                let mut full = format_compact!("{scheme}://{authority}{}", path_of(&ex.target));
+                if let Some(q) = &query {
+                    full.push('?');
+                    full.push_str(q);
+                }
+                attrs.push(Attr::new("url.full", full));
             }
-            attrs.push(Attr::new("url.full", full));
             if let Some(h) = server_address {
                 attrs.push(Attr::new("server.address", h));
             }
             if let Some(p) = server_port {
                 attrs.push(Attr::new("server.port", p as i64));
             }
-            if method == "_OTHER" { Text::const_new("HTTP") } else { method.clone() }
+            if method == "_OTHER" || method.is_empty() { Text::const_new("HTTP") } else { method.clone() }
         }
     };
     if let Some(peer) = addrs.peer {
@@ -144,7 +155,11 @@ pub fn map(ex: &HttpExchange, kind: SpanKind, addrs: &ConnAddrs, scheme: &'stati
         SpanKind::Server => ex.status >= 500,
         SpanKind::Client => ex.status >= 400,
     };
-    let status = if failed {
+    let status = if let Some(reset) = ex.reset {
+        // No (complete) response: the HTTP/2 error code that ended the stream.
+        attrs.push(Attr::new("error.type", Text::const_new(reset)));
+        Status::Error(String::new())
+    } else if failed {
         attrs.push(Attr::new("error.type", ex.status.to_compact_string()));
         Status::Error(String::new())
     } else {
@@ -158,7 +173,7 @@ fn is_default_port(scheme: &str, port: u16) -> bool {
 }
 
 /// Splits a Host header into host and port (IPv6 literals keep their brackets off).
-fn split_host(host: Option<&str>, scheme: &str) -> (Option<Text>, Option<u16>) {
+pub(super) fn split_host(host: Option<&str>, scheme: &str) -> (Option<Text>, Option<u16>) {
     let Some(h) = host.map(str::trim).filter(|h| !h.is_empty()) else {
         return (None, None);
     };
@@ -209,7 +224,8 @@ mod tests {
         HttpExchange {
             method: method.into(),
             target: target.into(),
-            version_minor: 1,
+            version: crate::protocol::http::HttpVersion::Http11,
+            reset: None,
             host: Some("api.local:8080".into()),
             user_agent: Some("curl/8".into()),
             status,
@@ -249,6 +265,26 @@ mod tests {
         assert!(!format!("{:?}", m.attributes).contains("s3cret"));
         let ok = map(&exchange("GET", "/", 404), SpanKind::Server, &addrs, "http");
         assert_eq!(ok.status, Status::Unset, "4xx is not a server error");
+    }
+
+    #[test]
+    fn undecoded_http2_fields_are_left_out() {
+        let addrs = ConnAddrs::default();
+        let mut ex = exchange("", "", 200);
+        ex.version = crate::protocol::http::HttpVersion::Http2;
+        let m = map(&ex, SpanKind::Server, &addrs, "http");
+        assert_eq!(m.name, "HTTP");
+        for key in ["http.request.method", "url.path", "http.route"] {
+            assert_eq!(get(&m, key), None, "{key}");
+        }
+        assert_eq!(get(&m, "network.protocol.version"), Some(&"2".into()));
+        let m = map(&exchange("POST", "", 0), SpanKind::Client, &addrs, "http");
+        assert_eq!((m.name.as_str(), get(&m, "url.full"), get(&m, "http.response.status_code")), ("POST", None, None));
+        let mut reset = exchange("GET", "/x", 0);
+        reset.reset = Some("CANCEL");
+        let m = map(&reset, SpanKind::Client, &addrs, "http");
+        assert_eq!(get(&m, "error.type"), Some(&"CANCEL".into()));
+        assert!(matches!(m.status, Status::Error(_)));
     }
 
     #[test]

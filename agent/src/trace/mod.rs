@@ -10,6 +10,7 @@ pub mod join;
 pub mod parent;
 pub mod resource;
 pub mod route;
+pub mod rpc_attrs;
 pub mod sampler;
 pub mod serving_thread;
 pub mod span;

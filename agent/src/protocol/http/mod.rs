@@ -68,19 +68,40 @@ pub fn looks_like_start(side: Side, bytes: &[u8]) -> bool {
     classify_start(side, bytes) == Some(true)
 }
 
+/// The protocol version an exchange travelled in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpVersion {
+    Http10,
+    Http11,
+    Http2,
+}
+
+impl HttpVersion {
+    /// `network.protocol.version`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http10 => "1.0",
+            Self::Http11 => "1.1",
+            Self::Http2 => "2",
+        }
+    }
+}
+
 /// A paired HTTP request and response, as parsed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpExchange {
     pub method: Text,
     /// The request-target as sent: origin form (`/a?b`) or absolute form.
     pub target: Text,
-    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
-    pub version_minor: u8,
+    pub version: HttpVersion,
     pub host: Option<Text>,
     pub user_agent: Option<Text>,
+    /// 0 when the stream was reset before a response (HTTP/2).
     pub status: u16,
     pub request_body_bytes: u64,
     pub response_body_bytes: u64,
+    /// The HTTP/2 error code (`CANCEL`, ...) of a stream reset before its response ended.
+    pub reset: Option<&'static str>,
 }
 
 #[derive(Debug)]
@@ -89,7 +110,7 @@ struct Pending {
     start_ns: u64,
     method: Text,
     target: Text,
-    version_minor: u8,
+    version: HttpVersion,
     host: Option<Text>,
     user_agent: Option<Text>,
     request_body_bytes: u64,
@@ -214,7 +235,7 @@ impl HttpSession {
             start_ns: self.requests.first_byte_ns,
             method: method.into(),
             target: target.into(),
-            version_minor: version,
+            version: if version == 0 { HttpVersion::Http10 } else { HttpVersion::Http11 },
             host: info.host,
             user_agent: info.user_agent,
             request_body_bytes: 0,
@@ -302,12 +323,13 @@ impl HttpSession {
             detail: ExchangeDetail::Http(HttpExchange {
                 method: p.method,
                 target: p.target,
-                version_minor: p.version_minor,
+                version: p.version,
                 host: p.host,
                 user_agent: p.user_agent,
                 status: self.response_status,
                 request_body_bytes: p.request_body_bytes,
                 response_body_bytes: self.responses.body_bytes,
+                reset: None,
             }),
         }));
     }

@@ -1,0 +1,394 @@
+//! HTTP/2 (RFC 9113), cleartext or decrypted TLS: frames per direction, header blocks decoded
+//! with each direction's HPACK table, and requests paired with responses by stream id, so any
+//! number of concurrent streams pair exactly. A stream is one exchange: the request's HEADERS
+//! (+ CONTINUATION) to the response's END_STREAM or a reset. gRPC calls (`application/grpc*`)
+//! become [`grpc::GrpcExchange`]s, other streams HTTP exchanges with version 2.
+//!
+//! The sequence number of a stream's exchange is its stream id: both ends of a connection see
+//! the same ids, so same-host joins tie a client stream to its server stream by id.
+
+mod frame;
+pub mod grpc;
+mod hpack;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+
+use frame::{Frame, FrameReader, Read};
+use grpc::GrpcExchange;
+
+use super::{
+    Exchange, ExchangeDetail, Protocol, RequestStart, Segment, Session, SessionEvent, Side,
+    http::{HttpExchange, HttpVersion},
+};
+use crate::trace::{context::TraceParent, span::Text};
+
+/// Streams open at once before the oldest is given up as unmatched.
+pub const MAX_OPEN_STREAMS: usize = 1024;
+
+/// Whether `bytes`, the first seen of a connection, start HTTP/2: the client preface (request
+/// side), or, on a connection seen mid-stream, a run of well-formed frames.
+pub fn classify_start(side: Side, bytes: &[u8]) -> Option<bool> {
+    let n = bytes.len().min(frame::PREFACE.len());
+    if side == Side::Request && bytes[..n] == frame::PREFACE[..n] {
+        return if n == frame::PREFACE.len() { Some(true) } else { None };
+    }
+    Some(frame::plausible_frames(bytes))
+}
+
+/// Whether `bytes` (the first bytes a session was detected on) start with the preface.
+fn starts_with_preface(bytes: &[u8]) -> bool {
+    bytes.starts_with(frame::PREFACE)
+}
+
+/// The HTTP/2 error code names (RFC 9113 section 7), for `error.type` of reset streams.
+fn error_code_name(code: u32) -> &'static str {
+    const NAMES: [&str; 14] = [
+        "NO_ERROR",
+        "PROTOCOL_ERROR",
+        "INTERNAL_ERROR",
+        "FLOW_CONTROL_ERROR",
+        "SETTINGS_TIMEOUT",
+        "STREAM_CLOSED",
+        "FRAME_SIZE_ERROR",
+        "REFUSED_STREAM",
+        "CANCEL",
+        "COMPRESSION_ERROR",
+        "CONNECT_ERROR",
+        "ENHANCE_YOUR_CALM",
+        "INADEQUATE_SECURITY",
+        "HTTP_1_1_REQUIRED",
+    ];
+    NAMES.get(code as usize).copied().unwrap_or("_OTHER")
+}
+
+/// A header block being assembled from HEADERS/PUSH_PROMISE and CONTINUATION frames.
+#[derive(Debug)]
+struct Block {
+    stream: u32,
+    push: bool,
+    end_stream: bool,
+    bytes: Vec<u8>,
+    cut: bool,
+}
+
+/// One direction: its frames and its sender's HPACK table.
+#[derive(Debug)]
+struct Half {
+    reader: FrameReader,
+    table: hpack::Decoder,
+    block: Option<Block>,
+}
+
+#[derive(Debug, Default)]
+struct Stream {
+    start_ns: u64,
+    method: Option<Text>,
+    path: Option<Text>,
+    authority: Option<Text>,
+    user_agent: Option<Text>,
+    grpc: bool,
+    request_bytes: u64,
+    /// Final (non-1xx) response status, once its headers came.
+    status: Option<u16>,
+    grpc_status: Option<u32>,
+    response_bytes: u64,
+}
+
+/// Both directions of one HTTP/2 connection.
+#[derive(Debug)]
+pub struct Http2Session {
+    requests: Half,
+    responses: Half,
+    streams: HashMap<u32, Stream>,
+}
+
+impl Http2Session {
+    /// A session for a connection whose first bytes were `first`: from its start when they are
+    /// the preface, else seen mid-stream (HPACK tables unknown).
+    pub fn new(first: &[u8]) -> Self {
+        let from_start = starts_with_preface(first);
+        let table = || if from_start { hpack::Decoder::from_start() } else { hpack::Decoder::mid_stream() };
+        Self {
+            requests: Half {
+                reader: if from_start { FrameReader::client_from_start() } else { FrameReader::at_frame() },
+                table: table(),
+                block: None,
+            },
+            responses: Half { reader: FrameReader::at_frame(), table: table(), block: None },
+            streams: HashMap::new(),
+        }
+    }
+}
+
+impl Session for Http2Session {
+    fn protocol(&self) -> Protocol {
+        Protocol::Http2
+    }
+
+    fn feed(&mut self, seg: &Segment<'_>, out: &mut Vec<SessionEvent>) {
+        let Self { requests, responses, streams } = self;
+        let half = match seg.side {
+            Side::Request => requests,
+            Side::Response => responses,
+        };
+        let Half { reader, table, block } = half;
+        reader.feed(seg.bytes, seg.uncopied(), |read| match read {
+            Read::Frame(f) => on_frame(seg, f, table, block, streams, out),
+            Read::Resynced => {
+                table.lose_sync();
+                *block = None;
+            }
+            Read::Broken(reason) => out.push(SessionEvent::ParseError { reason }),
+        });
+    }
+
+    fn close(&mut self, _ts_ns: u64, out: &mut Vec<SessionEvent>) {
+        for _ in self.streams.drain() {
+            out.push(SessionEvent::UnmatchedRequest);
+        }
+    }
+}
+
+fn on_frame(
+    seg: &Segment<'_>,
+    f: Frame<'_>,
+    table: &mut hpack::Decoder,
+    block: &mut Option<Block>,
+    streams: &mut HashMap<u32, Stream>,
+    out: &mut Vec<SessionEvent>,
+) {
+    let h = f.header;
+    // A header block must be finished by CONTINUATIONs on its stream before anything else.
+    if block.is_some() && h.kind != frame::CONTINUATION {
+        *block = None;
+        table.lose_sync();
+        out.push(SessionEvent::ParseError { reason: "header block interrupted" });
+    }
+    match h.kind {
+        frame::HEADERS | frame::PUSH_PROMISE => {
+            let Some(fragment) = f.block_fragment() else {
+                table.lose_sync();
+                out.push(SessionEvent::ParseError { reason: "malformed HEADERS frame" });
+                return;
+            };
+            let started = Block {
+                stream: h.stream,
+                push: h.kind == frame::PUSH_PROMISE,
+                end_stream: h.kind == frame::HEADERS && h.flags & frame::FLAG_END_STREAM != 0,
+                bytes: fragment.to_vec(),
+                cut: f.cut,
+            };
+            if h.flags & frame::FLAG_END_HEADERS != 0 {
+                on_block(seg, started, table, streams, out);
+            } else {
+                *block = Some(started);
+            }
+        }
+        frame::CONTINUATION => {
+            let Some(mut open) = block.take().filter(|b| b.stream == h.stream) else {
+                table.lose_sync();
+                out.push(SessionEvent::ParseError { reason: "CONTINUATION without its HEADERS" });
+                return;
+            };
+            open.bytes.extend_from_slice(f.payload);
+            open.cut |= f.cut;
+            if h.flags & frame::FLAG_END_HEADERS != 0 {
+                on_block(seg, open, table, streams, out);
+            } else if open.bytes.len() > frame::MAX_KEPT_PAYLOAD {
+                open.cut = true;
+                open.bytes.truncate(frame::MAX_KEPT_PAYLOAD);
+                *block = Some(open);
+            } else {
+                *block = Some(open);
+            }
+        }
+        frame::DATA => {
+            let Some(stream) = streams.get_mut(&h.stream) else {
+                if seg.side == Side::Response && h.flags & frame::FLAG_END_STREAM != 0 && h.stream % 2 == 1 {
+                    out.push(SessionEvent::UnmatchedResponse);
+                }
+                return;
+            };
+            match seg.side {
+                Side::Request => stream.request_bytes += f.data_len(),
+                Side::Response => {
+                    stream.response_bytes += f.data_len();
+                    if h.flags & frame::FLAG_END_STREAM != 0 {
+                        complete(h.stream, seg.ts_ns, None, streams, out);
+                    }
+                }
+            }
+        }
+        frame::RST_STREAM => complete(h.stream, seg.ts_ns, f.error_code(), streams, out),
+        // SETTINGS, PING, PRIORITY, WINDOW_UPDATE, GOAWAY: nothing a span needs. Streams a
+        // GOAWAY abandons end as unmatched when the connection closes.
+        _ => {}
+    }
+}
+
+/// A whole header block: decoded (keeping the table in step), then applied to its stream.
+fn on_block(
+    seg: &Segment<'_>,
+    block: Block,
+    table: &mut hpack::Decoder,
+    streams: &mut HashMap<u32, Stream>,
+    out: &mut Vec<SessionEvent>,
+) {
+    let mut fields = Fields::default();
+    let decoded = table.decode(&block.bytes, |name, value| fields.take(name, value));
+    if block.cut {
+        // The part never seen inserted entries sonde cannot know.
+        table.lose_sync();
+    } else if let Err(e) = decoded {
+        out.push(SessionEvent::ParseError { reason: e.0 });
+    }
+    let undecodable = decoded.map_or(0, |o| o.undecodable) + u32::from(block.cut);
+    if undecodable > 0 {
+        out.push(SessionEvent::Undecodable { fields: undecodable });
+    }
+    if block.push {
+        // A promised request: the pushed response on its even stream is not a traced exchange.
+        return;
+    }
+    match seg.side {
+        Side::Request => on_request_headers(seg, &block, fields, streams, out),
+        Side::Response => on_response_headers(seg, &block, fields, streams, out),
+    }
+}
+
+fn on_request_headers(
+    seg: &Segment<'_>,
+    block: &Block,
+    fields: Fields,
+    streams: &mut HashMap<u32, Stream>,
+    out: &mut Vec<SessionEvent>,
+) {
+    if streams.contains_key(&block.stream) {
+        // Request trailers: nothing a span needs.
+        return;
+    }
+    if streams.len() >= MAX_OPEN_STREAMS {
+        let oldest = streams.iter().min_by_key(|(_, s)| s.start_ns).map(|(id, _)| *id);
+        if let Some(id) = oldest {
+            streams.remove(&id);
+            out.push(SessionEvent::UnmatchedRequest);
+        }
+    }
+    out.push(SessionEvent::RequestStarted(RequestStart {
+        seq: u64::from(block.stream),
+        tid: seg.tid,
+        ts_ns: seg.ts_ns,
+        traceparent: fields.traceparent,
+        target: fields.path.clone(),
+    }));
+    streams.insert(
+        block.stream,
+        Stream {
+            start_ns: seg.ts_ns,
+            method: fields.method,
+            path: fields.path,
+            authority: fields.authority,
+            user_agent: fields.user_agent,
+            grpc: fields.grpc,
+            ..Stream::default()
+        },
+    );
+}
+
+fn on_response_headers(
+    seg: &Segment<'_>,
+    block: &Block,
+    fields: Fields,
+    streams: &mut HashMap<u32, Stream>,
+    out: &mut Vec<SessionEvent>,
+) {
+    let Some(stream) = streams.get_mut(&block.stream) else {
+        if block.end_stream && block.stream % 2 == 1 {
+            out.push(SessionEvent::UnmatchedResponse);
+        }
+        return;
+    };
+    if let Some(status) = fields.status.filter(|s| !(100..200).contains(s)) {
+        stream.status.get_or_insert(status);
+    }
+    if fields.grpc_status.is_some() {
+        stream.grpc_status = fields.grpc_status;
+    }
+    if block.end_stream {
+        complete(block.stream, seg.ts_ns, None, streams, out);
+    }
+}
+
+/// The stream ended (response END_STREAM, or a reset with `reset` as its error code).
+fn complete(id: u32, ts_ns: u64, reset: Option<u32>, streams: &mut HashMap<u32, Stream>, out: &mut Vec<SessionEvent>) {
+    let Some(s) = streams.remove(&id) else { return };
+    let status = s.status.unwrap_or(0);
+    let detail = if s.grpc {
+        let code = s.grpc_status.or_else(|| match (reset, s.status) {
+            (Some(code), _) => Some(grpc::status_of_reset(code)),
+            (None, Some(http)) if http != 200 => Some(grpc::status_of_http(http)),
+            _ => None,
+        });
+        ExchangeDetail::Grpc(GrpcExchange {
+            path: s.path.unwrap_or_default(),
+            authority: s.authority,
+            user_agent: s.user_agent,
+            status: code,
+            request_bytes: s.request_bytes,
+            response_bytes: s.response_bytes,
+        })
+    } else {
+        ExchangeDetail::Http(HttpExchange {
+            method: s.method.unwrap_or_default(),
+            target: s.path.unwrap_or_default(),
+            version: HttpVersion::Http2,
+            host: s.authority,
+            user_agent: s.user_agent,
+            status,
+            request_body_bytes: s.request_bytes,
+            response_body_bytes: s.response_bytes,
+            // A reset after a complete response head still ended the exchange early.
+            reset: reset.map(error_code_name),
+        })
+    };
+    out.push(SessionEvent::Completed(Exchange {
+        seq: u64::from(id),
+        start_ns: s.start_ns,
+        end_ns: ts_ns.max(s.start_ns),
+        detail,
+    }));
+}
+
+/// The header fields sonde reads from one block.
+#[derive(Debug, Default)]
+struct Fields {
+    method: Option<Text>,
+    path: Option<Text>,
+    authority: Option<Text>,
+    user_agent: Option<Text>,
+    status: Option<u16>,
+    grpc: bool,
+    grpc_status: Option<u32>,
+    traceparent: Option<TraceParent>,
+}
+
+impl Fields {
+    fn take(&mut self, name: &[u8], value: &[u8]) {
+        let text = || Text::from(String::from_utf8_lossy(value).trim());
+        let number = || std::str::from_utf8(value).ok().and_then(|v| v.trim().parse::<u32>().ok());
+        match name {
+            b":method" => self.method = Some(text()),
+            b":path" => self.path = Some(text()),
+            b":authority" => self.authority = Some(text()),
+            b"host" if self.authority.is_none() => self.authority = Some(text()),
+            b"user-agent" => self.user_agent = Some(text()),
+            b":status" => self.status = number().and_then(|n| u16::try_from(n).ok()),
+            b"content-type" => self.grpc = grpc::is_grpc_content_type(value),
+            b"grpc-status" => self.grpc_status = number(),
+            b"traceparent" => self.traceparent = TraceParent::parse(value),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! Recorded conversations (fuzz/record.py): grpcio client and server (unary, errors, server,
+//! client and bidirectional streaming, an unknown method), and Node's http2 client to nginx's
+//! cleartext HTTP/2 (10 concurrent streams, GET/POST, 404s). Each is replayed whole, split at
+//! every offset, truncated, and started mid-stream; the last two may lose fields, never change one.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::protocol::testing::{errors, load, replay, splits};
+
+const GRPC: &[u8] = include_bytes!("../fixtures/h2_grpcio_mixed.conv");
+const NODE_NGINX: &[u8] = include_bytes!("../fixtures/h2c_node_to_nginx.conv");
+const CURL_NGINX: &[u8] = include_bytes!("../fixtures/h2c_curl_to_nginx.conv");
+
+fn session_for(parts: &[(Side, Vec<u8>)]) -> Http2Session {
+    Http2Session::new(parts.first().map(|(_, b)| b.as_slice()).unwrap_or_default())
+}
+
+/// Completed exchanges by stream id.
+fn by_stream(events: &[SessionEvent]) -> BTreeMap<u64, ExchangeDetail> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            SessionEvent::Completed(x) => Some((x.seq, x.detail.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn run(parts: &[(Side, Vec<u8>)]) -> Vec<SessionEvent> {
+    run_from(session_for(parts), parts)
+}
+
+/// Replays `parts` through `s` and closes it.
+fn run_from(mut s: Http2Session, parts: &[(Side, Vec<u8>)]) -> Vec<SessionEvent> {
+    let mut out = replay(&mut s, parts);
+    s.close(u64::MAX, &mut out);
+    out
+}
+
+fn grpc_calls(events: &[SessionEvent]) -> BTreeMap<(String, String), usize> {
+    let mut calls = BTreeMap::new();
+    for d in by_stream(events).values() {
+        let ExchangeDetail::Grpc(g) = d else { panic!("not gRPC: {d:?}") };
+        let status = g.status.map_or("none".into(), |c| grpc::status_name(c).to_string());
+        *calls.entry((g.path.to_string(), status)).or_insert(0) += 1;
+    }
+    calls
+}
+
+#[test]
+fn grpcio_calls_pair_by_stream_with_their_status() {
+    let events = run(&load(GRPC));
+    assert_eq!(errors(&events), 0, "{events:#?}");
+    assert!(!events.iter().any(|e| matches!(
+        e,
+        SessionEvent::UnmatchedRequest | SessionEvent::UnmatchedResponse | SessionEvent::Undecodable { .. }
+    )));
+    let expected: BTreeMap<(String, String), usize> = [
+        ("/demo.Greeter/SayHello", "OK", 3),
+        ("/demo.Greeter/SayHello", "INVALID_ARGUMENT", 1),
+        ("/demo.Greeter/SayHello", "NOT_FOUND", 1),
+        ("/demo.Greeter/SayHello", "INTERNAL", 1),
+        ("/demo.Greeter/SayHello", "UNAVAILABLE", 1),
+        ("/demo.Greeter/SayHello", "PERMISSION_DENIED", 1),
+        ("/demo.Greeter/Countdown", "OK", 3),
+        ("/demo.Greeter/Collect", "OK", 2),
+        ("/demo.Greeter/Chat", "OK", 2),
+        ("/demo.Greeter/Missing", "UNIMPLEMENTED", 1),
+    ]
+    .into_iter()
+    .map(|(p, s, n)| ((p.to_owned(), s.to_owned()), n))
+    .collect();
+    assert_eq!(grpc_calls(&events), expected);
+    // Stream ids are the client's odd ids in order, and every call started before it ended.
+    let started: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            SessionEvent::RequestStarted(r) => Some(r.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(started, (0..16).map(|i| 1 + 2 * i).collect::<Vec<u64>>());
+    for d in by_stream(&events).values() {
+        let ExchangeDetail::Grpc(g) = d else { unreachable!() };
+        assert_eq!(g.authority.as_deref(), Some("127.0.0.1:50072"));
+        assert!(g.user_agent.as_deref().is_some_and(|ua| ua.starts_with("grpc-python/")), "{g:?}");
+        if g.path.ends_with("/Countdown") {
+            // Five replies of one byte each, with their 5-byte gRPC prefix.
+            assert_eq!(g.response_bytes, 5 * 6);
+        }
+    }
+}
+
+#[test]
+fn node_streams_to_nginx_are_http_exchanges_with_version_2() {
+    let events = run(&load(NODE_NGINX));
+    assert_eq!(errors(&events), 0);
+    let exchanges = by_stream(&events);
+    assert_eq!(exchanges.len(), 10);
+    for (i, (id, d)) in exchanges.iter().enumerate() {
+        let ExchangeDetail::Http(h) = d else { panic!("{d:?}") };
+        assert_eq!(*id, 1 + 2 * i as u64);
+        assert_eq!(h.version, HttpVersion::Http2);
+        let (method, path, status) = if i % 5 == 4 {
+            (if i % 3 == 2 { "POST" } else { "GET" }, "/missing".to_owned(), 404)
+        } else {
+            (if i % 3 == 2 { "POST" } else { "GET" }, format!("/r/{i}?q={i}"), 200)
+        };
+        assert_eq!((h.method.as_str(), h.target.as_str(), h.status), (method, path.as_str(), status), "stream {id}");
+        assert_eq!(h.host.as_deref(), Some("127.0.0.1:50082"));
+        if method == "POST" {
+            assert_eq!(h.request_body_bytes, format!("body-{i}").len() as u64);
+        }
+        assert_eq!(h.reset, None);
+    }
+    let curl = by_stream(&run(&load(CURL_NGINX)));
+    assert_eq!(curl.len(), 1);
+    let Some(ExchangeDetail::Http(h)) = curl.get(&1) else { panic!("{curl:?}") };
+    assert_eq!((h.method.as_str(), h.target.as_str(), h.status, h.response_body_bytes), ("GET", "/a", 200, 6));
+    assert_eq!(h.user_agent.as_deref(), Some("curl-test"));
+}
+
+/// Syscall boundaries do not matter.
+#[test]
+fn every_split_gives_the_same_exchanges() {
+    for fixture in [GRPC, NODE_NGINX] {
+        let parts = load(fixture);
+        let whole = format!("{:?}", by_stream(&run(&parts)));
+        for (idx, cut, v) in splits(&parts) {
+            // Detection glues the first pieces before it starts the session.
+            let events = run_from(session_for(&parts), &v);
+            assert_eq!(format!("{:?}", by_stream(&events)), whole, "split part {idx} at {cut}");
+            assert_eq!(errors(&events), 0, "split part {idx} at {cut}");
+        }
+    }
+}
+
+/// What a partial view reports agrees with the whole view wherever it says anything.
+fn assert_consistent(partial: &BTreeMap<u64, ExchangeDetail>, whole: &BTreeMap<u64, ExchangeDetail>, what: &str) {
+    for (id, got) in partial {
+        let Some(want) = whole.get(id) else { panic!("{what}: stream {id} does not exist: {got:?}") };
+        match (got, want) {
+            (ExchangeDetail::Grpc(g), ExchangeDetail::Grpc(w)) => {
+                assert!(g.path.is_empty() || g.path == w.path, "{what}: {g:?} vs {w:?}");
+                assert!(g.authority.is_none() || g.authority == w.authority, "{what}: {g:?} vs {w:?}");
+                assert!(g.status.is_none() || g.status == w.status, "{what}: {g:?} vs {w:?}");
+            }
+            (ExchangeDetail::Http(g), ExchangeDetail::Http(w)) => {
+                assert!(g.method.is_empty() || g.method == w.method, "{what}: {g:?} vs {w:?}");
+                assert!(g.target.is_empty() || g.target == w.target, "{what}: {g:?} vs {w:?}");
+                assert!(g.status == 0 || g.status == w.status, "{what}: {g:?} vs {w:?}");
+                assert!(g.host.is_none() || g.host == w.host, "{what}: {g:?} vs {w:?}");
+            }
+            // A gRPC call whose content-type was not decodable is reported as plain HTTP; what
+            // it reports must still be right.
+            (ExchangeDetail::Http(g), ExchangeDetail::Grpc(w)) => {
+                assert!(g.target.is_empty() || g.target == w.path, "{what}: {g:?} vs {w:?}");
+                assert!(g.method.is_empty() || g.method == "POST", "{what}: {g:?}");
+            }
+            _ => panic!("{what}: {got:?} vs {want:?}"),
+        }
+    }
+}
+
+/// A connection seen from any later piece on: no wrong field, and what could not be decoded
+/// is counted (grpcio's requests lean on the dynamic table; nginx's responses do not).
+#[test]
+fn mid_stream_views_never_report_a_wrong_field() {
+    for (fixture, indexes) in [(GRPC, true), (NODE_NGINX, false)] {
+        let parts = load(fixture);
+        let whole = by_stream(&run(&parts));
+        let mut undecodable_seen = false;
+        for start in 1..parts.len() {
+            let rest = &parts[start..];
+            if classify_start(rest[0].0, &rest[0].1) != Some(true) {
+                continue;
+            }
+            let events = run(rest);
+            assert_consistent(&by_stream(&events), &whole, &format!("from part {start}"));
+            undecodable_seen |= events.iter().any(|e| matches!(e, SessionEvent::Undecodable { .. }));
+        }
+        assert_eq!(undecodable_seen, indexes, "some mid-stream view must have met unseen table entries");
+    }
+}
+
+/// Captures cut at every size from 1 byte on: framing survives by the frame lengths, header
+/// blocks that were cut lose their table, and nothing reported is wrong.
+#[test]
+fn truncated_captures_never_report_a_wrong_field() {
+    for fixture in [GRPC, NODE_NGINX] {
+        let parts = load(fixture);
+        let whole = by_stream(&run(&parts));
+        for limit in [1usize, 9, 10, 20, 40, 64, 100, 200, 400] {
+            let mut s = session_for(&parts);
+            let mut out = Vec::new();
+            for (i, (side, bytes)) in parts.iter().enumerate() {
+                let kept = &bytes[..bytes.len().min(limit)];
+                s.feed(
+                    &Segment { side: *side, bytes: kept, byte_count: bytes.len() as u64, ts_ns: 1 + i as u64, tid: 1 },
+                    &mut out,
+                );
+            }
+            assert_consistent(&by_stream(&out), &whole, &format!("capture limit {limit}"));
+        }
+    }
+}
+
+/// Any prefix, and any single byte changed: no panic, and bounded output.
+#[test]
+fn cut_and_mutated_input_is_handled() {
+    let parts = load(GRPC);
+    let flat: Vec<(Side, u8)> = parts.iter().flat_map(|(s, b)| b.iter().map(move |x| (*s, *x))).collect();
+    for cut in (0..flat.len()).step_by(7) {
+        let mut s = session_for(&parts);
+        let mut out = Vec::new();
+        for (i, (side, b)) in flat[..cut].iter().enumerate() {
+            s.feed(&Segment { side: *side, bytes: &[*b], byte_count: 1, ts_ns: i as u64, tid: 1 }, &mut out);
+        }
+        s.close(u64::MAX, &mut out);
+    }
+    for at in (0..flat.len()).step_by(3) {
+        let mut mutated = parts.clone();
+        let (mut part, mut offset) = (0, at);
+        while offset >= mutated[part].1.len() {
+            offset -= mutated[part].1.len();
+            part += 1;
+        }
+        mutated[part].1[offset] ^= 0x5a;
+        let events = run(&mutated);
+        assert!(by_stream(&events).len() <= 16);
+    }
+}
+
+#[test]
+fn detection() {
+    assert_eq!(classify_start(Side::Request, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Some(true));
+    assert_eq!(classify_start(Side::Request, b"PRI * HTTP/2"), None);
+    assert_eq!(classify_start(Side::Request, b"GET / HTTP/1.1\r\n\r\n"), Some(false));
+    // A SETTINGS frame alone (a server's first bytes), and a PING.
+    assert_eq!(classify_start(Side::Response, &[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100]), Some(true));
+    assert_eq!(classify_start(Side::Request, &[0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]), Some(true));
+    // Redis, PostgreSQL and TLS bytes are not frames.
+    for other in
+        [&b"*1\r\n$4\r\nPING\r\n"[..], b"\0\0\0\x08\x04\xd2\x16\x2f", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"]
+    {
+        assert_eq!(classify_start(Side::Request, other), Some(false), "{other:?}");
+    }
+}
