@@ -410,6 +410,12 @@ impl Drop for Pipeline {
 /// first byte, its parser never lost its place, no kernel event was lost since it opened, and its
 /// plaintext is the syscalls' (TLS plaintext may start after the first bytes).
 fn joinable(conn: &Conn, loss_epoch: u64) -> bool {
+    if conn.protocol() == Some(crate::protocol::Protocol::Http2) {
+        // HTTP/2 ties requests by stream id, which both ends see the same whatever was missed
+        // before (connection opened before sonde, TLS plaintext seen late, lost events): only
+        // framing that was lost and found again (desync) could misread an id.
+        return !conn.desynced && conn.role != Role::Unknown;
+    }
     conn.from_birth && !conn.desynced && !conn.tls && conn.role != Role::Unknown && conn.loss_epoch == loss_epoch
 }
 

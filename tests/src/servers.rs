@@ -131,6 +131,58 @@ pub fn node_https(port: u16) -> Server {
     Server { child, port, _dir: Some(dir) }
 }
 
+/// A Node.js HTTP/2 server over TLS (tests/fixtures/node_h2.js).
+pub fn node_h2(port: u16) -> Server {
+    let dir = TempDir::new("nodeh2");
+    let (cert, key) = tls_cert(dir.path());
+    let child = Command::new("node")
+        .arg(fixture("node_h2.js"))
+        .args(["server", &port.to_string()])
+        .arg(&cert)
+        .arg(&key)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start node");
+    wait_listening(port);
+    Server { child, port, _dir: Some(dir) }
+}
+
+/// The grpcio server of tests/fixtures/grpc_app.py (service demo.Greeter) on `port`.
+pub fn grpc(port: u16) -> Server {
+    let child = Command::new("python3")
+        .arg(fixture("grpc_app.py"))
+        .args(["serve", &port.to_string()])
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the grpcio server (pip install grpcio, or cargo xtask setup)");
+    wait_listening(port);
+    Server { child, port, _dir: None }
+}
+
+/// nginx with HTTP/2 on a cleartext listener (`plain`, prior knowledge) and on a TLS listener
+/// (`tls`, ALPN h2): `/index.html`, `/missing` (404), `/teapot` (418).
+pub fn nginx_h2(plain: u16, tls: u16) -> Server {
+    let dir = TempDir::new("nginx-h2");
+    let root = dir.path().join("www");
+    std::fs::create_dir_all(&root).expect("docroot");
+    std::fs::write(root.join("index.html"), b"<html>hello over h2</html>\n").expect("index");
+    let (cert, key) = tls_cert(dir.path());
+    let d = dir.path().display();
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nworker_processes 1;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    listen 127.0.0.1:{plain} http2;\n    listen 127.0.0.1:{tls} ssl http2;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    root {root};\n    location /teapot {{ return 418 \"short and stout\"; }}\n  }}\n}}\n",
+        root = root.display(),
+        cert = cert.display(),
+        key = key.display(),
+    );
+    let server = start_nginx(dir, &conf, plain);
+    wait_listening(tls);
+    server
+}
+
 /// nginx (master + 2 workers) serving a temp docroot on `port`: `/index.html` (a small file),
 /// `/big.bin` (1 MiB, sent with sendfile), `/missing` (404), `/teapot` (418 from `return`).
 pub fn nginx(port: u16) -> Server {

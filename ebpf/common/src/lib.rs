@@ -14,7 +14,9 @@ pub const DEFAULT_CAPTURE: u32 = 4096;
 /// `MAX_CAPTURE` with lengths masked below `2 * MAX_CAPTURE`, so the verifier can bound every copy.
 pub const SCRATCH_PAYLOAD: usize = 3 * MAX_CAPTURE;
 /// iovecs read per readv/writev/recvmsg/sendmsg call; the byte count still covers all of them.
-pub const MAX_IOVECS: u32 = 8;
+/// gRPC (C-core) writes each HTTP/2 frame header and payload as iovecs of their own, 14 for a
+/// unary response: with fewer, a call's trailers fall in the uncopied part and its end is lost.
+pub const MAX_IOVECS: u32 = 32;
 /// Entries in the traced-process filter map.
 pub const MAX_TRACED_PIDS: u32 = 16384;
 /// Map flag: the map's values can be mmapped by user space (the traced-process bitmap).

@@ -130,6 +130,9 @@ impl Frame<'_> {
 
 #[derive(Debug)]
 enum State {
+    /// The client's side when it is not known whether its preface is still to come (the
+    /// connection was detected on the server's first frames, which may precede it).
+    MaybePreface,
     /// The client preface, `seen` bytes of it so far.
     Preface {
         seen: usize,
@@ -153,6 +156,8 @@ enum State {
 #[derive(Debug)]
 pub enum Read<'a> {
     Frame(Frame<'a>),
+    /// The client preface went by: the connection is seen from its start.
+    Preface,
     /// Framing was lost and found again: whatever state spans frames (header blocks, the HPACK
     /// table) is unknown.
     Resynced,
@@ -177,6 +182,12 @@ impl FrameReader {
         Self { state: State::Header { buf: [0; HEADER_LEN], have: 0 } }
     }
 
+    /// The client's side of a connection first seen on the server's side: at a frame, or at
+    /// the preface when the connection is new.
+    pub fn client_at_frame_or_preface() -> Self {
+        Self { state: State::MaybePreface }
+    }
+
     /// Consumes one syscall's bytes: `bytes` captured, then `uncopied` more that moved but were
     /// not captured. Calls `read` for each frame completed and each change of sync.
     pub fn feed(&mut self, mut bytes: &[u8], uncopied: u64, mut read: impl FnMut(Read<'_>)) {
@@ -191,6 +202,15 @@ impl FrameReader {
         }
         while !bytes.is_empty() {
             match &mut self.state {
+                // The preface starts with `P`; a frame header starts with its length's top
+                // byte, which is 0x50 only for frames of 5 MiB and more.
+                State::MaybePreface => {
+                    self.state = if bytes[0] == PREFACE[0] {
+                        State::Preface { seen: 0 }
+                    } else {
+                        State::Header { buf: [0; HEADER_LEN], have: 0 }
+                    };
+                }
                 State::Preface { seen } => {
                     let n = (PREFACE.len() - *seen).min(bytes.len());
                     if bytes[..n] != PREFACE[*seen..*seen + n] {
@@ -202,6 +222,7 @@ impl FrameReader {
                     bytes = &bytes[n..];
                     if *seen == PREFACE.len() {
                         self.state = State::Header { buf: [0; HEADER_LEN], have: 0 };
+                        read(Read::Preface);
                     }
                 }
                 State::Header { buf, have } => {
@@ -249,7 +270,7 @@ impl FrameReader {
                 }
                 State::Lost => return,
                 // A frame header (or the preface) among the missing bytes: its length is unknown.
-                State::Header { .. } | State::Preface { .. } => {
+                State::Header { .. } | State::Preface { .. } | State::MaybePreface => {
                     self.state = State::Lost;
                     return;
                 }

@@ -112,7 +112,12 @@ impl Http2Session {
         let table = || if from_start { hpack::Decoder::from_start() } else { hpack::Decoder::mid_stream() };
         Self {
             requests: Half {
-                reader: if from_start { FrameReader::client_from_start() } else { FrameReader::at_frame() },
+                // Detected on the server's first frames, the client's preface may still come.
+                reader: if from_start {
+                    FrameReader::client_from_start()
+                } else {
+                    FrameReader::client_at_frame_or_preface()
+                },
                 table: table(),
                 block: None,
             },
@@ -129,16 +134,27 @@ impl Session for Http2Session {
 
     fn feed(&mut self, seg: &Segment<'_>, out: &mut Vec<SessionEvent>) {
         let Self { requests, responses, streams } = self;
-        let half = match seg.side {
-            Side::Request => requests,
-            Side::Response => responses,
+        let (half, other) = match seg.side {
+            Side::Request => (requests, responses),
+            Side::Response => (responses, requests),
         };
         let Half { reader, table, block } = half;
         reader.feed(seg.bytes, seg.uncopied(), |read| match read {
             Read::Frame(f) => on_frame(seg, f, table, block, streams, out),
+            // A new connection after all: neither side has sent a header block yet (a server
+            // sends none before the client's first request), so both tables are known empty.
+            Read::Preface => {
+                if streams.is_empty() {
+                    *table = hpack::Decoder::from_start();
+                    other.table = hpack::Decoder::from_start();
+                }
+            }
             Read::Resynced => {
                 table.lose_sync();
                 *block = None;
+                // Frame boundaries were guessed from a plausible header: not evidence enough
+                // for joins by stream id.
+                out.push(SessionEvent::ParseError { reason: "frames lost, resumed at a plausible frame" });
             }
             Read::Broken(reason) => out.push(SessionEvent::ParseError { reason }),
         });

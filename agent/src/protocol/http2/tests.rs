@@ -247,3 +247,20 @@ fn detection() {
         assert_eq!(classify_start(Side::Request, other), Some(false), "{other:?}");
     }
 }
+
+/// A server that speaks first (its SETTINGS before the client's preface arrives, as grpcio,
+/// nginx and Node do) is detected on those frames; the preface that follows still tells a new
+/// connection, so its header tables are known from the start.
+#[test]
+fn detected_on_the_servers_first_frames_the_preface_still_counts() {
+    let parts = load(GRPC);
+    let server_first: Vec<(Side, Vec<u8>)> = std::iter::once(parts[1].clone())
+        .chain(std::iter::once(parts[0].clone()))
+        .chain(parts[2..].iter().cloned())
+        .collect();
+    assert_eq!(server_first[0].0, Side::Response);
+    let events = run(&server_first);
+    assert_eq!(errors(&events), 0);
+    assert!(!events.iter().any(|e| matches!(e, SessionEvent::Undecodable { .. })), "{events:#?}");
+    assert_eq!(grpc_calls(&events), grpc_calls(&run(&parts)));
+}

@@ -1,0 +1,320 @@
+//! HTTP/2 and gRPC, privileged: real grpcio clients and servers, nginx over cleartext HTTP/2 and
+//! TLS with ALPN h2 driven by curl, and Node's http2 over TLS with 100 concurrent streams on one
+//! connection. Exact span counts, names, status codes, the RPC error rules, same-host joins by
+//! stream, RPC metrics, and a connection opened before sonde that yields no wrong attribute.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    os::unix::process::CommandExt,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use sonde_e2e::{
+    TempDir,
+    clients::{Launcher, curl, scrape},
+    free_port,
+    otlp::HttpReceiver,
+    privileged_test,
+    servers::{self, KillOnDrop, fixture},
+    sonde::{Sonde, test_config},
+    span::TestSpan,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn env(r: &HttpReceiver) -> Vec<(&'static str, String)> {
+    vec![("OTEL_EXPORTER_OTLP_ENDPOINT", r.endpoint())]
+}
+
+fn of_kind<'a>(spans: &'a [TestSpan], kind: &str) -> Vec<&'a TestSpan> {
+    spans.iter().filter(|s| s.kind == kind).collect()
+}
+
+/// (span name, rpc.status_code) -> count.
+fn calls(spans: &[&TestSpan]) -> BTreeMap<(String, String), usize> {
+    let mut out = BTreeMap::new();
+    for s in spans {
+        let key = (s.name.clone(), s.s("rpc.status_code").unwrap_or("none").to_owned());
+        *out.entry(key).or_insert(0) += 1;
+    }
+    out
+}
+
+/// `name{labels} value` samples of one metric, as label maps with their values.
+fn samples(exposition: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+    exposition
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+            let (labels, value) = rest.split_once("} ")?;
+            let labels = labels
+                .split(',')
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once('=')?;
+                    Some((k.to_owned(), v.trim_matches('"').to_owned()))
+                })
+                .collect();
+            Some((labels, value.split(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// grpcio client and server, both traced: every call is one CLIENT and one SERVER span with the
+/// conventions' names and status codes, errors by the client and server rules, each server
+/// span the child of its client span (joined by stream id), and the RPC duration metrics count
+/// each call by method and status.
+#[test]
+fn privileged_grpcio_calls_are_exact_on_both_sides() {
+    let Some(_guard) = privileged_test("gRPC (grpcio)") else { return };
+    let port = free_port();
+    let _server = servers::grpc(port);
+    let mut client = Launcher::start();
+    let receiver = HttpReceiver::start();
+    let prometheus = free_port();
+    let config = test_config(&format!(
+        "discovery:\n  - service.name: greeter\n    open_ports: {port}\n  - service.name: caller\n    pid: [{}]\n",
+        client.pid()
+    ));
+    let sonde = Sonde::start(&["--prometheus-port", &prometheus.to_string()], &config, &env(&receiver));
+    let script = fixture("grpc_app.py");
+    assert_eq!(client.run(&format!("python3 {} call {port} mixed 10", script.display())), 0);
+
+    // 10 OK + 5 errors + 3 server streams + 2 client streams + 2 bidi + 1 unknown method.
+    let spans = receiver.collected.wait_for(2 * 23, WAIT);
+    let (servers, clients) = (of_kind(&spans, "SERVER"), of_kind(&spans, "CLIENT"));
+    let expected: BTreeMap<(String, String), usize> = [
+        ("demo.Greeter/SayHello", "OK", 10),
+        ("demo.Greeter/SayHello", "INVALID_ARGUMENT", 1),
+        ("demo.Greeter/SayHello", "NOT_FOUND", 1),
+        ("demo.Greeter/SayHello", "INTERNAL", 1),
+        ("demo.Greeter/SayHello", "UNAVAILABLE", 1),
+        ("demo.Greeter/SayHello", "PERMISSION_DENIED", 1),
+        ("demo.Greeter/Countdown", "OK", 3),
+        ("demo.Greeter/Collect", "OK", 2),
+        ("demo.Greeter/Chat", "OK", 2),
+        ("grpc", "UNIMPLEMENTED", 1),
+    ]
+    .into_iter()
+    .map(|(n, s, c)| ((n.to_owned(), s.to_owned()), c))
+    .collect();
+    assert_eq!(calls(&servers), expected, "server spans: {servers:#?}");
+    assert_eq!(calls(&clients), expected, "client spans: {clients:#?}");
+    assert_eq!(spans.len(), 46, "no other spans");
+
+    for s in &spans {
+        assert_eq!(s.s("rpc.system.name"), Some("grpc"), "{s:#?}");
+        let side = if s.kind == "SERVER" { "greeter" } else { "caller" };
+        assert_eq!(s.service(), Some(side));
+        let status = s.s("rpc.status_code").expect("status");
+        // Errors: any non-OK on the client; on the server only the server-fault codes.
+        let server_fault = ["UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"];
+        let failed = if s.kind == "CLIENT" { status != "OK" } else { server_fault.contains(&status) };
+        assert_eq!(s.error, failed, "{s:#?}");
+        assert_eq!(s.s("error.type"), failed.then_some(status), "{s:#?}");
+        assert_eq!(s.s("server.address"), Some("127.0.0.1"));
+        assert_eq!(s.i("server.port"), Some(i64::from(port)));
+        if s.name == "grpc" {
+            assert_eq!(s.s("rpc.method"), Some("_OTHER"));
+            assert_eq!(s.s("rpc.method_original"), Some("demo.Greeter/Missing"));
+        } else {
+            assert_eq!(s.s("rpc.method"), Some(s.name.as_str()));
+        }
+        assert!(!format!("{s:?}").contains("SECRETVALUE"), "metadata values are never exported: {s:#?}");
+    }
+
+    // Same-host joins by stream id: each server span is the child of the client span of the
+    // same call, in its trace.
+    for server in &servers {
+        let parent = clients
+            .iter()
+            .find(|c| Some(&c.span_id) == server.parent_id.as_ref())
+            .unwrap_or_else(|| panic!("server span without its client parent: {server:#?}"));
+        assert_eq!(parent.trace_id, server.trace_id);
+        assert_eq!((&parent.name, parent.s("rpc.status_code")), (&server.name, server.s("rpc.status_code")));
+    }
+
+    // RPC duration metrics: every call, by method and status.
+    let exposition = scrape(prometheus);
+    for (metric, service) in
+        [("rpc_server_call_duration_seconds_count", "greeter"), ("rpc_client_call_duration_seconds_count", "caller")]
+    {
+        let mut counted: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for (labels, value) in samples(&exposition, metric) {
+            assert_eq!(labels.get("service_name").map(String::as_str), Some(service), "{labels:?}");
+            assert_eq!(labels.get("rpc_system_name").map(String::as_str), Some("grpc"));
+            let method = labels["rpc_method"].replace("_OTHER", "grpc");
+            *counted.entry((method, labels["rpc_status_code"].clone())).or_insert(0) += value as usize;
+        }
+        assert_eq!(counted, expected, "{metric}:\n{exposition}");
+    }
+    let finished = sonde.stop();
+    assert_eq!(finished.counter("http2_parse_errors"), Some(0), "{}", finished.stderr);
+    assert_eq!(finished.counter("unmatched_requests"), Some(0), "{}", finished.stderr);
+}
+
+/// nginx with HTTP/2 on a cleartext listener (curl --http2-prior-knowledge) and a TLS listener
+/// (ALPN h2, decrypted at nginx's OpenSSL): one SERVER span per request, version 2.
+#[test]
+fn privileged_nginx_cleartext_and_tls_http2() {
+    let Some(_guard) = privileged_test("nginx HTTP/2") else { return };
+    let (plain, tls) = (free_port(), free_port());
+    let nginx = servers::nginx_h2(plain, tls);
+    let receiver = HttpReceiver::start();
+    let config = test_config(&format!("discovery:\n  - service.name: edge\n    pid: [{}]\n", nginx.pid()));
+    let sonde = Sonde::start(&[], &config, &env(&receiver));
+    // curl 7.88 reuses a prior-knowledge connection for nothing: one request per connection.
+    let paths = ["/index.html", "/missing", "/teapot", "/index.html?user=7"];
+    for path in paths {
+        curl(&["--http2-prior-knowledge", "-o", "/dev/null"], &[format!("http://127.0.0.1:{plain}{path}")]);
+    }
+    // Over TLS one connection carries all four.
+    let urls: Vec<String> = paths.iter().map(|p| format!("https://127.0.0.1:{tls}{p}")).collect();
+    curl(&["-k", "--http2", "-o", "/dev/null", "-o", "/dev/null", "-o", "/dev/null", "-o", "/dev/null"], &urls);
+
+    let spans = receiver.collected.wait_for(8, WAIT);
+    assert_eq!(spans.len(), 8, "{spans:#?}");
+    for (port, scheme) in [(plain, "http"), (tls, "https")] {
+        let mut got: Vec<(String, String, i64)> = spans
+            .iter()
+            .filter(|s| s.i("server.port") == Some(i64::from(port)))
+            .map(|s| {
+                assert_eq!(s.kind, "SERVER");
+                assert_eq!(s.s("network.protocol.version"), Some("2"), "{s:#?}");
+                assert_eq!(s.s("url.scheme"), Some(scheme), "{s:#?}");
+                assert_eq!(s.s("http.request.method"), Some("GET"));
+                assert_eq!(s.service(), Some("edge"));
+                (
+                    s.name.clone(),
+                    s.s("url.path").unwrap_or("").to_owned(),
+                    s.i("http.response.status_code").unwrap_or(0),
+                )
+            })
+            .collect();
+        got.sort();
+        let mut want = vec![
+            ("GET /index.html".to_owned(), "/index.html".to_owned(), 200),
+            ("GET /index.html".to_owned(), "/index.html".to_owned(), 200),
+            ("GET /missing".to_owned(), "/missing".to_owned(), 404),
+            ("GET /teapot".to_owned(), "/teapot".to_owned(), 418),
+        ];
+        want.sort();
+        assert_eq!(got, want, "{scheme}: {spans:#?}");
+        let query = spans.iter().find(|s| s.i("server.port") == Some(i64::from(port)) && s.s("url.query").is_some());
+        assert_eq!(query.and_then(|s| s.s("url.query")), Some("user=REDACTED"));
+    }
+    let finished = sonde.stop();
+    assert_eq!(finished.counter("http2_parse_errors"), Some(0), "{}", finished.stderr);
+    drop(nginx);
+}
+
+/// Node's http2 client and server over TLS, 100 concurrent streams on one connection, answered
+/// out of order: each stream is one CLIENT and one SERVER span with its own path and status,
+/// and each server span is the child of the client span of the same stream.
+#[test]
+fn privileged_node_http2_tls_hundred_concurrent_streams() {
+    let Some(_guard) = privileged_test("Node.js http2 over TLS") else { return };
+    let port = free_port();
+    let server = servers::node_h2(port);
+    let mut client = Launcher::start();
+    let receiver = HttpReceiver::start();
+    let config = test_config(&format!(
+        "discovery:\n  - service.name: h2-server\n    pid: [{}]\n  - service.name: h2-client\n    pid: [{}]\n",
+        server.pid(),
+        client.pid()
+    ));
+    let sonde = Sonde::start(&[], &config, &env(&receiver));
+    assert_eq!(client.run(&format!("node {} client {port} 100", fixture("node_h2.js").display())), 0);
+
+    let spans = receiver.collected.wait_for(200, WAIT);
+    assert_eq!(spans.len(), 200, "{}", spans.len());
+    let by_path = |kind: &str| -> BTreeMap<String, &TestSpan> {
+        let list = of_kind(&spans, kind);
+        let map: BTreeMap<String, &TestSpan> = list
+            .iter()
+            .map(|s| {
+                let path = s
+                    .s("url.path")
+                    .or_else(|| s.s("url.full").and_then(|u| u.rsplit_once(&port.to_string()).map(|(_, p)| p)));
+                (path.unwrap_or("?").to_owned(), *s)
+            })
+            .collect();
+        assert_eq!(map.len(), 100, "{kind}: one span per path: {list:#?}");
+        map
+    };
+    let (servers, clients) = (by_path("SERVER"), by_path("CLIENT"));
+    for i in 0..100 {
+        let path = format!("/s/{i}");
+        let status = if i % 10 == 0 { 404 } else { 200 };
+        let (server, client) = (servers[&path], clients[&path]);
+        assert_eq!(server.i("http.response.status_code"), Some(status), "{server:#?}");
+        assert_eq!(client.i("http.response.status_code"), Some(status), "{client:#?}");
+        assert_eq!(client.error, status == 404, "client spans fail on 4xx");
+        assert_eq!(server.s("network.protocol.version"), Some("2"));
+        assert_eq!(server.s("url.scheme"), Some("https"));
+        assert_eq!(server.parent_id.as_ref(), Some(&client.span_id), "stream {path}: joined to its own client span");
+        assert_eq!(server.trace_id, client.trace_id);
+    }
+    let finished = sonde.stop();
+    assert_eq!(finished.counter("http2_parse_errors"), Some(0), "{}", finished.stderr);
+    assert_eq!(finished.counter("unmatched_requests"), Some(0), "{}", finished.stderr);
+}
+
+/// A gRPC connection opened (and its header tables filled) before sonde started: the calls
+/// after are traced without a wrong attribute; what refers to table entries sonde never saw is
+/// left out and counted.
+#[test]
+fn privileged_grpc_connection_opened_before_sonde() {
+    let Some(_guard) = privileged_test("gRPC mid-stream") else { return };
+    let port = free_port();
+    let server = servers::grpc(port);
+    let dir = TempDir::new("grpc-gate");
+    let gate = dir.path().join("go");
+    let mut client = Command::new("python3")
+        .arg(fixture("grpc_app.py"))
+        .args(["call", &port.to_string(), "hold", "5"])
+        .arg(&gate)
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start grpc client");
+    let mut lines = BufReader::new(client.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("phase 1"));
+    let client = KillOnDrop(client);
+    let receiver = HttpReceiver::start();
+    let config = test_config(&format!(
+        "discovery:\n  - service.name: greeter\n    pid: [{}]\n  - service.name: caller\n    pid: [{}]\n",
+        server.pid(),
+        client.0.id()
+    ));
+    let metrics = free_port();
+    let sonde = Sonde::start(&["--prometheus-port", &metrics.to_string()], &config, &env(&receiver));
+    std::fs::write(&gate, b"").expect("open the gate");
+    let summary = lines.next().and_then(Result::ok).expect("the client's summary");
+    assert!(summary.contains("\"OK\": 10"), "{summary}");
+
+    // The five calls after the gate, seen from both ends; nothing more comes.
+    receiver.collected.wait_for(10, WAIT);
+    std::thread::sleep(Duration::from_secs(1));
+    let spans = receiver.collected.spans();
+    assert_eq!(spans.len(), 10, "{spans:#?}");
+    for s in &spans {
+        // Whatever is said is right: the method when decoded, never another.
+        if let Some(method) = s.s("rpc.method") {
+            assert_eq!(method, "demo.Greeter/SayHello", "{s:#?}");
+            assert_eq!(s.s("rpc.status_code").unwrap_or("OK"), "OK", "{s:#?}");
+        } else {
+            // gRPC's content-type was not decodable: an HTTP/2 exchange, without made-up fields.
+            assert_eq!(s.s("network.protocol.version"), Some("2"), "{s:#?}");
+            assert!(s.s("url.path").is_none_or(|p| p == "/demo.Greeter/SayHello"), "{s:#?}");
+            assert!(s.s("http.request.method").is_none_or(|m| m == "POST"), "{s:#?}");
+        }
+    }
+    let undecodable = sonde_e2e::clients::sample(&scrape(metrics), "sonde_http2_fields_undecodable_total");
+    assert!(undecodable.is_some_and(|n| n > 0.0), "fields sonde could not decode are counted");
+    let finished = sonde.stop();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    drop(client);
+    drop(server);
+}
