@@ -223,7 +223,16 @@ pub fn run_checks(selected: &[Selected], kubernetes: Option<Finding>) -> Vec<Fin
             out.push(finding(
                 "BPF + ring buffer",
                 Verdict::Ok,
-                format!("sonde's {} programs load and attach; ring buffer created", c.attached),
+                format!(
+                    "sonde's {} programs load and attach; ring buffer created; {} iovecs read per readv/writev/recvmsg/sendmsg{}",
+                    c.attached,
+                    c.iovecs_per_call,
+                    if c.iovecs_per_call < sonde_common::MAX_IOVECS {
+                        " (the compact exit program: 5.10's verifier refuses the full walk, so kernels before 6.1 do not try it)"
+                    } else {
+                        ""
+                    }
+                ),
             ));
             out.push(match c.check_injection() {
                 Ok(cgroup) => finding(
@@ -270,6 +279,11 @@ fn kernel_finding() -> Finding {
             format!("release {release:?} not understood; sonde needs {min_major}.{min_minor}+"),
         ),
     }
+}
+
+/// (major, minor) of the running kernel, when its release is understood.
+pub(crate) fn running_kernel() -> Option<(u32, u32)> {
+    kernel_version(std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?.trim())
 }
 
 /// (major, minor) of a kernel release such as `6.1.0-50-amd64` or `5.10.223`.

@@ -9,7 +9,7 @@ use sonde::config::{self, CliSelection, PrintMode};
 #[command(
     name = "sonde",
     version,
-    about = "Traces selected processes without touching their code: eBPF sees the HTTP/1.x, PostgreSQL and Redis \
+    about = "Traces selected processes without touching their code: eBPF sees the HTTP/1.x, HTTP/2, gRPC, PostgreSQL and Redis \
              traffic they send and receive (TLS too, at the OpenSSL boundary); sonde rebuilds spans and RED metrics \
              and exports them over OTLP (gRPC or HTTP, TLS, gzip) and on a Prometheus endpoint",
     long_about = None

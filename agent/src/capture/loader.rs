@@ -95,6 +95,10 @@ const FLOOR_RAW_TRACEPOINT: &str = "floor_raw_tracepoint";
 const FLOOR_PROGRAMS: &[&str] = &[FLOOR_TRACEPOINT, FLOOR_UPROBE, FLOOR_URETPROBE, FLOOR_RAW_TRACEPOINT];
 /// The raw tracepoint on every syscall's exit that captures the data syscalls (`exit.rs`).
 const RAW_SYS_EXIT: &str = "raw_sys_exit";
+/// The same, reading fewer iovecs per call: loaded where the verifier refuses the full one.
+const RAW_SYS_EXIT_COMPACT: &str = "raw_sys_exit_compact";
+/// The oldest kernel whose verifier is tried with the full iovec walk.
+const FULL_IOVECS_KERNEL: (u32, u32) = (6, 1);
 /// Tracepoints of the data syscalls (their enters) and of every call whose exit [`RAW_SYS_EXIT`]
 /// handles, used only when the syscalls are hooked in pairs.
 const PAIRED_ONLY: &[&str] = &[
@@ -217,6 +221,8 @@ pub struct Capture {
     ring: Option<RingBuf<MapData>>,
     usage: MapUsage,
     pub attached: usize,
+    /// iovecs the exit program reads per readv/writev/recvmsg/sendmsg call on this kernel.
+    pub iovecs_per_call: u32,
     /// Present when traceparent injection is on.
     pub injection: Option<Injection>,
     /// Empty programs at sonde's hook points (see [`CaptureOptions::floor`]).
@@ -311,25 +317,41 @@ impl Capture {
         let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(map_err("EVENTS"))?;
 
         let mut attached = 0;
+        let mut iovecs_per_call = sonde_common::MAX_IOVECS;
         let names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_owned()).collect();
         for name in &names {
             let name = name.as_str();
-            if INJECT_PROGRAMS.contains(&name) || FLOOR_PROGRAMS.contains(&name) || !opts.syscall_hooks.uses(name) {
+            if INJECT_PROGRAMS.contains(&name)
+                || FLOOR_PROGRAMS.contains(&name)
+                || name == RAW_SYS_EXIT_COMPACT
+                || !opts.syscall_hooks.uses(name)
+            {
                 continue;
             }
             if name == RAW_SYS_EXIT {
-                let loaded = if opts.floor { FLOOR_RAW_TRACEPOINT } else { name };
-                let attach_err = |detail: String| CaptureError::Attach {
-                    program: loaded.to_owned(),
-                    category: "raw_syscalls",
-                    name: "sys_exit".to_owned(),
-                    detail,
+                // 5.10's verifier gives up on the full iovec walk only after a million
+                // instructions (a minute under emulation): older kernels get the compact
+                // program at once; the others try the full one first.
+                let compact_first = crate::check::running_kernel().is_some_and(|v| v < FULL_IOVECS_KERNEL);
+                let loaded = match (opts.floor, compact_first) {
+                    (true, _) => FLOOR_RAW_TRACEPOINT,
+                    (false, true) => {
+                        iovecs_per_call = sonde_common::COMPACT_IOVECS;
+                        RAW_SYS_EXIT_COMPACT
+                    }
+                    (false, false) => name,
                 };
-                let tp: &mut RawTracePoint = program_mut(&mut ebpf, loaded)?
-                    .try_into()
-                    .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
-                tp.load().map_err(|e| load_err(loaded, &e))?;
-                tp.attach("sys_exit").map_err(|e| attach_err(e.to_string()))?;
+                if let Err(e) = attach_sys_exit(&mut ebpf, loaded) {
+                    if loaded != RAW_SYS_EXIT {
+                        return Err(e);
+                    }
+                    log::warn!(
+                        "{e}; using {RAW_SYS_EXIT_COMPACT} ({} iovecs read per call instead of {iovecs_per_call})",
+                        sonde_common::COMPACT_IOVECS
+                    );
+                    attach_sys_exit(&mut ebpf, RAW_SYS_EXIT_COMPACT)?;
+                    iovecs_per_call = sonde_common::COMPACT_IOVECS;
+                }
                 attached += 1;
                 continue;
             }
@@ -390,6 +412,7 @@ impl Capture {
             ring: Some(ring),
             usage,
             attached,
+            iovecs_per_call,
             injection,
             floor: opts.floor,
             _settings: settings,
@@ -570,6 +593,21 @@ impl Capture {
             log_events: sum(counter::LOG_EVENTS),
         }
     }
+}
+
+/// Loads `program` and attaches it to the raw tracepoint on every syscall's exit.
+fn attach_sys_exit(ebpf: &mut Ebpf, program: &str) -> Result<(), CaptureError> {
+    let attach_err = |detail: String| CaptureError::Attach {
+        program: program.to_owned(),
+        category: "raw_syscalls",
+        name: "sys_exit".to_owned(),
+        detail,
+    };
+    let tp: &mut RawTracePoint =
+        program_mut(ebpf, program)?.try_into().map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
+    tp.load().map_err(|e| load_err(program, &e))?;
+    tp.attach("sys_exit").map_err(|e| attach_err(e.to_string()))?;
+    Ok(())
 }
 
 fn load_err(program: &str, error: &aya::programs::ProgramError) -> CaptureError {

@@ -148,25 +148,26 @@ pub(crate) fn splice_call(tgid: u32, fd_in: u32, fd_out: u32) -> Option<Inflight
 fn exit_call(ctx: &TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(rec) = take_inflight(pid_tgid) else { return 0 };
-    finish_call(pid_tgid, &rec, ret(ctx));
+    finish_call::<MAX_IOVECS>(pid_tgid, &rec, ret(ctx));
     0
 }
 
 /// A finished call of a traced thread, with its return value: track the socket it accepted or
 /// connected, or emit the data it moved.
 #[inline(always)]
-pub(crate) fn finish_call(pid_tgid: u64, rec: &Inflight, ret: i64) {
+pub(crate) fn finish_call<const IOVECS: u32>(pid_tgid: u64, rec: &Inflight, ret: i64) {
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     match rec.call {
         Call::Accept => on_accepted(tgid, tid, rec, ret),
         Call::Connect => on_connected(tgid, tid, rec, ret),
-        _ if ret > 0 => emit_data(tgid, tid, rec, ret as u64, 0),
+        _ if ret > 0 => emit_data::<IOVECS>(tgid, tid, rec, ret as u64, 0),
         _ => {}
     }
 }
 
 #[inline(always)]
-pub(crate) fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64, extra_flags: u32) {
+/// `IOVECS`: iovecs read per call (see `MAX_IOVECS`).
+pub(crate) fn emit_data<const IOVECS: u32>(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64, extra_flags: u32) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return };
     // SAFETY: per-CPU scratch, exclusively ours while this program runs.
     let scratch: &mut DataScratch = unsafe { &mut *scratch };
@@ -184,12 +185,16 @@ pub(crate) fn emit_data(tgid: u32, tid: u32, rec: &Inflight, byte_count: u64, ex
     };
     let captured = match rec.call {
         Call::ReadBuf | Call::WriteBuf => copy_buf(scratch, 0, rec.ptr, want),
-        Call::ReadVec | Call::WriteVec => copy_iovecs(scratch, rec.ptr, rec.len, want),
-        Call::ReadMsg | Call::WriteMsg => {
-            // struct user_msghdr: msg_iov at 16, msg_iovlen at 24, read in one helper call.
-            // SAFETY: user pointer read with the fault-tolerant helper.
-            let [iov, iovlen] = unsafe { bpf_probe_read_user((rec.ptr + 16) as *const [u64; 2]) }.unwrap_or([0, 0]);
-            copy_iovecs(scratch, iov, iovlen, want)
+        // One call site for the iovec walk: the verifier walks every copy of the loop.
+        Call::ReadVec | Call::WriteVec | Call::ReadMsg | Call::WriteMsg => {
+            let [iov, iovlen] = if matches!(rec.call, Call::ReadMsg | Call::WriteMsg) {
+                // struct user_msghdr: msg_iov at 16, msg_iovlen at 24, read in one helper call.
+                // SAFETY: user pointer read with the fault-tolerant helper.
+                unsafe { bpf_probe_read_user((rec.ptr + 16) as *const [u64; 2]) }.unwrap_or([0, 0])
+            } else {
+                [rec.ptr, rec.len]
+            };
+            copy_iovecs::<IOVECS>(scratch, iov, iovlen, want)
         }
         _ => {
             flags |= DATA_FLAG_UNCOPIED;
@@ -260,12 +265,12 @@ fn copy_buf(scratch: &mut DataScratch, offset: u64, src: u64, want: u64) -> u64 
     if rc < 0 { 0 } else { len }
 }
 
-/// Copies the first `want` bytes spread over an iovec array (at most `MAX_IOVECS` entries).
+/// Copies the first `want` bytes spread over an iovec array (at most `IOVECS` entries).
 #[inline(always)]
-fn copy_iovecs(scratch: &mut DataScratch, iov: u64, iovcnt: u64, want: u64) -> u64 {
+fn copy_iovecs<const IOVECS: u32>(scratch: &mut DataScratch, iov: u64, iovcnt: u64, want: u64) -> u64 {
     let mut copied: u64 = 0;
-    let n = iovcnt.min(MAX_IOVECS as u64);
-    for i in 0..MAX_IOVECS as u64 {
+    let n = iovcnt.min(IOVECS as u64);
+    for i in 0..IOVECS as u64 {
         if i >= n || copied >= want {
             break;
         }

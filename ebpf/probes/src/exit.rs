@@ -11,7 +11,7 @@
 //! call, at SYN_SENT); their exit comes here and takes the slot the enter filled.
 
 use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::raw_tracepoint, programs::RawTracePointContext};
-use sonde_common::TRACED_FLAG_TLS;
+use sonde_common::{COMPACT_IOVECS, MAX_IOVECS, TRACED_FLAG_TLS};
 
 use crate::{
     data::{data_call, finish_call, splice_call},
@@ -95,6 +95,18 @@ mod arch {
 
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn raw_sys_exit(ctx: RawTracePointContext) -> u32 {
+    sys_exit::<MAX_IOVECS>(ctx)
+}
+
+/// The same with fewer iovecs per call, for verifiers that refuse the full walk (5.10's stops
+/// at a million instructions processed).
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn raw_sys_exit_compact(ctx: RawTracePointContext) -> u32 {
+    sys_exit::<COMPACT_IOVECS>(ctx)
+}
+
+#[inline(always)]
+fn sys_exit<const IOVECS: u32>(ctx: RawTracePointContext) -> u32 {
     let Some((tgid, _, pid_tgid, traced_flags)) = traced_current_flags() else { return 0 };
     let regs: u64 = ctx.arg(0);
     let ret: i64 = ctx.arg(1);
@@ -112,13 +124,13 @@ pub fn raw_sys_exit(ctx: RawTracePointContext) -> u32 {
             if ret > 0
                 && let Some(rec) = splice_call(tgid, a0 as u32, a2 as u32)
             {
-                finish_call(pid_tgid, &rec, ret);
+                finish_call::<IOVECS>(pid_tgid, &rec, ret);
             }
             return 0;
         }
         arch::ACCEPT | arch::ACCEPT4 | arch::CONNECT => {
             if let Some(rec) = take_inflight(pid_tgid) {
-                finish_call(pid_tgid, &rec, ret);
+                finish_call::<IOVECS>(pid_tgid, &rec, ret);
             }
             return 0;
         }
@@ -144,7 +156,7 @@ pub fn raw_sys_exit(ctx: RawTracePointContext) -> u32 {
         return 0;
     }
     if let Some(rec) = data_call(tgid, pid_tgid, traced_flags, call, a0 as u32, a1, a2) {
-        finish_call(pid_tgid, &rec, ret);
+        finish_call::<IOVECS>(pid_tgid, &rec, ret);
     }
     0
 }

@@ -228,7 +228,8 @@ pub fn ssl_rw_exit(ctx: RetProbeContext) -> u32 {
         role,
         _pad: 0,
     };
-    emit_data(tgid, tid, &rec, moved, DATA_FLAG_TLS);
+    // TLS plaintext is one buffer: the iovec bound does not matter here.
+    emit_data::<{ sonde_common::COMPACT_IOVECS }>(tgid, tid, &rec, moved, DATA_FLAG_TLS);
     0
 }
 
