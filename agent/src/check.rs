@@ -228,7 +228,7 @@ pub fn run_checks(selected: &[Selected], kubernetes: Option<Finding>) -> Vec<Fin
                     c.attached,
                     c.iovecs_per_call,
                     if c.iovecs_per_call < sonde_common::MAX_IOVECS {
-                        " (the compact exit program: 5.10's verifier refuses the full walk, so kernels before 6.1 do not try it)"
+                        " (the compact exit program: the verifiers of 5.10 and 6.1 refuse the full walk, so kernels before 6.12 do not try it)"
                     } else {
                         ""
                     }

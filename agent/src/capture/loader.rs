@@ -97,8 +97,9 @@ const FLOOR_PROGRAMS: &[&str] = &[FLOOR_TRACEPOINT, FLOOR_UPROBE, FLOOR_URETPROB
 const RAW_SYS_EXIT: &str = "raw_sys_exit";
 /// The same, reading fewer iovecs per call: loaded where the verifier refuses the full one.
 const RAW_SYS_EXIT_COMPACT: &str = "raw_sys_exit_compact";
-/// The oldest kernel whose verifier is tried with the full iovec walk.
-const FULL_IOVECS_KERNEL: (u32, u32) = (6, 1);
+/// The oldest kernel whose verifier is tried with the full iovec walk: 5.10's and 6.1's give up
+/// after a million instructions (minutes under emulation), 6.12's and 6.18's accept it.
+const FULL_IOVECS_KERNEL: (u32, u32) = (6, 12);
 /// Tracepoints of the data syscalls (their enters) and of every call whose exit [`RAW_SYS_EXIT`]
 /// handles, used only when the syscalls are hooked in pairs.
 const PAIRED_ONLY: &[&str] = &[
@@ -329,9 +330,9 @@ impl Capture {
                 continue;
             }
             if name == RAW_SYS_EXIT {
-                // 5.10's verifier gives up on the full iovec walk only after a million
-                // instructions (a minute under emulation): older kernels get the compact
-                // program at once; the others try the full one first.
+                // Old verifiers give up on the full iovec walk only after a million
+                // instructions: older kernels get the compact program at once; the others try
+                // the full one first.
                 let compact_first = crate::check::running_kernel().is_some_and(|v| v < FULL_IOVECS_KERNEL);
                 let loaded = match (opts.floor, compact_first) {
                     (true, _) => FLOOR_RAW_TRACEPOINT,

@@ -16,7 +16,7 @@ pub const SCRATCH_PAYLOAD: usize = 3 * MAX_CAPTURE;
 /// iovecs read per readv/writev/recvmsg/sendmsg call; the byte count still covers all of them.
 /// gRPC (C-core) writes each HTTP/2 frame header and payload as iovecs of their own, 14 for a
 /// unary response: with fewer, a call's trailers fall in the uncopied part and its end is lost.
-/// Kernels whose verifier refuses 32 (5.10) get the exit program built for [`COMPACT_IOVECS`].
+/// Kernels whose verifier refuses 32 (5.10, 6.1) get the exit program built for [`COMPACT_IOVECS`].
 pub const MAX_IOVECS: u32 = 32;
 /// iovecs read per call where the verifier refuses [`MAX_IOVECS`].
 pub const COMPACT_IOVECS: u32 = 16;
