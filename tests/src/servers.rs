@@ -115,28 +115,20 @@ pub fn python_https(port: u16) -> Server {
 
 /// A Node.js HTTPS server (OpenSSL linked statically into node).
 pub fn node_https(port: u16) -> Server {
-    let dir = TempDir::new("nodehttps");
-    let (cert, key) = tls_cert(dir.path());
-    let child = Command::new("node")
-        .arg(fixture("node_https.js"))
-        .args(["server", &port.to_string()])
-        .arg(&cert)
-        .arg(&key)
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start node");
-    wait_listening(port);
-    Server { child, port, _dir: Some(dir) }
+    node_tls_server("node_https.js", port)
 }
 
 /// A Node.js HTTP/2 server over TLS (tests/fixtures/node_h2.js).
 pub fn node_h2(port: u16) -> Server {
-    let dir = TempDir::new("nodeh2");
+    node_tls_server("node_h2.js", port)
+}
+
+/// `node FIXTURE server PORT CERT KEY` with a fresh self-signed certificate.
+fn node_tls_server(script: &str, port: u16) -> Server {
+    let dir = TempDir::new("node-tls");
     let (cert, key) = tls_cert(dir.path());
     let child = Command::new("node")
-        .arg(fixture("node_h2.js"))
+        .arg(fixture(script))
         .args(["server", &port.to_string()])
         .arg(&cert)
         .arg(&key)
