@@ -155,6 +155,21 @@ pub fn grpc(port: u16) -> Server {
     Server { child, port, _dir: None }
 }
 
+/// The HTTP/1.1 server of tests/fixtures/h2c_upgrade.py on `port`, which switches to HTTP/2
+/// when a request asks (`Upgrade: h2c`): every path 200, `/missing` 404.
+pub fn h2c_upgrade(port: u16) -> Server {
+    let child = Command::new("python3")
+        .arg(fixture("h2c_upgrade.py"))
+        .arg(port.to_string())
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the h2c server (pip install h2, or cargo xtask setup)");
+    wait_listening(port);
+    Server { child, port, _dir: None }
+}
+
 /// nginx with HTTP/2 on a cleartext listener (`plain`, prior knowledge) and on a TLS listener
 /// (`tls`, ALPN h2): `/index.html`, `/missing` (404), `/teapot` (418).
 pub fn nginx_h2(plain: u16, tls: u16) -> Server {

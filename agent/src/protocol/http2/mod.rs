@@ -4,8 +4,9 @@
 //! (+ CONTINUATION) to the response's END_STREAM or a reset. gRPC calls (`application/grpc*`)
 //! become [`grpc::GrpcExchange`]s, other streams HTTP exchanges with version 2.
 //!
-//! The sequence number of a stream's exchange is its stream id: both ends of a connection see
-//! the same ids, so same-host joins tie a client stream to its server stream by id.
+//! The sequence number of a stream's exchange is its stream id (offset past the HTTP/1.1
+//! requests of a connection upgraded by `Upgrade: h2c`): both ends of a connection see the same
+//! ids, so same-host joins tie a client stream to its server stream by id.
 
 mod frame;
 pub mod grpc;
@@ -83,6 +84,8 @@ struct Half {
 
 #[derive(Debug, Default)]
 struct Stream {
+    /// The exchange's sequence number (see [`Http2Session::seq_base`]).
+    seq: u64,
     start_ns: u64,
     method: Option<Text>,
     path: Option<Text>,
@@ -102,6 +105,27 @@ pub struct Http2Session {
     requests: Half,
     responses: Half,
     streams: HashMap<u32, Stream>,
+    /// A stream's exchange has sequence number `seq_base + stream id`. 0, except after an h2c
+    /// upgrade, where the HTTP/1.1 requests before it took the numbers up to the upgrading one.
+    seq_base: u64,
+    /// Both HPACK tables are known from the connection's start (else they may refer to
+    /// entries inserted before sonde saw the connection).
+    tables_from_start: bool,
+}
+
+/// An HTTP/1.1 request whose `Upgrade: h2c` the server accepted (RFC 7540 section 3.2; RFC
+/// 9113 deprecates it, but curl and servers still speak it): it becomes stream 1, answered in
+/// HTTP/2.
+#[derive(Debug)]
+pub struct UpgradedRequest {
+    /// Its HTTP/1.1 sequence number, which its start already carried.
+    pub seq: u64,
+    pub start_ns: u64,
+    pub method: Text,
+    pub path: Text,
+    pub authority: Option<Text>,
+    pub user_agent: Option<Text>,
+    pub request_bytes: u64,
 }
 
 impl Http2Session {
@@ -123,9 +147,41 @@ impl Http2Session {
             },
             responses: Half { reader: FrameReader::at_frame(), table: table(), block: None },
             streams: HashMap::new(),
+            seq_base: 0,
+            tables_from_start: from_start,
+        }
+    }
+
+    /// The session of a connection that switched from HTTP/1.1 by `Upgrade: h2c`: the client's
+    /// preface comes next, the server's frames follow its 101 at once, both tables start empty.
+    pub fn after_upgrade(req: UpgradedRequest) -> Self {
+        let stream = Stream {
+            seq: req.seq,
+            start_ns: req.start_ns,
+            method: Some(req.method),
+            path: Some(req.path),
+            authority: req.authority,
+            user_agent: req.user_agent,
+            request_bytes: req.request_bytes,
+            ..Stream::default()
+        };
+        Self {
+            requests: Half {
+                reader: FrameReader::client_from_start(),
+                table: hpack::Decoder::from_start(),
+                block: None,
+            },
+            responses: Half { reader: FrameReader::at_frame(), table: hpack::Decoder::from_start(), block: None },
+            streams: HashMap::from([(UPGRADED_STREAM, stream)]),
+            // Above the upgrading request's number, so no later stream reuses an HTTP/1 one.
+            seq_base: req.seq + 1,
+            tables_from_start: true,
         }
     }
 }
+
+/// The stream an upgrading HTTP/1.1 request is answered on.
+const UPGRADED_STREAM: u32 = 1;
 
 impl Session for Http2Session {
     fn protocol(&self) -> Protocol {
@@ -133,20 +189,23 @@ impl Session for Http2Session {
     }
 
     fn feed(&mut self, seg: &Segment<'_>, out: &mut Vec<SessionEvent>) {
-        let Self { requests, responses, streams } = self;
+        let Self { requests, responses, streams, seq_base, tables_from_start } = self;
         let (half, other) = match seg.side {
             Side::Request => (requests, responses),
             Side::Response => (responses, requests),
         };
         let Half { reader, table, block } = half;
         reader.feed(seg.bytes, seg.uncopied(), |read| match read {
-            Read::Frame(f) => on_frame(seg, f, table, block, streams, out),
+            Read::Frame(f) => on_frame(seg, f, table, block, streams, *seq_base, out),
             // A new connection after all: neither side has sent a header block yet (a server
             // sends none before the client's first request), so both tables are known empty.
+            // (After an h2c upgrade the server may have answered stream 1 before the preface
+            // arrives: its table is known already and must be kept.)
             Read::Preface => {
-                if streams.is_empty() {
+                if !*tables_from_start && streams.is_empty() {
                     *table = hpack::Decoder::from_start();
                     other.table = hpack::Decoder::from_start();
+                    *tables_from_start = true;
                 }
             }
             Read::Resynced => {
@@ -173,6 +232,7 @@ fn on_frame(
     table: &mut hpack::Decoder,
     block: &mut Option<Block>,
     streams: &mut HashMap<u32, Stream>,
+    seq_base: u64,
     out: &mut Vec<SessionEvent>,
 ) {
     let h = f.header;
@@ -197,7 +257,7 @@ fn on_frame(
                 cut: f.cut,
             };
             if h.flags & frame::FLAG_END_HEADERS != 0 {
-                on_block(seg, started, table, streams, out);
+                on_block(seg, started, table, streams, seq_base, out);
             } else {
                 *block = Some(started);
             }
@@ -211,7 +271,7 @@ fn on_frame(
             open.bytes.extend_from_slice(f.payload);
             open.cut |= f.cut;
             if h.flags & frame::FLAG_END_HEADERS != 0 {
-                on_block(seg, open, table, streams, out);
+                on_block(seg, open, table, streams, seq_base, out);
             } else if open.bytes.len() > frame::MAX_KEPT_PAYLOAD {
                 open.cut = true;
                 open.bytes.truncate(frame::MAX_KEPT_PAYLOAD);
@@ -250,6 +310,7 @@ fn on_block(
     block: Block,
     table: &mut hpack::Decoder,
     streams: &mut HashMap<u32, Stream>,
+    seq_base: u64,
     out: &mut Vec<SessionEvent>,
 ) {
     let mut fields = Fields::default();
@@ -269,7 +330,7 @@ fn on_block(
         return;
     }
     match seg.side {
-        Side::Request => on_request_headers(seg, &block, fields, streams, out),
+        Side::Request => on_request_headers(seg, &block, fields, streams, seq_base, out),
         Side::Response => on_response_headers(seg, &block, fields, streams, out),
     }
 }
@@ -279,6 +340,7 @@ fn on_request_headers(
     block: &Block,
     fields: Fields,
     streams: &mut HashMap<u32, Stream>,
+    seq_base: u64,
     out: &mut Vec<SessionEvent>,
 ) {
     if streams.contains_key(&block.stream) {
@@ -292,8 +354,9 @@ fn on_request_headers(
             out.push(SessionEvent::UnmatchedRequest);
         }
     }
+    let seq = seq_base + u64::from(block.stream);
     out.push(SessionEvent::RequestStarted(RequestStart {
-        seq: u64::from(block.stream),
+        seq,
         tid: seg.tid,
         ts_ns: seg.ts_ns,
         traceparent: fields.traceparent,
@@ -302,6 +365,7 @@ fn on_request_headers(
     streams.insert(
         block.stream,
         Stream {
+            seq,
             start_ns: seg.ts_ns,
             method: fields.method,
             path: fields.path,
@@ -370,7 +434,7 @@ fn complete(id: u32, ts_ns: u64, reset: Option<u32>, streams: &mut HashMap<u32, 
         })
     };
     out.push(SessionEvent::Completed(Exchange {
-        seq: u64::from(id),
+        seq: s.seq,
         start_ns: s.start_ns,
         end_ns: ts_ns.max(s.start_ns),
         detail,

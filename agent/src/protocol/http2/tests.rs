@@ -264,3 +264,104 @@ fn detected_on_the_servers_first_frames_the_preface_still_counts() {
     assert!(!events.iter().any(|e| matches!(e, SessionEvent::Undecodable { .. })), "{events:#?}");
     assert_eq!(grpc_calls(&events), grpc_calls(&run(&parts)));
 }
+
+/// curl `--http2` on `http://` to tests/fixtures/h2c_upgrade.py: `GET /a` upgrades the
+/// connection (answered 200 on stream 1), then `GET /missing` goes as stream 3 (404).
+const CURL_UPGRADE: &[u8] = include_bytes!("../fixtures/h2c_upgrade_curl_to_h2.conv");
+
+/// The upgrade as the connection layer sees it: detected as HTTP/1.1, switched by the 101.
+fn run_upgrade(parts: &[(Side, Vec<u8>)]) -> (Vec<SessionEvent>, Protocol) {
+    let mut s = crate::protocol::http::HttpSession::default();
+    let mut out = replay(&mut s, parts);
+    let protocol = s.protocol();
+    s.close(u64::MAX, &mut out);
+    (out, protocol)
+}
+
+fn upgrade_summary(events: &[SessionEvent]) -> Vec<(u64, String, String, u16, &'static str)> {
+    by_stream(events)
+        .into_iter()
+        .map(|(seq, d)| {
+            let ExchangeDetail::Http(h) = d else { panic!("not HTTP: {d:?}") };
+            (seq, h.method.to_string(), h.target.to_string(), h.status, h.version.as_str())
+        })
+        .collect()
+}
+
+#[test]
+fn h2c_upgrade_continues_as_stream_one() {
+    let parts = load(CURL_UPGRADE);
+    let (events, protocol) = run_upgrade(&parts);
+    assert_eq!(protocol, Protocol::Http2);
+    assert_eq!(errors(&events), 0, "{events:#?}");
+    assert!(!events.iter().any(|e| matches!(e, SessionEvent::UnmatchedRequest | SessionEvent::UnmatchedResponse)));
+    // The upgrading request keeps the number its start carried (0); stream 3 comes after it.
+    let starts: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            SessionEvent::RequestStarted(r) => Some(r.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(starts, [0, 4]);
+    assert_eq!(
+        upgrade_summary(&events),
+        [(0, "GET".into(), "/a".into(), 200, "2"), (4, "GET".into(), "/missing".into(), 404, "2")]
+    );
+    let ExchangeDetail::Http(first) = &by_stream(&events)[&0] else { unreachable!() };
+    assert_eq!(first.host.as_deref(), Some("127.0.0.1:18556"));
+    assert_eq!(first.user_agent.as_deref(), Some("curl/7.88.1"));
+    assert_eq!(first.response_body_bytes, 15);
+}
+
+#[test]
+fn h2c_upgrade_survives_every_split_and_a_101_sharing_its_write() {
+    let parts = load(CURL_UPGRADE);
+    let whole = upgrade_summary(&run_upgrade(&parts).0);
+    for (idx, cut, split) in splits(&parts) {
+        let (events, _) = run_upgrade(&split);
+        assert_eq!(upgrade_summary(&events), whole, "part {idx} cut at {cut}");
+        assert_eq!(errors(&events), 0, "part {idx} cut at {cut}");
+    }
+    // The server's first frames in the same write as its 101 (servers often do this).
+    let mut merged = parts.clone();
+    let frames = merged.remove(3);
+    assert_eq!(frames.0, Side::Response);
+    merged[1].1.extend_from_slice(&frames.1);
+    assert_eq!(upgrade_summary(&run_upgrade(&merged).0), whole);
+    // As the Python server's syscalls went (strace): it answered stream 1 before reading the
+    // client's preface, whose arrival must not reset the table that answer filled.
+    let mut answered_first = vec![parts[0].clone(), parts[1].clone(), parts[3].clone(), parts[2].clone()];
+    answered_first[3].1.extend_from_slice(&parts[4].1);
+    answered_first.extend_from_slice(&parts[5..]);
+    let events = run_upgrade(&answered_first).0;
+    assert_eq!(errors(&events), 0, "{events:#?}");
+    assert_eq!(upgrade_summary(&events), whole);
+}
+
+#[test]
+fn a_refused_or_other_upgrade_stays_http1() {
+    // A 200 to an `Upgrade: h2c` request: the server declined, the connection stays HTTP/1.1.
+    let req = b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n";
+    let parts = vec![
+        (Side::Request, req.to_vec()),
+        (Side::Response, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec()),
+        (Side::Request, b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n".to_vec()),
+        (Side::Response, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec()),
+    ];
+    let (events, protocol) = run_upgrade(&parts);
+    assert_eq!(protocol, Protocol::Http);
+    assert_eq!(
+        upgrade_summary(&events),
+        [(0, "GET".into(), "/".into(), 200, "1.1"), (1, "GET".into(), "/b".into(), 404, "1.1")]
+    );
+    // A 101 to a websocket upgrade is not HTTP/2: opaque after the switch, as before.
+    let ws = vec![
+        (Side::Request, b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n".to_vec()),
+        (Side::Response, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n".to_vec()),
+        (Side::Request, frame::PREFACE.to_vec()),
+    ];
+    let (events, protocol) = run_upgrade(&ws);
+    assert_eq!(protocol, Protocol::Http);
+    assert_eq!(upgrade_summary(&events), [(0, "GET".into(), "/ws".into(), 101, "1.1")]);
+}
