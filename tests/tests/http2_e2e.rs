@@ -122,6 +122,25 @@ fn privileged_grpcio_calls_are_exact_on_both_sides() {
             assert_eq!(s.s("rpc.method"), Some(s.name.as_str()));
         }
         assert!(!format!("{s:?}").contains("SECRETVALUE"), "metadata values are never exported: {s:#?}");
+        // Messages each way, the same from both ends: unary `n0` -> `hello n0`, an error
+        // answers none, Countdown `5` -> 5 replies, Collect 4 -> `4`, Chat echoes 3.
+        let tally = |way: &str| {
+            let n = s.i(&format!("sonde.rpc.{way}.message_count"));
+            (n, s.i(&format!("sonde.rpc.{way}.message_bytes")))
+        };
+        let (request, response) = match (s.name.as_str(), status) {
+            ("demo.Greeter/SayHello", "OK") => ((1, 2..=2), (1, 8..=8)),
+            ("demo.Greeter/SayHello", _) => ((1, 10..=22), (0, 0..=0)),
+            ("demo.Greeter/Countdown", _) => ((1, 1..=1), (5, 5..=5)),
+            ("demo.Greeter/Collect", _) => ((4, 4..=4), (1, 1..=1)),
+            ("demo.Greeter/Chat", _) => ((3, 3..=3), (3, 3..=3)),
+            _ => ((1, 1..=1), (0, 0..=0)),
+        };
+        for (way, (count, bytes)) in [("request", request), ("response", response)] {
+            let (got_count, got_bytes) = tally(way);
+            assert_eq!(got_count, Some(count), "{way} messages: {s:#?}");
+            assert!(got_bytes.is_some_and(|b| bytes.contains(&b)), "{way} message bytes: {s:#?}");
+        }
     }
 
     // Same-host joins by stream id: each server span is the child of the client span of the
@@ -212,7 +231,8 @@ fn privileged_nginx_cleartext_and_tls_http2() {
 /// curl `--http2` on `http://` asks to upgrade (`Upgrade: h2c`); a Python `h2` server accepts:
 /// the upgrading request is answered on stream 1, the next two go as streams 3 and 5 on the
 /// same connection. Both ends traced: exact spans, version 2, and each server span joined to
-/// its own client span.
+/// its own client span. curl peeks a byte (`MSG_PEEK`) before reusing the connection: a peek
+/// taken for data broke the client's framing.
 #[test]
 fn privileged_h2c_upgrade_from_http1() {
     let Some(_guard) = privileged_test("h2c upgrade") else { return };

@@ -147,8 +147,12 @@ pub fn map(ex: &HttpExchange, kind: SpanKind, addrs: &ConnAddrs, scheme: &'stati
     if let Some(ua) = &ex.user_agent {
         attrs.push(Attr::new("user_agent.original", ua.clone()));
     }
-    attrs.push(Attr::new("http.request.body.size", ex.request_body_bytes as i64));
-    attrs.push(Attr::new("http.response.body.size", ex.response_body_bytes as i64));
+    if let Some(n) = ex.request_body_bytes {
+        attrs.push(Attr::new("http.request.body.size", n as i64));
+    }
+    if let Some(n) = ex.response_body_bytes {
+        attrs.push(Attr::new("http.response.body.size", n as i64));
+    }
 
     // Server spans fail on 5xx only (4xx is the client's fault); client spans on >= 400.
     let failed = match kind {
@@ -229,8 +233,8 @@ mod tests {
             host: Some("api.local:8080".into()),
             user_agent: Some("curl/8".into()),
             status,
-            request_body_bytes: 3,
-            response_body_bytes: 10,
+            request_body_bytes: Some(3),
+            response_body_bytes: Some(10),
         }
     }
 

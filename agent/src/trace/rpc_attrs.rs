@@ -1,6 +1,10 @@
 //! gRPC call -> span name, attributes and status, per the OpenTelemetry RPC semantic
 //! conventions (`rpc.system.name`, `rpc.method`, `rpc.status_code`). `grpc-message` is never
 //! exported: it can quote request values.
+//!
+//! Message counts and sizes: the conventions removed their per-message metrics and events
+//! with no replacement, so they go on the span under sonde's own names
+//! (`sonde.rpc.{request,response}.message_count` and `.message_bytes`), only when exact.
 
 use super::{
     http_attrs::{ConnAddrs, Mapped, ip_text, split_host},
@@ -28,6 +32,16 @@ pub fn map(ex: &GrpcExchange, kind: SpanKind, addrs: &ConnAddrs) -> Mapped {
     attrs.push(Attr::new("rpc.method", method.clone()));
     if let Some(code) = ex.status {
         attrs.push(Attr::new("rpc.status_code", grpc::status_name(code)));
+    }
+    let tallies = [
+        ("sonde.rpc.request.message_count", "sonde.rpc.request.message_bytes", ex.request_messages),
+        ("sonde.rpc.response.message_count", "sonde.rpc.response.message_bytes", ex.response_messages),
+    ];
+    for (count_key, bytes_key, tally) in tallies {
+        if let Some(t) = tally {
+            attrs.push(Attr::new(count_key, i64::from(t.count)));
+            attrs.push(Attr::new(bytes_key, i64::try_from(t.bytes).unwrap_or(i64::MAX)));
+        }
     }
     let (host, port) = split_host(ex.authority.as_deref(), "");
     let own_end = match kind {
@@ -74,6 +88,8 @@ mod tests {
             status,
             request_bytes: 7,
             response_bytes: 9,
+            request_messages: Some(grpc::MessageTally { count: 1, bytes: 2 }),
+            response_messages: None,
         }
     }
 
@@ -93,6 +109,10 @@ mod tests {
         assert_eq!(get(&m, "server.address"), Some(&"greeter.local".into()));
         assert_eq!(get(&m, "server.port"), Some(&AttrValue::Int(50051)));
         assert_eq!(m.status, Status::Unset);
+        // Exact tallies only: the response's was not known.
+        assert_eq!(get(&m, "sonde.rpc.request.message_count"), Some(&AttrValue::Int(1)));
+        assert_eq!(get(&m, "sonde.rpc.request.message_bytes"), Some(&AttrValue::Int(2)));
+        assert_eq!(get(&m, "sonde.rpc.response.message_count"), None);
     }
 
     #[test]

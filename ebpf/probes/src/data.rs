@@ -533,7 +533,7 @@ data_enter!(sys_enter_sendfile64, Call::WriteUncopied, 0, 2, 3);
 
 /// MSG_PEEK: the bytes stay queued and the next read returns them again, so a peek is not
 /// data (curl peeks one byte to test a connection before reusing it).
-const MSG_PEEK: u64 = 2;
+pub(crate) const MSG_PEEK: u64 = 2;
 
 /// recvfrom(fd, buf, len, flags, ...)
 #[tracepoint]

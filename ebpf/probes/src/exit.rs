@@ -37,6 +37,13 @@ mod arch {
         (cs != USER32_CS).then_some((nr, [di, si, dx]))
     }
 
+    /// The fourth argument (r10; `struct pt_regs` puts it at 56).
+    #[inline(always)]
+    pub fn fourth_arg(regs: u64) -> u64 {
+        // SAFETY: as above.
+        unsafe { bpf_probe_read_kernel((regs + 56) as *const u64) }.unwrap_or(0)
+    }
+
     pub const READ: u64 = 0;
     pub const WRITE: u64 = 1;
     pub const READV: u64 = 19;
@@ -73,6 +80,13 @@ mod arch {
         let [x1, x2] = unsafe { bpf_probe_read_kernel((regs + 8) as *const [u64; 2]) }.ok()?;
         let [pstate, x0, nr] = unsafe { bpf_probe_read_kernel((regs + FROM_PSTATE) as *const [u64; 3]) }.ok()?;
         (pstate & MODE32 == 0).then_some((nr as u32 as u64, [x0, x1, x2]))
+    }
+
+    /// The fourth argument (x3).
+    #[inline(always)]
+    pub fn fourth_arg(regs: u64) -> u64 {
+        // SAFETY: as above.
+        unsafe { bpf_probe_read_kernel((regs + 24) as *const u64) }.unwrap_or(0)
     }
 
     pub const READ: u64 = 63;
@@ -112,7 +126,11 @@ fn sys_exit<const IOVECS: u32>(ctx: RawTracePointContext) -> u32 {
     let ret: i64 = ctx.arg(1);
     let Some((nr, [a0, a1, a2])) = arch::syscall(regs) else { return 0 };
     let call = match nr {
-        arch::READ | arch::RECVFROM => Call::ReadBuf,
+        arch::READ => Call::ReadBuf,
+        // recvfrom(fd, buf, len, flags, ...), recvmsg(fd, msg, flags): a peek is not data.
+        arch::RECVFROM if arch::fourth_arg(regs) & crate::data::MSG_PEEK != 0 => return 0,
+        arch::RECVMSG if a2 & crate::data::MSG_PEEK != 0 => return 0,
+        arch::RECVFROM => Call::ReadBuf,
         arch::WRITE | arch::SENDTO => Call::WriteBuf,
         arch::READV => Call::ReadVec,
         arch::WRITEV => Call::WriteVec,

@@ -102,8 +102,9 @@ pub struct HttpExchange {
     pub user_agent: Option<Text>,
     /// 0 when the stream was reset before a response (HTTP/2).
     pub status: u16,
-    pub request_body_bytes: u64,
-    pub response_body_bytes: u64,
+    /// Body sizes; None when bytes moved that sonde could not frame (HTTP/2 after lost frames).
+    pub request_body_bytes: Option<u64>,
+    pub response_body_bytes: Option<u64>,
     /// The HTTP/2 error code (`CANCEL`, ...) of a stream reset before its response ended.
     pub reset: Option<&'static str>,
 }
@@ -371,8 +372,8 @@ impl HttpSession {
                 host: p.host,
                 user_agent: p.user_agent,
                 status: self.response_status,
-                request_body_bytes: p.request_body_bytes,
-                response_body_bytes: self.responses.body_bytes,
+                request_body_bytes: Some(p.request_body_bytes),
+                response_body_bytes: Some(self.responses.body_bytes),
                 reset: None,
             }),
         }));

@@ -158,11 +158,40 @@ pub enum Read<'a> {
     Frame(Frame<'a>),
     /// The client preface went by: the connection is seen from its start.
     Preface,
+    /// A frame header fell among bytes not seen: frames are lost until a piece starts with a
+    /// plausible header ([`Read::Resynced`]).
+    Lost,
     /// Framing was lost and found again: whatever state spans frames (header blocks, the HPACK
     /// table) is unknown.
     Resynced,
     /// The bytes do not follow HTTP/2 framing (a bad preface).
     Broken(&'static str),
+    /// Captured bytes of a DATA frame's data (padding excluded), as they pass; the frame
+    /// itself follows as [`Read::Frame`] once whole. Never copied.
+    Data {
+        stream: u32,
+        bytes: &'a [u8],
+    },
+    /// Bytes of a DATA frame's data that moved without being captured: how many, or None when
+    /// the frame's padding (and so which of them are data) is unknown.
+    DataSkipped {
+        stream: u32,
+        n: Option<u64>,
+    },
+}
+
+/// Which payload bytes `[from, to)` of a DATA frame are data: the pad length byte and the
+/// padding are not. None when the frame is padded and its pad length was not seen.
+fn data_part(header: &FrameHeader, kept: &[u8], from: u64, to: u64) -> Option<(u64, u64)> {
+    let len = u64::from(header.len);
+    let (start, end) = if header.flags & FLAG_PADDED != 0 {
+        let pad = u64::from(*kept.first()?);
+        (1, len.saturating_sub(pad))
+    } else {
+        (0, len)
+    };
+    let (a, b) = (from.max(start), to.min(end));
+    Some((a, b.max(a)))
 }
 
 #[derive(Debug)]
@@ -245,6 +274,17 @@ impl FrameReader {
                     let n = (*remaining).min(bytes.len() as u64) as usize;
                     let keep = header.kept_len().saturating_sub(kept.len()).min(n);
                     kept.extend_from_slice(&bytes[..keep]);
+                    if header.kind == DATA {
+                        let from = u64::from(header.len) - *remaining;
+                        match data_part(header, kept, from, from + n as u64) {
+                            Some((a, b)) if b > a => read(Read::Data {
+                                stream: header.stream,
+                                bytes: &bytes[(a - from) as usize..(b - from) as usize],
+                            }),
+                            Some(_) => {}
+                            None => read(Read::DataSkipped { stream: header.stream, n: None }),
+                        }
+                    }
                     *remaining -= n as u64;
                     bytes = &bytes[n..];
                     self.finish_if_done(&mut read);
@@ -264,6 +304,13 @@ impl FrameReader {
                     if kept.len() < header.kept_len() {
                         *cut = true;
                     }
+                    if header.kind == DATA {
+                        let from = u64::from(header.len) - *remaining;
+                        let n = data_part(header, kept, from, from + k).map(|(a, b)| b - a);
+                        if n != Some(0) {
+                            read(Read::DataSkipped { stream: header.stream, n });
+                        }
+                    }
                     *remaining -= k;
                     n -= k;
                     self.finish_if_done(read);
@@ -272,6 +319,7 @@ impl FrameReader {
                 // A frame header (or the preface) among the missing bytes: its length is unknown.
                 State::Header { .. } | State::Preface { .. } | State::MaybePreface => {
                     self.state = State::Lost;
+                    read(Read::Lost);
                     return;
                 }
             }

@@ -16,6 +16,68 @@ pub struct GrpcExchange {
     pub status: Option<u32>,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// The messages each way, when every message prefix was seen.
+    pub request_messages: Option<MessageTally>,
+    pub response_messages: Option<MessageTally>,
+}
+
+/// How many length-prefixed messages went one way, and their bytes as sent (compressed when
+/// the message was).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MessageTally {
+    pub count: u32,
+    pub bytes: u64,
+}
+
+/// Counts one direction's gRPC messages from its DATA bytes: each message is a 1-byte flag and
+/// a 4-byte length, then that many bytes (gRPC's PROTOCOL-HTTP2.md, Length-Prefixed-Message).
+/// Message bodies are skipped by length, so uncaptured body bytes cost nothing; a prefix among
+/// uncaptured bytes makes the tally unknown rather than wrong.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MessageCounter {
+    tally: MessageTally,
+    prefix: [u8; 5],
+    have: u8,
+    body_left: u64,
+    lost: bool,
+}
+
+impl MessageCounter {
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && !self.lost {
+            if self.body_left > 0 {
+                let n = self.body_left.min(bytes.len() as u64);
+                self.body_left -= n;
+                bytes = &bytes[n as usize..];
+                continue;
+            }
+            let have = usize::from(self.have);
+            let n = (5 - have).min(bytes.len());
+            self.prefix[have..have + n].copy_from_slice(&bytes[..n]);
+            self.have += n as u8;
+            bytes = &bytes[n..];
+            if self.have == 5 {
+                let len = u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]);
+                self.tally.count = self.tally.count.saturating_add(1);
+                self.tally.bytes += u64::from(len);
+                self.body_left = u64::from(len);
+                self.have = 0;
+            }
+        }
+    }
+
+    /// `n` data bytes moved uncaptured (None: an unknown number).
+    pub fn skip(&mut self, n: Option<u64>) {
+        match n {
+            Some(n) if self.have == 0 && n <= self.body_left => self.body_left -= n,
+            _ => self.lost = true,
+        }
+    }
+
+    /// The tally, when it is exact: every prefix seen and the last message whole.
+    pub fn tally(&self) -> Option<MessageTally> {
+        (!self.lost && self.have == 0 && self.body_left == 0).then_some(self.tally)
+    }
 }
 
 /// The status names of gRPC's status codes (0..=16), as `rpc.status_code` carries them.

@@ -17,7 +17,7 @@ mod tests;
 use std::collections::HashMap;
 
 use frame::{Frame, FrameReader, Read};
-use grpc::GrpcExchange;
+use grpc::{GrpcExchange, MessageCounter};
 
 use super::{
     Exchange, ExchangeDetail, Protocol, RequestStart, Segment, Session, SessionEvent, Side,
@@ -97,6 +97,28 @@ struct Stream {
     status: Option<u16>,
     grpc_status: Option<u32>,
     response_bytes: u64,
+    /// gRPC messages each way (counted only on gRPC streams).
+    request_messages: MessageCounter,
+    response_messages: MessageCounter,
+    /// Frames of this side were lost while the stream was open: its byte counts are unknown.
+    request_bytes_unknown: bool,
+    response_bytes_unknown: bool,
+}
+
+impl Stream {
+    /// Frames of `side` were lost: whatever this stream sent that way is not known.
+    fn lose_bytes(&mut self, side: Side) {
+        match side {
+            Side::Request => {
+                self.request_bytes_unknown = true;
+                self.request_messages.skip(None);
+            }
+            Side::Response => {
+                self.response_bytes_unknown = true;
+                self.response_messages.skip(None);
+            }
+        }
+    }
 }
 
 /// Both directions of one HTTP/2 connection.
@@ -208,6 +230,12 @@ impl Session for Http2Session {
                     *tables_from_start = true;
                 }
             }
+            // Frames of open streams go by unseen: their byte and message counts too.
+            Read::Lost => {
+                for s in streams.values_mut() {
+                    s.lose_bytes(seg.side);
+                }
+            }
             Read::Resynced => {
                 table.lose_sync();
                 *block = None;
@@ -216,6 +244,16 @@ impl Session for Http2Session {
                 out.push(SessionEvent::ParseError { reason: "frames lost, resumed at a plausible frame" });
             }
             Read::Broken(reason) => out.push(SessionEvent::ParseError { reason }),
+            Read::Data { stream, bytes } => {
+                if let Some(m) = messages_of(streams, seg.side, stream) {
+                    m.feed(bytes);
+                }
+            }
+            Read::DataSkipped { stream, n } => {
+                if let Some(m) = messages_of(streams, seg.side, stream) {
+                    m.skip(n);
+                }
+            }
         });
     }
 
@@ -224,6 +262,15 @@ impl Session for Http2Session {
             out.push(SessionEvent::UnmatchedRequest);
         }
     }
+}
+
+/// The message counter of a gRPC stream's side, when `stream` is an open gRPC stream.
+fn messages_of(streams: &mut HashMap<u32, Stream>, side: Side, stream: u32) -> Option<&mut MessageCounter> {
+    let s = streams.get_mut(&stream).filter(|s| s.grpc)?;
+    Some(match side {
+        Side::Request => &mut s.request_messages,
+        Side::Response => &mut s.response_messages,
+    })
 }
 
 fn on_frame(
@@ -287,6 +334,10 @@ fn on_frame(
                 }
                 return;
             };
+            if f.cut && h.flags & frame::FLAG_PADDED != 0 && f.payload.is_empty() {
+                // The pad length was not captured: how much of it was data is unknown.
+                stream.lose_bytes(seg.side);
+            }
             match seg.side {
                 Side::Request => stream.request_bytes += f.data_len(),
                 Side::Response => {
@@ -418,6 +469,8 @@ fn complete(id: u32, ts_ns: u64, reset: Option<u32>, streams: &mut HashMap<u32, 
             status: code,
             request_bytes: s.request_bytes,
             response_bytes: s.response_bytes,
+            request_messages: s.request_messages.tally(),
+            response_messages: s.response_messages.tally(),
         })
     } else {
         ExchangeDetail::Http(HttpExchange {
@@ -427,8 +480,8 @@ fn complete(id: u32, ts_ns: u64, reset: Option<u32>, streams: &mut HashMap<u32, 
             host: s.authority,
             user_agent: s.user_agent,
             status,
-            request_body_bytes: s.request_bytes,
-            response_body_bytes: s.response_bytes,
+            request_body_bytes: (!s.request_bytes_unknown).then_some(s.request_bytes),
+            response_body_bytes: (!s.response_bytes_unknown).then_some(s.response_bytes),
             // A reset after a complete response head still ended the exchange early.
             reset: reset.map(error_code_name),
         })

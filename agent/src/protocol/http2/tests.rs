@@ -92,6 +92,56 @@ fn grpcio_calls_pair_by_stream_with_their_status() {
     }
 }
 
+/// Messages each way by method: unary 1 and 1 (`n0` -> `hello n0`), errors answer none,
+/// Countdown `5` -> 5 replies, Collect 4 -> `4`, Chat 3 -> 3 echoes, the unknown method none.
+#[test]
+fn grpc_messages_are_counted_each_way() {
+    let events = run(&load(GRPC));
+    let mut got: BTreeMap<String, Vec<(u32, u64, u32, u64)>> = BTreeMap::new();
+    for d in by_stream(&events).values() {
+        let ExchangeDetail::Grpc(g) = d else { panic!("{d:?}") };
+        let (Some(req), Some(resp)) = (g.request_messages, g.response_messages) else { panic!("exact here: {g:?}") };
+        let status = g.status.map_or("none".into(), |c| grpc::status_name(c).to_string());
+        got.entry(format!("{} {status}", g.path)).or_default().push((req.count, req.bytes, resp.count, resp.bytes));
+    }
+    let fail = |code: &str| (1, 5 + code.len() as u64, 0, 0);
+    let want: BTreeMap<String, Vec<(u32, u64, u32, u64)>> = [
+        ("/demo.Greeter/SayHello OK", vec![(1, 2, 1, 8); 3]),
+        ("/demo.Greeter/SayHello INVALID_ARGUMENT", vec![fail("INVALID_ARGUMENT")]),
+        ("/demo.Greeter/SayHello NOT_FOUND", vec![fail("NOT_FOUND")]),
+        ("/demo.Greeter/SayHello INTERNAL", vec![fail("INTERNAL")]),
+        ("/demo.Greeter/SayHello UNAVAILABLE", vec![fail("UNAVAILABLE")]),
+        ("/demo.Greeter/SayHello PERMISSION_DENIED", vec![fail("PERMISSION_DENIED")]),
+        ("/demo.Greeter/Countdown OK", vec![(1, 1, 5, 5); 3]),
+        ("/demo.Greeter/Collect OK", vec![(4, 4, 1, 1); 2]),
+        ("/demo.Greeter/Chat OK", vec![(3, 3, 3, 3); 2]),
+        ("/demo.Greeter/Missing UNIMPLEMENTED", vec![(1, 1, 0, 0)]),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn message_counter_skips_bodies_and_loses_only_prefixes() {
+    use grpc::{MessageCounter, MessageTally};
+    let mut m = MessageCounter::default();
+    m.feed(&[0, 0, 0, 0, 3, b'a']);
+    m.skip(Some(2)); // the rest of the body, not captured: still exact
+    m.feed(&[1, 0, 0]);
+    m.feed(&[0, 0]); // an empty (compressed-flag) message, prefix split across pieces
+    assert_eq!(m.tally(), Some(MessageTally { count: 2, bytes: 3 }));
+    m.feed(&[0, 0, 0, 0, 9]);
+    assert_eq!(m.tally(), None, "a message still open is not a tally");
+    m.skip(Some(10)); // beyond its body: a prefix was among the unseen bytes
+    m.feed(&[0, 0, 0, 0, 0]);
+    assert_eq!(m.tally(), None);
+    let mut unknown = MessageCounter::default();
+    unknown.skip(None);
+    assert_eq!(unknown.tally(), None);
+}
+
 #[test]
 fn node_streams_to_nginx_are_http_exchanges_with_version_2() {
     let events = run(&load(NODE_NGINX));
@@ -110,14 +160,14 @@ fn node_streams_to_nginx_are_http_exchanges_with_version_2() {
         assert_eq!((h.method.as_str(), h.target.as_str(), h.status), (method, path.as_str(), status), "stream {id}");
         assert_eq!(h.host.as_deref(), Some("127.0.0.1:50082"));
         if method == "POST" {
-            assert_eq!(h.request_body_bytes, format!("body-{i}").len() as u64);
+            assert_eq!(h.request_body_bytes, Some(format!("body-{i}").len() as u64));
         }
         assert_eq!(h.reset, None);
     }
     let curl = by_stream(&run(&load(CURL_NGINX)));
     assert_eq!(curl.len(), 1);
     let Some(ExchangeDetail::Http(h)) = curl.get(&1) else { panic!("{curl:?}") };
-    assert_eq!((h.method.as_str(), h.target.as_str(), h.status, h.response_body_bytes), ("GET", "/a", 200, 6));
+    assert_eq!((h.method.as_str(), h.target.as_str(), h.status, h.response_body_bytes), ("GET", "/a", 200, Some(6)));
     assert_eq!(h.user_agent.as_deref(), Some("curl-test"));
 }
 
@@ -145,12 +195,22 @@ fn assert_consistent(partial: &BTreeMap<u64, ExchangeDetail>, whole: &BTreeMap<u
                 assert!(g.path.is_empty() || g.path == w.path, "{what}: {g:?} vs {w:?}");
                 assert!(g.authority.is_none() || g.authority == w.authority, "{what}: {g:?} vs {w:?}");
                 assert!(g.status.is_none() || g.status == w.status, "{what}: {g:?} vs {w:?}");
+                assert!(g.request_messages.is_none() || g.request_messages == w.request_messages, "{what}: {g:?}");
+                assert!(g.response_messages.is_none() || g.response_messages == w.response_messages, "{what}: {g:?}");
             }
             (ExchangeDetail::Http(g), ExchangeDetail::Http(w)) => {
                 assert!(g.method.is_empty() || g.method == w.method, "{what}: {g:?} vs {w:?}");
                 assert!(g.target.is_empty() || g.target == w.target, "{what}: {g:?} vs {w:?}");
                 assert!(g.status == 0 || g.status == w.status, "{what}: {g:?} vs {w:?}");
                 assert!(g.host.is_none() || g.host == w.host, "{what}: {g:?} vs {w:?}");
+                assert!(
+                    g.request_body_bytes.is_none() || g.request_body_bytes == w.request_body_bytes,
+                    "{what}: {g:?}"
+                );
+                assert!(
+                    g.response_body_bytes.is_none() || g.response_body_bytes == w.response_body_bytes,
+                    "{what}: {g:?}"
+                );
             }
             // A gRPC call whose content-type was not decodable is reported as plain HTTP; what
             // it reports must still be right.
@@ -311,7 +371,7 @@ fn h2c_upgrade_continues_as_stream_one() {
     let ExchangeDetail::Http(first) = &by_stream(&events)[&0] else { unreachable!() };
     assert_eq!(first.host.as_deref(), Some("127.0.0.1:18556"));
     assert_eq!(first.user_agent.as_deref(), Some("curl/7.88.1"));
-    assert_eq!(first.response_body_bytes, 15);
+    assert_eq!(first.response_body_bytes, Some(15));
 }
 
 #[test]
