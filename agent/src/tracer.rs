@@ -183,10 +183,20 @@ impl Tracer {
                         Role::Unknown => self.new_trace(None),
                     };
                     if conn.role == Role::Server {
-                        let serving =
-                            Serving { tid: rs.tid, conn_id: conn.id, seq: rs.seq, lineage, target: rs.target };
+                        // An HTTP/2 stream is read by whichever thread polls the connection.
+                        let thread_evidence = protocol != Some(Protocol::Http2);
+                        let serving = Serving {
+                            tid: rs.tid,
+                            conn_id: conn.id,
+                            seq: rs.seq,
+                            lineage,
+                            target: rs.target,
+                            thread_evidence,
+                        };
                         self.in_flight.start(key.pid, serving);
-                        self.threads.started(key.pid, rs.tid);
+                        if thread_evidence {
+                            self.threads.started(key.pid, rs.tid);
+                        }
                         if self.inject_contexts {
                             self.note_thread_context(key.pid, rs.tid, conn.io_ts_ns, &lineage);
                         }
@@ -204,7 +214,9 @@ impl Tracer {
                     };
                     if conn.role == Role::Server {
                         self.in_flight.finish(key.pid, conn.id, ex.seq);
-                        self.threads.answered(key.pid, conn.io_tid, lineage);
+                        if protocol != Some(Protocol::Http2) {
+                            self.threads.answered(key.pid, conn.io_tid, lineage);
+                        }
                     }
                     Stats::add(&self.stats.spans_created, 1);
                     let kind = if conn.role == Role::Client { SpanKind::Client } else { SpanKind::Server };

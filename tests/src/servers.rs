@@ -155,6 +155,21 @@ pub fn grpc(port: u16) -> Server {
     Server { child, port, _dir: None }
 }
 
+/// The grpcio relay of tests/fixtures/grpc_app.py on `port`: each demo.Relay call is forwarded
+/// to the same method on `backend` (a [`grpc`] server) over one channel.
+pub fn grpc_relay(port: u16, backend: u16) -> Server {
+    let child = Command::new("python3")
+        .arg(fixture("grpc_app.py"))
+        .args(["relay", &port.to_string(), &backend.to_string()])
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the grpcio relay");
+    wait_listening(port);
+    Server { child, port, _dir: None }
+}
+
 /// The HTTP/1.1 server of tests/fixtures/h2c_upgrade.py on `port`, which switches to HTTP/2
 /// when a request asks (`Upgrade: h2c`): every path 200, `/missing` 404.
 pub fn h2c_upgrade(port: u16) -> Server {

@@ -173,6 +173,94 @@ fn privileged_grpcio_calls_are_exact_on_both_sides() {
     assert_eq!(finished.counter("unmatched_requests"), Some(0), "{}", finished.stderr);
 }
 
+/// A gRPC server that makes gRPC calls (a relay, grpcio): 8 client threads call it at once, it
+/// forwards each call to a backend, twice. Across processes each span joins its caller by stream id.
+/// Inside the relay, gRPC's I/O threads read requests and write calls for whichever handler
+/// asks, so the reading thread is no evidence: a call nests under the request in flight with
+/// its own method when that request is the only one (distinct methods: every call links, to
+/// the right parent), and stays unlinked, counted, when several share it (one method).
+#[test]
+fn privileged_grpc_relay_calls_nest_only_on_evidence() {
+    let Some(_guard) = privileged_test("gRPC relay parenting") else { return };
+    let (back_port, relay_port) = (free_port(), free_port());
+    let backend = servers::grpc(back_port);
+    let relay = servers::grpc_relay(relay_port, back_port);
+    let mut client = Launcher::start();
+    let receiver = HttpReceiver::start();
+    let config = test_config(&format!(
+        "discovery:\n  - service.name: backend\n    pid: [{}]\n  - service.name: relay\n    pid: [{}]\n  - service.name: caller\n    pid: [{}]\n",
+        backend.pid(),
+        relay.pid(),
+        client.pid()
+    ));
+    let sonde = Sonde::start(&[], &config, &env(&receiver));
+    let script = fixture("grpc_app.py");
+    for scenario in ["relay", "relay-same"] {
+        assert_eq!(client.run(&format!("python3 {} call {relay_port} {scenario} 10", script.display())), 0);
+    }
+    // 160 calls, each seen as caller CLIENT and relay SERVER, then twice as relay CLIENT and
+    // backend SERVER.
+    let spans = receiver.collected.wait_for(960, WAIT);
+    let mut seen: BTreeMap<(String, String, String), usize> = BTreeMap::new();
+    for s in &spans {
+        *seen.entry((s.service().unwrap_or("?").to_owned(), s.kind.clone(), s.name.clone())).or_insert(0) += 1;
+    }
+    assert_eq!(spans.len(), 960, "{seen:#?}");
+    let of = |service: &str, kind: &str| -> Vec<&TestSpan> {
+        spans.iter().filter(|s| s.service() == Some(service) && s.kind == kind).collect()
+    };
+    let (callers, relay_in, relay_out, backend_in) =
+        (of("caller", "CLIENT"), of("relay", "SERVER"), of("relay", "CLIENT"), of("backend", "SERVER"));
+    for (what, list, per_call) in
+        [("caller", &callers, 1), ("relay in", &relay_in, 1), ("relay out", &relay_out, 2), ("backend", &backend_in, 2)]
+    {
+        let mut by_method: BTreeMap<String, usize> = BTreeMap::new();
+        for s in list.iter() {
+            assert_eq!(s.s("rpc.status_code"), Some("OK"), "{s:#?}");
+            *by_method.entry(s.name.clone()).or_insert(0) += 1;
+        }
+        let mut want: BTreeMap<String, usize> =
+            (0..8).map(|i| (format!("demo.Relay/Call{i}"), 10 * per_call)).collect();
+        *want.get_mut("demo.Relay/Call0").unwrap() += 80 * per_call;
+        assert_eq!(by_method, want, "{what}");
+    }
+    let by_id: BTreeMap<&str, &TestSpan> = spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    let parent_of = |s: &TestSpan| s.parent_id.as_deref().and_then(|p| by_id.get(p).copied());
+    // Across processes: joined by stream id, the same method.
+    for (children, parents) in [(&relay_in, "caller"), (&backend_in, "relay")] {
+        for s in children.iter() {
+            let p = parent_of(s).unwrap_or_else(|| panic!("{} without its caller: {s:#?}", s.name));
+            assert_eq!((p.service(), p.kind.as_str(), p.name.as_str()), (Some(parents), "CLIENT", s.name.as_str()));
+            assert_eq!(p.trace_id, s.trace_id);
+        }
+    }
+    // Inside the relay: a parent only on evidence, and then the right one.
+    let (mut linked_distinct, mut linked_same, mut unlinked) = (0, 0, 0);
+    for s in &relay_out {
+        let Some(p) = parent_of(s) else {
+            assert_eq!(s.name, "demo.Relay/Call0", "a call with a method of its own always has evidence: {s:#?}");
+            unlinked += 1;
+            continue;
+        };
+        assert_eq!(
+            (p.service(), p.kind.as_str(), p.name.as_str()),
+            (Some("relay"), "SERVER", s.name.as_str()),
+            "{s:#?}"
+        );
+        assert!(p.start_ns <= s.start_ns && s.end_ns <= p.end_ns, "the call lies within the request it serves");
+        if s.name == "demo.Relay/Call0" { linked_same += 1 } else { linked_distinct += 1 }
+    }
+    assert_eq!(linked_distinct, 140, "every call of Call1..Call7 nests under its request");
+    eprintln!("one method from 8 threads: {linked_same} linked, {unlinked} unlinked");
+    let finished = sonde.stop();
+    let counted = finished.counter("context_unlinked_ambiguous").unwrap_or(0)
+        + finished.counter("context_unlinked_other_thread").unwrap_or(0);
+    assert_eq!(counted, unlinked, "every unlinked call is counted: {}", finished.stderr);
+    assert_eq!(finished.counter("http2_parse_errors"), Some(0), "{}", finished.stderr);
+    drop(relay);
+    drop(backend);
+}
+
 /// nginx with HTTP/2 on a cleartext listener (curl --http2-prior-knowledge) and a TLS listener
 /// (ALPN h2, decrypted at nginx's OpenSSL): one SERVER span per request, version 2.
 #[test]

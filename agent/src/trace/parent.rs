@@ -5,7 +5,12 @@
 //!    (thread-per-request servers);
 //! 2. among the requests in flight on that thread (or, when it serves none, in the process),
 //!    exactly one has the same request target as the outgoing request (HTTP proxies: nginx
-//!    forwards `/a/b` upstream as `/a/b`).
+//!    forwards `/a/b` upstream as `/a/b`; gRPC relays forward the same method).
+//!
+//! A request read from an HTTP/2 connection is no evidence for its thread: many streams share
+//! one connection, and its reads are made by whichever I/O thread polls it (gRPC's C core, Go,
+//! Netty), not by the thread that handles the stream. Such requests count for rule 2 only, over
+//! the whole process.
 //!
 //! Otherwise the span starts its own trace and [`Unlinked`] says why, for the counters.
 
@@ -28,6 +33,9 @@ pub struct Serving {
     pub lineage: Lineage,
     /// HTTP request target (path and query), for the proxy rule.
     pub target: Option<Text>,
+    /// Whether the thread that read the request is the one that serves it (false for
+    /// HTTP/2: see the module comment).
+    pub thread_evidence: bool,
 }
 
 /// Why a client span with server requests in flight in its process got no parent.
@@ -55,6 +63,13 @@ pub enum Choice {
     /// Nothing in flight in the process: the call is a root (a client program, a background job).
     Root,
     Unlinked(Unlinked),
+}
+
+impl Serving {
+    /// Whether this request is evidence that thread `tid` is serving it.
+    fn serves_on(&self, tid: u32) -> bool {
+        self.thread_evidence && self.tid == tid
+    }
 }
 
 #[derive(Default)]
@@ -99,10 +114,11 @@ impl InFlightServers {
         }
     }
 
-    /// Requests in flight on thread `tid` of `pid`: how many, and the first.
+    /// Requests in flight on thread `tid` of `pid` that the thread serves itself: how many, and
+    /// the first.
     pub fn on_thread(&self, pid: u32, tid: u32) -> (usize, Option<&Serving>) {
         let Some(all) = self.by_pid.get(&pid) else { return (0, None) };
-        let mut on_thread = all.iter().filter(|s| s.tid == tid);
+        let mut on_thread = all.iter().filter(|s| s.serves_on(tid));
         let first = on_thread.next();
         (first.map_or(0, |_| 1 + on_thread.count()), first)
     }
@@ -111,11 +127,11 @@ impl InFlightServers {
     /// is `target`.
     pub fn choose(&self, pid: u32, tid: u32, target: Option<&str>) -> Choice {
         let Some(all) = self.by_pid.get(&pid) else { return Choice::Root };
-        let on_thread = all.iter().filter(|s| s.tid == tid).count();
+        let on_thread = all.iter().filter(|s| s.serves_on(tid)).count();
         if on_thread == 1 {
-            return all.iter().find(|s| s.tid == tid).map_or(Choice::Root, |s| Choice::Parent(s.lineage));
+            return all.iter().find(|s| s.serves_on(tid)).map_or(Choice::Root, |s| Choice::Parent(s.lineage));
         }
-        let pool = |s: &&Serving| on_thread == 0 || s.tid == tid;
+        let pool = |s: &&Serving| on_thread == 0 || s.serves_on(tid);
         if let Some(target) = target {
             let mut matches = all.iter().filter(pool).filter(|s| s.target.as_deref() == Some(target));
             if let (Some(only), None) = (matches.next(), matches.next()) {
@@ -143,7 +159,29 @@ mod tests {
     }
 
     fn serving(tid: u32, conn_id: u64, n: u8, target: &str) -> Serving {
-        Serving { tid, conn_id, seq: 0, lineage: lineage(n), target: Some(target.into()) }
+        Serving { tid, conn_id, seq: 0, lineage: lineage(n), target: Some(target.into()), thread_evidence: true }
+    }
+
+    fn http2_serving(tid: u32, conn_id: u64, n: u8, target: &str) -> Serving {
+        Serving { thread_evidence: false, ..serving(tid, conn_id, n, target) }
+    }
+
+    #[test]
+    fn http2_requests_are_no_evidence_for_their_reading_thread() {
+        let mut f = InFlightServers::default();
+        // An I/O thread read two streams; a handler thread makes the calls.
+        f.start(1, http2_serving(10, 1, 1, "/demo.Relay/Call1"));
+        assert_eq!(f.choose(1, 10, Some("/other")), Choice::Unlinked(Unlinked::OtherThread), "one stream read there");
+        assert_eq!(f.on_thread(1, 10).0, 0);
+        f.start(1, http2_serving(10, 1, 2, "/demo.Relay/Call2"));
+        // The target links from any thread of the process, the thread that read it included.
+        assert_eq!(f.choose(1, 20, Some("/demo.Relay/Call2")), Choice::Parent(lineage(2)));
+        assert_eq!(f.choose(1, 10, Some("/demo.Relay/Call1")), Choice::Parent(lineage(1)));
+        // An HTTP/1 request read on the calling thread still is evidence, and narrows the pool.
+        f.start(1, serving(20, 2, 3, "/plain"));
+        assert_eq!(f.choose(1, 20, Some("/demo.Relay/Call2")), Choice::Parent(lineage(3)));
+        f.start(1, serving(20, 3, 4, "/plain2"));
+        assert_eq!(f.choose(1, 20, Some("/demo.Relay/Call2")), Choice::Unlinked(Unlinked::Ambiguous));
     }
 
     #[test]

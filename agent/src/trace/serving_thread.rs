@@ -111,7 +111,7 @@ mod tests {
     }
 
     fn serving(tid: u32, conn_id: u64, n: u8) -> Serving {
-        Serving { tid, conn_id, seq: 0, lineage: lineage(n), target: None }
+        Serving { tid, conn_id, seq: 0, lineage: lineage(n), target: None, thread_evidence: true }
     }
 
     #[test]

@@ -14,10 +14,12 @@ pub const DEFAULT_CAPTURE: u32 = 4096;
 /// `MAX_CAPTURE` with lengths masked below `2 * MAX_CAPTURE`, so the verifier can bound every copy.
 pub const SCRATCH_PAYLOAD: usize = 3 * MAX_CAPTURE;
 /// iovecs read per readv/writev/recvmsg/sendmsg call; the byte count still covers all of them.
-/// gRPC (C-core) writes each HTTP/2 frame header and payload as iovecs of their own, 14 for a
-/// unary response: with fewer, a call's trailers fall in the uncopied part and its end is lost.
-/// Kernels whose verifier refuses 32 (5.10, 6.1) get the exit program built for [`COMPACT_IOVECS`].
-pub const MAX_IOVECS: u32 = 32;
+/// gRPC (C-core) writes each HTTP/2 frame header and payload as iovecs of their own: 14 for a
+/// unary response, 27 for a connection's first request, 36 for a relay's first burst of 8
+/// concurrent calls. A header block in the uncopied part loses the connection's HPACK table.
+/// 6.18's verifier takes 64 in about a second and refuses 128. Kernels whose verifier refuses
+/// the walk (5.10, 6.1) get the exit program built for [`COMPACT_IOVECS`].
+pub const MAX_IOVECS: u32 = 64;
 /// iovecs read per call where the verifier refuses [`MAX_IOVECS`].
 pub const COMPACT_IOVECS: u32 = 16;
 /// Entries in the traced-process filter map.
