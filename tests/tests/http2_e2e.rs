@@ -311,6 +311,16 @@ fn privileged_nginx_cleartext_and_tls_http2() {
         let query = spans.iter().find(|s| s.i("server.port") == Some(i64::from(port)) && s.s("url.query").is_some());
         assert_eq!(query.and_then(|s| s.s("url.query")), Some("user=REDACTED"));
     }
+    // An incoming traceparent (an HPACK literal) is honored: the span continues that trace.
+    let (trace, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    curl(
+        &["--http2-prior-knowledge", "-o", "/dev/null", "-H", &format!("traceparent: 00-{trace}-{parent}-01")],
+        &[format!("http://127.0.0.1:{plain}/index.html")],
+    );
+    let spans = receiver.collected.wait_for(9, WAIT);
+    let continued: Vec<&TestSpan> = spans.iter().filter(|s| s.trace_id == trace).collect();
+    assert_eq!(continued.len(), 1, "{spans:#?}");
+    assert_eq!(continued[0].parent_id.as_deref(), Some(parent));
     let finished = sonde.stop();
     assert_eq!(finished.counter("http2_parse_errors"), Some(0), "{}", finished.stderr);
     drop(nginx);

@@ -7,15 +7,16 @@
 //! The hook runs for every syscall on the host: the PID filter (one inlined array read) comes
 //! first, the registers are read only for traced processes.
 //!
-//! accept and connect keep their enter tracepoints (connect's socket must be known inside the
-//! call, at SYN_SENT); their exit comes here and takes the slot the enter filled.
+//! connect keeps its enter tracepoint (its socket must be known inside the call, at SYN_SENT);
+//! its exit comes here and takes the slot the enter filled. accept keeps its enter too (paired
+//! mode), but here its exit reads its arguments from the registers when no enter was seen.
 
 use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::raw_tracepoint, programs::RawTracePointContext};
 use sonde_common::{COMPACT_IOVECS, MAX_IOVECS, TRACED_FLAG_TLS};
 
 use crate::{
     data::{data_call, finish_call, splice_call},
-    maps::{Call, take_inflight, traced_current_flags},
+    maps::{Call, Inflight, take_inflight, traced_current_flags},
 };
 
 /// Where the syscall number and the first three arguments sit in `struct pt_regs`.
@@ -146,10 +147,24 @@ fn sys_exit<const IOVECS: u32>(ctx: RawTracePointContext) -> u32 {
             }
             return 0;
         }
-        arch::ACCEPT | arch::ACCEPT4 | arch::CONNECT => {
+        arch::CONNECT => {
             if let Some(rec) = take_inflight(pid_tgid) {
                 finish_call::<IOVECS>(pid_tgid, &rec, ret);
             }
+            return 0;
+        }
+        // accept(fd, addr, addrlen): everything is in the registers, so an accept already
+        // blocked when sonde attached (its enter never seen) is tracked too.
+        arch::ACCEPT | arch::ACCEPT4 => {
+            let rec = take_inflight(pid_tgid).filter(|r| matches!(r.call, Call::Accept)).unwrap_or(Inflight {
+                call: Call::Accept,
+                fd: a0 as u32,
+                ptr: a1,
+                len: 0,
+                role: 0,
+                _pad: 0,
+            });
+            finish_call::<IOVECS>(pid_tgid, &rec, ret);
             return 0;
         }
         // openat(dirfd, path, flags, mode), open(path, flags, mode), creat(path, mode): a
