@@ -64,14 +64,22 @@ fn error_code_name(code: u32) -> &'static str {
     NAMES.get(code as usize).copied().unwrap_or("_OTHER")
 }
 
-/// A header block being assembled from HEADERS/PUSH_PROMISE and CONTINUATION frames.
-#[derive(Debug)]
-struct Block {
+/// What the HEADERS (or PUSH_PROMISE) frame that starts a header block says about it.
+#[derive(Clone, Copy, Debug)]
+struct BlockHead {
     stream: u32,
     push: bool,
     end_stream: bool,
-    bytes: Vec<u8>,
+    /// Part of the block was not seen.
     cut: bool,
+}
+
+/// A header block being assembled from HEADERS/PUSH_PROMISE and CONTINUATION frames (a block in
+/// one frame is decoded where it lies, without this copy).
+#[derive(Debug)]
+struct Block {
+    head: BlockHead,
+    bytes: Vec<u8>,
 }
 
 /// One direction: its frames and its sender's HPACK table.
@@ -296,31 +304,30 @@ fn on_frame(
                 out.push(SessionEvent::ParseError { reason: "malformed HEADERS frame" });
                 return;
             };
-            let started = Block {
+            let head = BlockHead {
                 stream: h.stream,
                 push: h.kind == frame::PUSH_PROMISE,
                 end_stream: h.kind == frame::HEADERS && h.flags & frame::FLAG_END_STREAM != 0,
-                bytes: fragment.to_vec(),
                 cut: f.cut,
             };
             if h.flags & frame::FLAG_END_HEADERS != 0 {
-                on_block(seg, started, table, streams, seq_base, out);
+                on_block(seg, head, fragment, table, streams, seq_base, out);
             } else {
-                *block = Some(started);
+                *block = Some(Block { head, bytes: fragment.to_vec() });
             }
         }
         frame::CONTINUATION => {
-            let Some(mut open) = block.take().filter(|b| b.stream == h.stream) else {
+            let Some(mut open) = block.take().filter(|b| b.head.stream == h.stream) else {
                 table.lose_sync();
                 out.push(SessionEvent::ParseError { reason: "CONTINUATION without its HEADERS" });
                 return;
             };
             open.bytes.extend_from_slice(f.payload);
-            open.cut |= f.cut;
+            open.head.cut |= f.cut;
             if h.flags & frame::FLAG_END_HEADERS != 0 {
-                on_block(seg, open, table, streams, seq_base, out);
+                on_block(seg, open.head, &open.bytes, table, streams, seq_base, out);
             } else if open.bytes.len() > frame::MAX_KEPT_PAYLOAD {
-                open.cut = true;
+                open.head.cut = true;
                 open.bytes.truncate(frame::MAX_KEPT_PAYLOAD);
                 *block = Some(open);
             } else {
@@ -358,14 +365,15 @@ fn on_frame(
 /// A whole header block: decoded (keeping the table in step), then applied to its stream.
 fn on_block(
     seg: &Segment<'_>,
-    block: Block,
+    block: BlockHead,
+    bytes: &[u8],
     table: &mut hpack::Decoder,
     streams: &mut HashMap<u32, Stream>,
     seq_base: u64,
     out: &mut Vec<SessionEvent>,
 ) {
     let mut fields = Fields::default();
-    let decoded = table.decode(&block.bytes, |name, value| fields.take(name, value));
+    let decoded = table.decode(bytes, |name, value| fields.take(name, value));
     if block.cut {
         // The part never seen inserted entries sonde cannot know.
         table.lose_sync();
@@ -381,14 +389,14 @@ fn on_block(
         return;
     }
     match seg.side {
-        Side::Request => on_request_headers(seg, &block, fields, streams, seq_base, out),
-        Side::Response => on_response_headers(seg, &block, fields, streams, out),
+        Side::Request => on_request_headers(seg, block, fields, streams, seq_base, out),
+        Side::Response => on_response_headers(seg, block, fields, streams, out),
     }
 }
 
 fn on_request_headers(
     seg: &Segment<'_>,
-    block: &Block,
+    block: BlockHead,
     fields: Fields,
     streams: &mut HashMap<u32, Stream>,
     seq_base: u64,
@@ -430,7 +438,7 @@ fn on_request_headers(
 
 fn on_response_headers(
     seg: &Segment<'_>,
-    block: &Block,
+    block: BlockHead,
     fields: Fields,
     streams: &mut HashMap<u32, Stream>,
     out: &mut Vec<SessionEvent>,
