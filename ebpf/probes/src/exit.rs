@@ -15,7 +15,7 @@ use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::raw_tracepoint, programs:
 use sonde_common::{COMPACT_IOVECS, MAX_IOVECS, TRACED_FLAG_TLS};
 
 use crate::{
-    data::{data_call, finish_call, splice_call},
+    data::{data_call, finish_call, finish_conn_call, splice_call},
     maps::{Call, Inflight, take_inflight, traced_current_flags},
 };
 
@@ -147,24 +147,27 @@ fn sys_exit<const IOVECS: u32>(ctx: RawTracePointContext) -> u32 {
             }
             return 0;
         }
-        arch::CONNECT => {
-            if let Some(rec) = take_inflight(pid_tgid) {
-                finish_call::<IOVECS>(pid_tgid, &rec, ret);
+        // connect's enter saved its socket; accept(fd, addr, addrlen) is all in the registers,
+        // so an accept already blocked when sonde attached (no enter seen) is tracked too. One
+        // call site, without the data path: every inlined copy costs the verifier (5.10's
+        // refuses the program with two).
+        arch::ACCEPT | arch::ACCEPT4 | arch::CONNECT => {
+            let saved = take_inflight(pid_tgid);
+            let rec = if nr == arch::CONNECT {
+                saved
+            } else {
+                Some(saved.filter(|r| matches!(r.call, Call::Accept)).unwrap_or(Inflight {
+                    call: Call::Accept,
+                    fd: a0 as u32,
+                    ptr: a1,
+                    len: 0,
+                    role: 0,
+                    _pad: 0,
+                }))
+            };
+            if let Some(rec) = rec {
+                finish_conn_call(pid_tgid, &rec, ret);
             }
-            return 0;
-        }
-        // accept(fd, addr, addrlen): everything is in the registers, so an accept already
-        // blocked when sonde attached (its enter never seen) is tracked too.
-        arch::ACCEPT | arch::ACCEPT4 => {
-            let rec = take_inflight(pid_tgid).filter(|r| matches!(r.call, Call::Accept)).unwrap_or(Inflight {
-                call: Call::Accept,
-                fd: a0 as u32,
-                ptr: a1,
-                len: 0,
-                role: 0,
-                _pad: 0,
-            });
-            finish_call::<IOVECS>(pid_tgid, &rec, ret);
             return 0;
         }
         // openat(dirfd, path, flags, mode), open(path, flags, mode), creat(path, mode): a
