@@ -173,15 +173,9 @@ pub fn grpc_relay(port: u16, backend: u16) -> Server {
 /// The HTTP/1.1 server of tests/fixtures/h2c_upgrade.py on `port`, which switches to HTTP/2
 /// when a request asks (`Upgrade: h2c`): every path 200, `/missing` 404.
 pub fn h2c_upgrade(port: u16) -> Server {
-    h2c_upgrade_with(port, &[])
-}
-
-/// [`h2c_upgrade`] with the script's extra arguments (`block-in-accept`).
-pub fn h2c_upgrade_with(port: u16, args: &[&str]) -> Server {
     let child = Command::new("python3")
         .arg(fixture("h2c_upgrade.py"))
         .arg(port.to_string())
-        .args(args)
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

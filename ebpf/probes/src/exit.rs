@@ -7,16 +7,15 @@
 //! The hook runs for every syscall on the host: the PID filter (one inlined array read) comes
 //! first, the registers are read only for traced processes.
 //!
-//! connect keeps its enter tracepoint (its socket must be known inside the call, at SYN_SENT);
-//! its exit comes here and takes the slot the enter filled. accept keeps its enter too (paired
-//! mode), but here its exit reads its arguments from the registers when no enter was seen.
+//! accept and connect keep their enter tracepoints (connect's socket must be known inside the
+//! call, at SYN_SENT); their exit comes here and takes the slot the enter filled.
 
 use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::raw_tracepoint, programs::RawTracePointContext};
 use sonde_common::{COMPACT_IOVECS, MAX_IOVECS, TRACED_FLAG_TLS};
 
 use crate::{
-    data::{data_call, finish_call, finish_conn_call, splice_call},
-    maps::{Call, Inflight, take_inflight, traced_current_flags},
+    data::{data_call, finish_call, splice_call},
+    maps::{Call, take_inflight, traced_current_flags},
 };
 
 /// Where the syscall number and the first three arguments sit in `struct pt_regs`.
@@ -147,26 +146,9 @@ fn sys_exit<const IOVECS: u32>(ctx: RawTracePointContext) -> u32 {
             }
             return 0;
         }
-        // connect's enter saved its socket; accept(fd, addr, addrlen) is all in the registers,
-        // so an accept already blocked when sonde attached (no enter seen) is tracked too. One
-        // call site, without the data path: every inlined copy costs the verifier (5.10's
-        // refuses the program with two).
         arch::ACCEPT | arch::ACCEPT4 | arch::CONNECT => {
-            let saved = take_inflight(pid_tgid);
-            let rec = if nr == arch::CONNECT {
-                saved
-            } else {
-                Some(saved.filter(|r| matches!(r.call, Call::Accept)).unwrap_or(Inflight {
-                    call: Call::Accept,
-                    fd: a0 as u32,
-                    ptr: a1,
-                    len: 0,
-                    role: 0,
-                    _pad: 0,
-                }))
-            };
-            if let Some(rec) = rec {
-                finish_conn_call(pid_tgid, &rec, ret);
+            if let Some(rec) = take_inflight(pid_tgid) {
+                finish_call::<IOVECS>(pid_tgid, &rec, ret);
             }
             return 0;
         }
