@@ -143,44 +143,41 @@ fn node_tls_server(script: &str, port: u16) -> Server {
 
 /// The grpcio server of tests/fixtures/grpc_app.py (service demo.Greeter) on `port`.
 pub fn grpc(port: u16) -> Server {
-    let child = Command::new("python3")
-        .arg(fixture("grpc_app.py"))
-        .args(["serve", &port.to_string()])
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start the grpcio server (pip install grpcio, or cargo xtask setup)");
-    wait_listening(port);
-    Server { child, port, _dir: None }
+    python_fixture(
+        "grpc_app.py",
+        &["serve", &port.to_string()],
+        port,
+        "start the grpcio server (pip install grpcio, or cargo xtask setup)",
+    )
 }
 
 /// The grpcio relay of tests/fixtures/grpc_app.py on `port`: each demo.Relay call is forwarded
 /// to the same method on `backend` (a [`grpc`] server) over one channel.
 pub fn grpc_relay(port: u16, backend: u16) -> Server {
-    let child = Command::new("python3")
-        .arg(fixture("grpc_app.py"))
-        .args(["relay", &port.to_string(), &backend.to_string()])
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start the grpcio relay");
-    wait_listening(port);
-    Server { child, port, _dir: None }
+    python_fixture("grpc_app.py", &["relay", &port.to_string(), &backend.to_string()], port, "start the grpcio relay")
 }
 
 /// The HTTP/1.1 server of tests/fixtures/h2c_upgrade.py on `port`, which switches to HTTP/2
 /// when a request asks (`Upgrade: h2c`): every path 200, `/missing` 404.
 pub fn h2c_upgrade(port: u16) -> Server {
+    python_fixture(
+        "h2c_upgrade.py",
+        &[&port.to_string()],
+        port,
+        "start the h2c server (pip install h2, or cargo xtask setup)",
+    )
+}
+
+/// A Python server from tests/fixtures, in its own process group, once it listens on `port`.
+fn python_fixture(script: &str, args: &[&str], port: u16, what: &str) -> Server {
     let child = Command::new("python3")
-        .arg(fixture("h2c_upgrade.py"))
-        .arg(port.to_string())
+        .arg(fixture(script))
+        .args(args)
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
-        .expect("start the h2c server (pip install h2, or cargo xtask setup)");
+        .expect(what);
     wait_listening(port);
     Server { child, port, _dir: None }
 }
