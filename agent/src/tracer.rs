@@ -78,7 +78,7 @@ pub struct Tracer {
     /// What each thread last did with server requests (for log lines).
     threads: ServingThreads,
     joiner: Joiner,
-    resources: std::collections::HashMap<u32, Arc<Resource>>,
+    resources: foldhash::HashMap<u32, Arc<Resource>>,
     sampler: Sampler,
     pub clock: Clock,
     stats: Arc<Stats>,

@@ -74,23 +74,64 @@ fn any_value_len(v: &AttrValue) -> usize {
     }
 }
 
-/// KeyValue { key = 1; value = 2 } as field `field` of the parent, lengths computed up front.
+/// Encoded length of a tag for `field`.
+fn tag_len(field: u32) -> usize {
+    varint_len(u64::from(field << 3))
+}
+
+/// Encoded length of a length-delimited field holding `payload` bytes.
+fn len_field_len(field: u32, payload: usize) -> usize {
+    tag_len(field) + varint_len(payload as u64) + payload
+}
+
+/// Encoded length of a proto3 string field (absent when empty).
+fn string_field_len(field: u32, s: &str) -> usize {
+    if s.is_empty() { 0 } else { len_field_len(field, s.len()) }
+}
+
+/// Length of the KeyValue message { key = 1; value = 2 }.
+fn key_value_len(key: &str, v: &AttrValue) -> usize {
+    string_field_len(1, key) + len_field_len(2, any_value_len(v))
+}
+
+/// KeyValue { key = 1; value = 2 } as field `field` of the parent.
 fn key_value(out: &mut Vec<u8>, field: u32, key: &str, v: &AttrValue) {
-    let key_len = if key.is_empty() { 0 } else { 1 + varint_len(key.len() as u64) + key.len() };
-    let value_len = any_value_len(v);
     tag(out, field, LEN);
-    varint(out, (key_len + 1 + varint_len(value_len as u64) + value_len) as u64);
+    varint(out, key_value_len(key, v) as u64);
     string_field(out, 1, key);
     tag(out, 2, LEN);
-    varint(out, value_len as u64);
+    varint(out, any_value_len(v) as u64);
     any_value(out, v);
 }
 
-/// Writes a nested message built by `f` as field `field` of `out`.
-fn nested(out: &mut Vec<u8>, field: u32, scratch: &mut Vec<u8>, f: impl FnOnce(&mut Vec<u8>)) {
-    scratch.clear();
-    f(scratch);
-    bytes_field(out, field, scratch);
+/// Status { message = 2; code = 3 (ERROR = 2) } of an error span.
+fn error_status_len(message: &str) -> usize {
+    string_field_len(2, message) + tag_len(3) + 1
+}
+
+fn kind_number(kind: SpanKind) -> u64 {
+    match kind {
+        SpanKind::Server => 2,
+        SpanKind::Client => 3,
+    }
+}
+
+/// Length of the Span message [`span`] writes.
+fn span_len(s: &Span) -> usize {
+    let mut len = len_field_len(1, 16) + len_field_len(2, 8);
+    if s.context.parent_id.is_some() {
+        len += len_field_len(4, 8);
+    }
+    len += string_field_len(5, &s.name);
+    len += tag_len(6) + varint_len(kind_number(s.kind));
+    len += 2 * (tag_len(7) + 8);
+    for a in &s.attributes {
+        len += len_field_len(9, key_value_len(a.key, &a.value));
+    }
+    if let Status::Error(message) = &s.status {
+        len += len_field_len(15, error_status_len(message));
+    }
+    len + tag_len(16) + 4
 }
 
 fn span(out: &mut Vec<u8>, s: &Span) {
@@ -100,12 +141,8 @@ fn span(out: &mut Vec<u8>, s: &Span) {
         bytes_field(out, 4, &p.0);
     }
     string_field(out, 5, &s.name);
-    let kind = match s.kind {
-        SpanKind::Server => 2,
-        SpanKind::Client => 3,
-    };
     tag(out, 6, VARINT);
-    varint(out, kind);
+    varint(out, kind_number(s.kind));
     tag(out, 7, FIXED64);
     out.extend_from_slice(&s.start_unix_ns.to_le_bytes());
     tag(out, 8, FIXED64);
@@ -114,54 +151,75 @@ fn span(out: &mut Vec<u8>, s: &Span) {
         key_value(out, 9, a.key, &a.value);
     }
     if let Status::Error(message) = &s.status {
-        // Status { message = 2; code = 3 (ERROR = 2) }.
-        let mut status = Vec::with_capacity(message.len() + 8);
-        string_field(&mut status, 2, message);
-        tag(&mut status, 3, VARINT);
-        varint(&mut status, 2);
-        bytes_field(out, 15, &status);
+        tag(out, 15, LEN);
+        varint(out, error_status_len(message) as u64);
+        string_field(out, 2, message);
+        tag(out, 3, VARINT);
+        varint(out, 2);
     }
     // W3C flags: sampled (only sampled spans are exported), and "has remote parent" known.
     tag(out, 16, FIXED32);
     out.extend_from_slice(&(0x100u32 | 1).to_le_bytes());
 }
 
+/// Starts a length-delimited field whose payload the caller writes next.
+fn open_field(out: &mut Vec<u8>, field: u32, payload: usize) {
+    tag(out, field, LEN);
+    varint(out, payload as u64);
+}
+
 /// The request bytes for a batch: one ResourceSpans per distinct resource, in first-seen order.
+/// Every nested message's length is computed before it is written, so each span is written once,
+/// in place, into a buffer of the exact size (no scratch copies, no regrowth).
 pub fn encode(spans: &[Span]) -> Vec<u8> {
-    let mut groups: Vec<(Arc<Resource>, Vec<&Span>)> = Vec::new();
+    let mut groups: Vec<(Arc<Resource>, Vec<(&Span, usize)>)> = Vec::new();
     for s in spans {
+        let entry = (s, span_len(s));
         match groups.iter_mut().find(|(r, _)| Arc::ptr_eq(r, &s.resource) || **r == *s.resource) {
-            Some((_, v)) => v.push(s),
-            None => groups.push((s.resource.clone(), vec![s])),
+            Some((_, v)) => v.push(entry),
+            None => groups.push((s.resource.clone(), vec![entry])),
         }
     }
-    let mut out = Vec::with_capacity(spans.len() * 400 + 256);
-    let (mut span_buf, mut scope_buf, mut rs_buf) = (Vec::new(), Vec::new(), Vec::new());
-    for (resource, group) in groups {
-        rs_buf.clear();
-        // ResourceSpans { resource = 1; scope_spans = 2; schema_url = 3 }.
-        let mut res_buf = Vec::new();
-        for (k, v) in &resource.attributes {
-            key_value(&mut res_buf, 1, k, v);
-        }
-        bytes_field(&mut rs_buf, 1, &res_buf);
-        // ScopeSpans { scope = 1; spans = 2 }.
-        scope_buf.clear();
-        let mut scope = Vec::new();
-        nested(&mut scope_buf, 1, &mut scope, |m| {
-            string_field(m, 1, "sonde");
-            string_field(m, 2, env!("CARGO_PKG_VERSION"));
-        });
-        for s in group {
-            span_buf.clear();
-            span(&mut span_buf, s);
-            bytes_field(&mut scope_buf, 2, &span_buf);
-        }
-        bytes_field(&mut rs_buf, 2, &scope_buf);
-        string_field(&mut rs_buf, 3, SCHEMA_URL);
+    const SCOPE_NAME: &str = "sonde";
+    const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
+    let scope_len = string_field_len(1, SCOPE_NAME) + string_field_len(2, SCOPE_VERSION);
+    // (resource length, scope spans length, resource spans length) per group.
+    let lengths: Vec<(usize, usize, usize)> = groups
+        .iter()
+        .map(|(resource, group)| {
+            let resource_len: usize =
+                resource.attributes.iter().map(|(k, v)| len_field_len(1, key_value_len(k, v))).sum();
+            let scope_spans_len =
+                len_field_len(1, scope_len) + group.iter().map(|(_, len)| len_field_len(2, *len)).sum::<usize>();
+            let resource_spans_len =
+                len_field_len(1, resource_len) + len_field_len(2, scope_spans_len) + string_field_len(3, SCHEMA_URL);
+            (resource_len, scope_spans_len, resource_spans_len)
+        })
+        .collect();
+    let total = lengths.iter().map(|(_, _, rs)| len_field_len(1, *rs)).sum();
+    let mut out = Vec::with_capacity(total);
+    for ((resource, group), (resource_len, scope_spans_len, resource_spans_len)) in groups.iter().zip(lengths) {
         // ExportTraceServiceRequest { resource_spans = 1 }.
-        bytes_field(&mut out, 1, &rs_buf);
+        open_field(&mut out, 1, resource_spans_len);
+        // ResourceSpans { resource = 1; scope_spans = 2; schema_url = 3 }.
+        open_field(&mut out, 1, resource_len);
+        for (k, v) in &resource.attributes {
+            key_value(&mut out, 1, k, v);
+        }
+        // ScopeSpans { scope = 1; spans = 2 }.
+        open_field(&mut out, 2, scope_spans_len);
+        open_field(&mut out, 1, scope_len);
+        string_field(&mut out, 1, SCOPE_NAME);
+        string_field(&mut out, 2, SCOPE_VERSION);
+        for (s, len) in group {
+            open_field(&mut out, 2, *len);
+            let at = out.len();
+            span(&mut out, s);
+            debug_assert_eq!(out.len() - at, *len, "span length computed apart from its writer");
+        }
+        string_field(&mut out, 3, SCHEMA_URL);
     }
+    debug_assert_eq!(out.len(), total);
     out
 }
 

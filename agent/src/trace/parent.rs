@@ -14,7 +14,7 @@
 //!
 //! Otherwise the span starts its own trace and [`Unlinked`] says why, for the counters.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use super::{context::Lineage, span::Text};
 

@@ -8,7 +8,7 @@
 //! - several requests in flight on the thread (event loops): none, counted as ambiguous;
 //! - nothing yet, or the request finished on another thread: outside any request.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use super::{context::Lineage, parent::InFlightServers};
 
