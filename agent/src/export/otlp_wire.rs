@@ -168,11 +168,14 @@ fn open_field(out: &mut Vec<u8>, field: u32, payload: usize) {
     varint(out, payload as u64);
 }
 
+/// A span with its encoded length.
+type SizedSpan<'a> = (&'a Span, usize);
+
 /// The request bytes for a batch: one ResourceSpans per distinct resource, in first-seen order.
 /// Every nested message's length is computed before it is written, so each span is written once,
 /// in place, into a buffer of the exact size (no scratch copies, no regrowth).
 pub fn encode(spans: &[Span]) -> Vec<u8> {
-    let mut groups: Vec<(Arc<Resource>, Vec<(&Span, usize)>)> = Vec::new();
+    let mut groups: Vec<(Arc<Resource>, Vec<SizedSpan<'_>>)> = Vec::new();
     for s in spans {
         let entry = (s, span_len(s));
         match groups.iter_mut().find(|(r, _)| Arc::ptr_eq(r, &s.resource) || **r == *s.resource) {
