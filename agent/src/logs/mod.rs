@@ -11,7 +11,6 @@ pub mod severity;
 use std::{collections::HashMap, collections::VecDeque, sync::Arc};
 
 use lines::{Assembled, Writer};
-use serde_json::{Map, Value};
 pub use severity::Severity;
 
 use crate::{
@@ -160,24 +159,24 @@ impl LogStage {
         payload: &[u8],
         byte_count: u64,
     ) {
-        let path = if stream == LogStream::File {
-            match self.files.get(&(pid, fd)) {
-                Some(p) => Some(p.clone()),
+        let path = match stream {
+            LogStream::File => match self.files.get(&(pid, fd)) {
+                Some(p) => Some(p),
                 // A pending file user space did not classify as a log file.
                 None => return,
-            }
-        } else {
-            None
+            },
+            _ => None,
         };
         let lost = byte_count.saturating_sub(payload.len() as u64);
         if lost > 0 {
             Stats::add(&self.stats.log_bytes_not_captured, lost);
         }
         let link = view.serving(pid, tid);
+        // The path is shared only when a writer is new.
         let state = self.writers.entry(WriterKey { pid, fd, tid }).or_insert_with(|| WriterState {
             writer: Writer::default(),
             stream,
-            path: path.clone(),
+            path: path.cloned(),
         });
         let mut out = std::mem::take(&mut self.assembled);
         state.writer.write(payload, ts_ns, lost > 0, &link, &mut out);
@@ -356,9 +355,9 @@ fn send(sinks: &mut LogSinks, record: LogRecord) {
 /// A JSON object's level field, else a level stated in the first line.
 fn severity_of(body: &str) -> Option<Severity> {
     if body.starts_with('{')
-        && let Ok(object) = serde_json::from_str::<Map<String, Value>>(body)
+        && let Ok(severity) = severity::from_json(body)
     {
-        return severity::from_json(&object);
+        return severity;
     }
     severity::from_text(body.lines().next().unwrap_or(""))
 }

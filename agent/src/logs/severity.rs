@@ -3,7 +3,12 @@
 //! `[warn]`, Python's `WARNING:root:`). Mapped to OpenTelemetry's severity numbers; the text is
 //! kept as written. No stated level means no severity (stderr is not taken as an error).
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+
+use serde::{
+    Deserialize, Deserializer,
+    de::{IgnoredAny, MapAccess, SeqAccess, Visitor},
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Severity {
@@ -40,13 +45,85 @@ fn named(word: &str) -> Option<Severity> {
     level_number(word).map(|number| Severity { number, text: word.to_string() })
 }
 
-/// From a JSON object's level field; numeric levels follow pino/bunyan (10 trace … 60 fatal).
-pub fn from_json(object: &Map<String, Value>) -> Option<Severity> {
-    for key in ["level", "severity", "levelname", "log.level", "lvl", "loglevel"] {
-        match object.get(key) {
-            Some(Value::String(s)) => return named(s.trim()),
-            Some(Value::Number(n)) => {
-                let n = n.as_i64()?;
+/// A level field's value, borrowed from the record where it has no escapes.
+enum LevelValue<'a> {
+    Text(Cow<'a, str>),
+    Integer(i64),
+    /// A fractional number: not a level (the record has no severity).
+    Fraction,
+    /// Anything else: the next level field is tried.
+    Other,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for LevelValue<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Level<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Level<'a> {
+            type Value = LevelValue<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(LevelValue::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(LevelValue::Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(LevelValue::Integer(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(i64::try_from(v).map_or(LevelValue::Fraction, LevelValue::Integer))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(LevelValue::Fraction)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(LevelValue::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(LevelValue::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(LevelValue::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(LevelValue::Other)
+            }
+        }
+        d.deserialize_any(Level(std::marker::PhantomData))
+    }
+}
+
+/// The level fields of a JSON record, in the order they are tried; every other field is
+/// skipped without being built.
+#[derive(Deserialize)]
+struct LevelFields<'a> {
+    #[serde(borrow)]
+    level: Option<LevelValue<'a>>,
+    #[serde(borrow)]
+    severity: Option<LevelValue<'a>>,
+    #[serde(borrow)]
+    levelname: Option<LevelValue<'a>>,
+    #[serde(borrow, rename = "log.level")]
+    log_level: Option<LevelValue<'a>>,
+    #[serde(borrow)]
+    lvl: Option<LevelValue<'a>>,
+    #[serde(borrow)]
+    loglevel: Option<LevelValue<'a>>,
+}
+
+/// From a JSON record's level field; numeric levels follow pino/bunyan (10 trace … 60 fatal).
+/// Err when the text is not a JSON object.
+pub fn from_json(record: &str) -> Result<Option<Severity>, serde_json::Error> {
+    let fields: LevelFields<'_> = serde_json::from_str(record)?;
+    let LevelFields { level, severity, levelname, log_level, lvl, loglevel } = fields;
+    for value in [level, severity, levelname, log_level, lvl, loglevel].into_iter().flatten() {
+        match value {
+            LevelValue::Text(s) => return Ok(named(s.trim())),
+            LevelValue::Integer(n) => {
                 let number = match n {
                     ..=10 => 1,
                     11..=20 => 5,
@@ -55,12 +132,13 @@ pub fn from_json(object: &Map<String, Value>) -> Option<Severity> {
                     41..=50 => 17,
                     _ => 21,
                 };
-                return Some(Severity { number, text: n.to_string() });
+                return Ok(Some(Severity { number, text: n.to_string() }));
             }
-            _ => {}
+            LevelValue::Fraction => return Ok(None),
+            LevelValue::Other => {}
         }
     }
-    None
+    Ok(None)
 }
 
 /// From a text line.
@@ -150,11 +228,18 @@ mod tests {
 
     #[test]
     fn json_fields() {
-        let obj = |s: &str| serde_json::from_str::<Map<String, Value>>(s).unwrap();
-        assert_eq!(from_json(&obj(r#"{"level":"error","msg":"x"}"#)).map(|s| s.number), Some(17));
-        assert_eq!(from_json(&obj(r#"{"severity":"WARNING"}"#)).map(|s| s.number), Some(13));
-        assert_eq!(from_json(&obj(r#"{"level":50}"#)).map(|s| s.number), Some(17));
-        assert_eq!(from_json(&obj(r#"{"levelname":"INFO"}"#)).map(|s| s.text), Some("INFO".into()));
-        assert_eq!(from_json(&obj(r#"{"msg":"no level"}"#)), None);
+        let obj = |s: &str| from_json(s).unwrap();
+        assert_eq!(obj(r#"{"level":"error","msg":"x"}"#).map(|s| s.number), Some(17));
+        assert_eq!(obj(r#"{"severity":"WARNING"}"#).map(|s| s.number), Some(13));
+        assert_eq!(obj(r#"{"level":50}"#).map(|s| s.number), Some(17));
+        assert_eq!(obj(r#"{"levelname":"INFO"}"#).map(|s| s.text), Some("INFO".into()));
+        assert_eq!(obj(r#"{"msg":"no level"}"#), None);
+        // Fields are tried in order; a value that is no level moves on, a fraction ends it.
+        assert_eq!(obj(r#"{"lvl":"warn","level":{"n":1},"x":[1,{"y":2}]}"#).map(|s| s.number), Some(13));
+        assert_eq!(obj(r#"{"level":1.5,"severity":"error"}"#), None);
+        assert_eq!(obj(r#"{"log.level":"ERROR"}"#).map(|s| s.text), Some("ERROR".into()));
+        // An escaped value is unescaped before it is read.
+        assert_eq!(obj(r#"{"level":"\u0065rror"}"#).map(|s| s.number), Some(17));
+        assert!(from_json(r#"{"level":"error""#).is_err());
     }
 }
