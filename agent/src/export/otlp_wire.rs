@@ -116,24 +116,6 @@ fn kind_number(kind: SpanKind) -> u64 {
     }
 }
 
-/// Length of the Span message [`span`] writes.
-fn span_len(s: &Span) -> usize {
-    let mut len = len_field_len(1, 16) + len_field_len(2, 8);
-    if s.context.parent_id.is_some() {
-        len += len_field_len(4, 8);
-    }
-    len += string_field_len(5, &s.name);
-    len += tag_len(6) + varint_len(kind_number(s.kind));
-    len += 2 * (tag_len(7) + 8);
-    for a in &s.attributes {
-        len += len_field_len(9, key_value_len(a.key, &a.value));
-    }
-    if let Status::Error(message) = &s.status {
-        len += len_field_len(15, error_status_len(message));
-    }
-    len + tag_len(16) + 4
-}
-
 fn span(out: &mut Vec<u8>, s: &Span) {
     bytes_field(out, 1, &s.context.trace_id.0);
     bytes_field(out, 2, &s.context.span_id.0);
@@ -168,61 +150,48 @@ fn open_field(out: &mut Vec<u8>, field: u32, payload: usize) {
     varint(out, payload as u64);
 }
 
-/// A span with its encoded length.
-type SizedSpan<'a> = (&'a Span, usize);
-
 /// The request bytes for a batch: one ResourceSpans per distinct resource, in first-seen order.
-/// Every nested message's length is computed before it is written, so each span is written once,
-/// in place, into a buffer of the exact size (no scratch copies, no regrowth).
+/// Each span is written to a scratch buffer and copied once into its group's spans; the group is
+/// copied once into the request, behind headers computed from the parts' lengths. (Computing
+/// every span's length first to write it in place measured slower: attributes walked twice.)
 pub fn encode(spans: &[Span]) -> Vec<u8> {
-    let mut groups: Vec<(Arc<Resource>, Vec<SizedSpan<'_>>)> = Vec::new();
+    let mut groups: Vec<(Arc<Resource>, Vec<&Span>)> = Vec::new();
     for s in spans {
-        let entry = (s, span_len(s));
         match groups.iter_mut().find(|(r, _)| Arc::ptr_eq(r, &s.resource) || **r == *s.resource) {
-            Some((_, v)) => v.push(entry),
-            None => groups.push((s.resource.clone(), vec![entry])),
+            Some((_, v)) => v.push(s),
+            None => groups.push((s.resource.clone(), vec![s])),
         }
     }
     const SCOPE_NAME: &str = "sonde";
     const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
     let scope_len = string_field_len(1, SCOPE_NAME) + string_field_len(2, SCOPE_VERSION);
-    // (resource length, scope spans length, resource spans length) per group.
-    let lengths: Vec<(usize, usize, usize)> = groups
-        .iter()
-        .map(|(resource, group)| {
-            let resource_len: usize =
-                resource.attributes.iter().map(|(k, v)| len_field_len(1, key_value_len(k, v))).sum();
-            let scope_spans_len =
-                len_field_len(1, scope_len) + group.iter().map(|(_, len)| len_field_len(2, *len)).sum::<usize>();
-            let resource_spans_len =
-                len_field_len(1, resource_len) + len_field_len(2, scope_spans_len) + string_field_len(3, SCHEMA_URL);
-            (resource_len, scope_spans_len, resource_spans_len)
-        })
-        .collect();
-    let total = lengths.iter().map(|(_, _, rs)| len_field_len(1, *rs)).sum();
-    let mut out = Vec::with_capacity(total);
-    for ((resource, group), (resource_len, scope_spans_len, resource_spans_len)) in groups.iter().zip(lengths) {
-        // ExportTraceServiceRequest { resource_spans = 1 }.
-        open_field(&mut out, 1, resource_spans_len);
-        // ResourceSpans { resource = 1; scope_spans = 2; schema_url = 3 }.
-        open_field(&mut out, 1, resource_len);
+    let mut out = Vec::with_capacity(spans.len() * 420 + 256);
+    let mut span_buf = Vec::with_capacity(1024);
+    let (mut resource_buf, mut spans_buf) = (Vec::new(), Vec::with_capacity(spans.len() * 420));
+    for (resource, group) in groups {
+        resource_buf.clear();
         for (k, v) in &resource.attributes {
-            key_value(&mut out, 1, k, v);
+            key_value(&mut resource_buf, 1, k, v);
         }
-        // ScopeSpans { scope = 1; spans = 2 }.
-        open_field(&mut out, 2, scope_spans_len);
-        open_field(&mut out, 1, scope_len);
-        string_field(&mut out, 1, SCOPE_NAME);
-        string_field(&mut out, 2, SCOPE_VERSION);
-        for (s, len) in group {
-            open_field(&mut out, 2, *len);
-            let at = out.len();
-            span(&mut out, s);
-            debug_assert_eq!(out.len() - at, *len, "span length computed apart from its writer");
+        // ScopeSpans { scope = 1; spans = 2 }: the scope, then each span.
+        spans_buf.clear();
+        open_field(&mut spans_buf, 1, scope_len);
+        string_field(&mut spans_buf, 1, SCOPE_NAME);
+        string_field(&mut spans_buf, 2, SCOPE_VERSION);
+        for s in group {
+            span_buf.clear();
+            span(&mut span_buf, s);
+            bytes_field(&mut spans_buf, 2, &span_buf);
         }
+        // ExportTraceServiceRequest { resource_spans = 1 } holding
+        // ResourceSpans { resource = 1; scope_spans = 2; schema_url = 3 }.
+        let resource_spans_len =
+            len_field_len(1, resource_buf.len()) + len_field_len(2, spans_buf.len()) + string_field_len(3, SCHEMA_URL);
+        open_field(&mut out, 1, resource_spans_len);
+        bytes_field(&mut out, 1, &resource_buf);
+        bytes_field(&mut out, 2, &spans_buf);
         string_field(&mut out, 3, SCHEMA_URL);
     }
-    debug_assert_eq!(out.len(), total);
     out
 }
 
