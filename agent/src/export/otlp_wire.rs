@@ -32,9 +32,14 @@ fn tag(out: &mut Vec<u8>, field: u32, wire: u32) {
     varint(out, u64::from(field << 3 | wire));
 }
 
-fn bytes_field(out: &mut Vec<u8>, field: u32, b: &[u8]) {
+/// Starts a length-delimited field whose payload the caller writes next.
+fn open_field(out: &mut Vec<u8>, field: u32, payload: usize) {
     tag(out, field, LEN);
-    varint(out, b.len() as u64);
+    varint(out, payload as u64);
+}
+
+fn bytes_field(out: &mut Vec<u8>, field: u32, b: &[u8]) {
+    open_field(out, field, b.len());
     out.extend_from_slice(b);
 }
 
@@ -89,18 +94,12 @@ fn string_field_len(field: u32, s: &str) -> usize {
     if s.is_empty() { 0 } else { len_field_len(field, s.len()) }
 }
 
-/// Length of the KeyValue message { key = 1; value = 2 }.
-fn key_value_len(key: &str, v: &AttrValue) -> usize {
-    string_field_len(1, key) + len_field_len(2, any_value_len(v))
-}
-
-/// KeyValue { key = 1; value = 2 } as field `field` of the parent.
+/// KeyValue { key = 1; value = 2 } as field `field` of the parent, lengths computed up front.
 fn key_value(out: &mut Vec<u8>, field: u32, key: &str, v: &AttrValue) {
-    tag(out, field, LEN);
-    varint(out, key_value_len(key, v) as u64);
+    let value_len = any_value_len(v);
+    open_field(out, field, string_field_len(1, key) + len_field_len(2, value_len));
     string_field(out, 1, key);
-    tag(out, 2, LEN);
-    varint(out, any_value_len(v) as u64);
+    open_field(out, 2, value_len);
     any_value(out, v);
 }
 
@@ -133,8 +132,7 @@ fn span(out: &mut Vec<u8>, s: &Span) {
         key_value(out, 9, a.key, &a.value);
     }
     if let Status::Error(message) = &s.status {
-        tag(out, 15, LEN);
-        varint(out, error_status_len(message) as u64);
+        open_field(out, 15, error_status_len(message));
         string_field(out, 2, message);
         tag(out, 3, VARINT);
         varint(out, 2);
@@ -142,12 +140,6 @@ fn span(out: &mut Vec<u8>, s: &Span) {
     // W3C flags: sampled (only sampled spans are exported), and "has remote parent" known.
     tag(out, 16, FIXED32);
     out.extend_from_slice(&(0x100u32 | 1).to_le_bytes());
-}
-
-/// Starts a length-delimited field whose payload the caller writes next.
-fn open_field(out: &mut Vec<u8>, field: u32, payload: usize) {
-    tag(out, field, LEN);
-    varint(out, payload as u64);
 }
 
 /// The request bytes for a batch: one ResourceSpans per distinct resource, in first-seen order.
