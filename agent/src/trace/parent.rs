@@ -14,6 +14,8 @@
 //!
 //! Otherwise the span starts its own trace and [`Unlinked`] says why, for the counters.
 
+use std::collections::VecDeque;
+
 use foldhash::HashMap;
 
 use super::{context::Lineage, span::Text};
@@ -72,23 +74,32 @@ impl Serving {
     }
 }
 
+/// Per process, oldest first: requests mostly finish in the order they started, so the one
+/// that finishes is found near the front and removed without moving the rest.
 #[derive(Default)]
 pub struct InFlightServers {
-    by_pid: HashMap<u32, Vec<Serving>>,
+    by_pid: HashMap<u32, VecDeque<Serving>>,
 }
 
 impl InFlightServers {
     pub fn start(&mut self, pid: u32, serving: Serving) {
         let list = self.by_pid.entry(pid).or_default();
         if list.len() >= MAX_IN_FLIGHT_PER_PROCESS {
-            list.remove(0);
+            list.pop_front();
         }
-        list.push(serving);
+        list.push_back(serving);
     }
 
     /// The request at `seq` on the connection finished (or will never finish).
     pub fn finish(&mut self, pid: u32, conn_id: u64, seq: u64) {
-        self.retain(pid, |s| !(s.conn_id == conn_id && s.seq == seq));
+        let Some(list) = self.by_pid.get_mut(&pid) else { return };
+        // A (connection, position) pair is started once, so the first match is the only one.
+        if let Some(i) = list.iter().position(|s| s.conn_id == conn_id && s.seq == seq) {
+            list.remove(i);
+        }
+        if list.is_empty() {
+            self.by_pid.remove(&pid);
+        }
     }
 
     /// The connection closed: nothing on it is in flight any more.
@@ -102,7 +113,7 @@ impl InFlightServers {
 
     /// Requests in flight, over all processes.
     pub fn count(&self) -> usize {
-        self.by_pid.values().map(Vec::len).sum()
+        self.by_pid.values().map(VecDeque::len).sum()
     }
 
     fn retain(&mut self, pid: u32, keep: impl Fn(&Serving) -> bool) {

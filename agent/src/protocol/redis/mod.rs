@@ -111,6 +111,8 @@ pub struct RedisSession {
     subscribed: bool,
     /// When the last reply bytes were seen.
     last_reply_ts: u64,
+    /// Values completed by the syscall being fed.
+    values: Vec<Value>,
 }
 
 impl Default for RedisSession {
@@ -123,6 +125,7 @@ impl Default for RedisSession {
             db: 0,
             subscribed: false,
             last_reply_ts: 0,
+            values: Vec::new(),
         }
     }
 }
@@ -136,7 +139,8 @@ impl Session for RedisSession {
         if seg.side == Side::Response {
             self.last_reply_ts = seg.ts_ns;
         }
-        let mut values = Vec::new();
+        // The scratch list keeps its capacity from one syscall to the next.
+        let mut values = std::mem::take(&mut self.values);
         let reader = match seg.side {
             Side::Request => &mut self.requests,
             Side::Response => &mut self.replies,
@@ -145,12 +149,13 @@ impl Session for RedisSession {
         {
             out.push(SessionEvent::ParseError { reason });
         }
-        for v in values {
+        for v in values.drain(..) {
             match seg.side {
                 Side::Request => self.on_command(v, out),
                 Side::Response => self.on_reply(v, seg.ts_ns, out),
             }
         }
+        self.values = values;
     }
 
     fn close(&mut self, _ts_ns: u64, out: &mut Vec<SessionEvent>) {
@@ -169,9 +174,10 @@ impl RedisSession {
         if self.replies.is_desynced() {
             self.recover_replies(v.first_ts, out);
         }
-        let Some(name) = v.strings.first().map(|s| s.to_ascii_uppercase()) else {
+        let Some(mut name) = v.strings.first().cloned() else {
             return;
         };
+        name.as_mut_str().make_ascii_uppercase();
         // Redis skips empty inline lines without a reply: no command, nothing to pair.
         if v.kind == b'i' && name.trim().is_empty() {
             return;
@@ -204,10 +210,11 @@ impl RedisSession {
     }
 
     fn on_reply(&mut self, v: Value, ts: u64, out: &mut Vec<SessionEvent>) {
-        let first = v.strings.first().map(|s| s.to_ascii_lowercase()).unwrap_or_default();
+        // Only an aggregate can be a subscription confirmation or a pushed message.
+        let aggregate = v.kind == b'*' || v.kind == b'>';
+        let first = v.strings.first().filter(|_| aggregate).map(Text::as_str).unwrap_or_default();
         let front_is_subscribe = self.pending.front().is_some_and(|p| SUBSCRIBE_FAMILY.contains(&p.operation.as_str()));
-        let is_confirmation =
-            (v.kind == b'*' || v.kind == b'>') && SUBSCRIBE_FAMILY.iter().any(|c| c.eq_ignore_ascii_case(&first));
+        let is_confirmation = aggregate && SUBSCRIBE_FAMILY.iter().any(|c| c.eq_ignore_ascii_case(first));
         if is_confirmation {
             // The remaining subscription count tells whether pushes can still arrive.
             self.subscribed = v.strings.get(2).and_then(|n| n.parse::<u64>().ok()).is_none_or(|n| n > 0);
@@ -216,7 +223,9 @@ impl RedisSession {
                 return;
             }
         } else if v.kind == b'>'
-            || (self.subscribed && v.kind == b'*' && matches!(first.as_str(), "message" | "pmessage" | "smessage"))
+            || (self.subscribed
+                && v.kind == b'*'
+                && ["message", "pmessage", "smessage"].iter().any(|m| m.eq_ignore_ascii_case(first)))
         {
             // Pushed data is not an answer to any command.
             return;

@@ -2,6 +2,8 @@
 //! only what pairing and naming need (type, first strings, element count). Bulk payloads are
 //! skipped by length, so values larger than the capture keep framing.
 
+use smallvec::SmallVec;
+
 use crate::trace::span::Text;
 
 /// Leaf strings kept per value (command name, subcommand or first argument, third element).
@@ -18,8 +20,9 @@ const MAX_DEPTH: usize = 64;
 pub struct Value {
     /// RESP type byte of the top value (`*`, `+`, `-`, `$`, `>`, ...), or `i` for an inline command.
     pub kind: u8,
-    /// For aggregates, their first leaf strings; for simple values, the value itself.
-    pub strings: Vec<Text>,
+    /// For aggregates, their first leaf strings; for simple values, the value itself. Inline:
+    /// a value per command must not cost an allocation.
+    pub strings: SmallVec<[Text; KEPT_STRINGS]>,
     /// Elements of a top-level aggregate (arguments of a command).
     pub elements: u64,
     /// Time of the syscall that carried its first byte.
@@ -210,10 +213,16 @@ impl Reader {
     }
 
     fn line_done(&mut self, emit: &mut impl FnMut(Value)) -> Result<(), &'static str> {
+        // The buffer goes back afterwards, so its capacity serves the next line.
         let mut line = std::mem::take(&mut self.line);
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
+        let done = self.complete_line(&line, emit);
+        line.clear();
+        self.line = line;
+        done
+    }
+
+    fn complete_line(&mut self, line: &[u8], emit: &mut impl FnMut(Value)) -> Result<(), &'static str> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
         let state = self.state;
         self.state = State::Type;
         match state {
@@ -225,7 +234,7 @@ impl Reader {
             }
             State::Line(kind) => match kind {
                 b'$' | b'=' | b'!' => {
-                    let n = parse_len(&line)?;
+                    let n = parse_len(line)?;
                     if n < 0 {
                         self.element_done(None, emit);
                     } else {
@@ -236,7 +245,7 @@ impl Reader {
                     }
                 }
                 b'*' | b'~' | b'>' | b'%' | b'|' => {
-                    let n = parse_len(&line)?;
+                    let n = parse_len(line)?;
                     let elements = if kind == b'%' || kind == b'|' { n.saturating_mul(2) } else { n };
                     if self.stack.is_empty() && kind != b'|' {
                         self.current.elements = n.max(0) as u64;
@@ -254,7 +263,7 @@ impl Reader {
                         }
                     }
                 }
-                _ => self.element_done(Some(keep(&line)), emit),
+                _ => self.element_done(Some(keep(line)), emit),
             },
             _ => {}
         }
