@@ -192,7 +192,7 @@ pub fn nginx_h2(plain: u16, tls: u16) -> Server {
     let (cert, key) = tls_cert(dir.path());
     let d = dir.path().display();
     let conf = format!(
-        "daemon off;\nmaster_process on;\nworker_processes 1;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    listen 127.0.0.1:{plain} http2;\n    listen 127.0.0.1:{tls} ssl http2;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    root {root};\n    location /teapot {{ return 418 \"short and stout\"; }}\n  }}\n}}\n",
+        "daemon off;\nmaster_process on;\nworker_processes 1;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    listen 127.0.0.1:{plain} http2;\n    listen 127.0.0.1:{tls} ssl http2;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    root {root};\n    location /teapot {{ return 418 \"short and stout\"; }}\n    location = /stub_status {{ stub_status; }}\n  }}\n}}\n",
         root = root.display(),
         cert = cert.display(),
         key = key.display(),
@@ -249,7 +249,7 @@ pub fn nginx_logging(port: u16, tls: Option<()>, access_log: Option<&std::path::
         None => format!("listen 127.0.0.1:{port};"),
     };
     let conf = format!(
-        "daemon off;\nmaster_process on;\nworker_processes 2;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log {access};\n  sendfile on;\n  keepalive_requests 100000;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    {listen}\n    root {root};\n    location /teapot {{ return 418 \"short and stout\"; }}\n  }}\n}}\n",
+        "daemon off;\nmaster_process on;\nworker_processes 2;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log {access};\n  sendfile on;\n  keepalive_requests 100000;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    {listen}\n    root {root};\n    location /teapot {{ return 418 \"short and stout\"; }}\n    location = /stub_status {{ stub_status; }}\n  }}\n}}\n",
         root = root.display(),
         access = access_log.map_or("off".to_string(), |p| p.display().to_string()),
     );

@@ -10,6 +10,7 @@ mod load;
 mod micro;
 mod probe;
 mod report;
+mod served;
 mod sink;
 
 use std::time::Duration;
@@ -47,6 +48,8 @@ pub struct OnRun {
     /// Spans measured (metrics count every one, sampled or not).
     pub spans_created: u64,
     pub spans_dropped: u64,
+    /// Requests the server counted while sonde ran, where it can tell (see `served`).
+    pub served: Option<u64>,
 }
 
 pub struct Outcome {
@@ -74,11 +77,13 @@ pub struct Scenario<'a> {
     pub sampled: Option<f64>,
     /// sonde's arguments that select the server.
     pub select: &'a [String],
+    /// The server's own count of requests served, where it keeps one.
+    pub served: Option<served::Counter>,
 }
 
 impl<'a> Scenario<'a> {
     fn new(name: impl Into<String>, command: String, select: &'a [String]) -> Self {
-        Self { name: name.into(), command, tls: false, spans_per_request: 1, sampled: None, select }
+        Self { name: name.into(), command, tls: false, spans_per_request: 1, sampled: None, select, served: None }
     }
 }
 
@@ -210,6 +215,7 @@ fn measure(scenario: Scenario, opts: &Options, sink: &sink::Sink, mut load: impl
         );
         out.floor.push(run);
 
+        let served_before = scenario.served.as_ref().map(served::Counter::read);
         let sonde = Sonde::start(&args, "", &env);
         let pid = sonde.pid();
         let (cpu0, (ns0, runs0)) = (probe::cpu_seconds(pid), bpf_stats::run_time(pid));
@@ -223,6 +229,7 @@ fn measure(scenario: Scenario, opts: &Options, sink: &sink::Sink, mut load: impl
         let rss = probe::peak_rss_mib(pid);
         let finished = sonde.stop();
         assert!(finished.status.success(), "sonde failed:\n{}", finished.stderr);
+        let served = scenario.served.as_ref().zip(served_before).map(|(c, before)| served::between(before, c.read()));
         let c = |k: &str| finished.counter(k).unwrap_or(0);
         let run = OnRun {
             load: on,
@@ -236,9 +243,10 @@ fn measure(scenario: Scenario, opts: &Options, sink: &sink::Sink, mut load: impl
             spans_exported: c("spans_exported"),
             spans_created: c("spans_created"),
             spans_dropped: c("spans_dropped_queue_full") + c("spans_dropped_export_failed"),
+            served,
         };
         println!(
-            "    pair {pair}: on    {:>9.0}/s p50 {:.3} ms p99 {:.3} ms; sonde {:.2} CPU s, {:.1} MiB, {} ns/req in kernel, {} spans / {} requests, {} lost",
+            "    pair {pair}: on    {:>9.0}/s p50 {:.3} ms p99 {:.3} ms; sonde {:.2} CPU s, {:.1} MiB, {} ns/req in kernel, {} spans / {} requests ({} served), {} lost",
             run.load.per_second,
             run.load.p50_ms,
             run.load.p99_ms,
@@ -247,6 +255,7 @@ fn measure(scenario: Scenario, opts: &Options, sink: &sink::Sink, mut load: impl
             run.bpf_ns / run.load.requests.max(1),
             run.spans_exported,
             run.load.requests,
+            run.served.map_or("?".to_owned(), |n| n.to_string()),
             run.events_lost
         );
         out.on.push(run);
@@ -275,15 +284,19 @@ fn main() {
     // 1. nginx, small static file, wrk at saturation.
     let nginx = servers::nginx(free_port());
     let url = format!("http://127.0.0.1:{}/index.html", nginx.port);
+    let nginx_status = served::Counter::NginxStatus(format!("http://127.0.0.1:{}/stub_status", nginx.port));
     let select = vec!["--open-ports".to_owned(), nginx.port.to_string()];
     let mut baseline = None;
     if opts.runs("nginx") {
         let o = measure(
-            Scenario::new(
-                "nginx, small file, wrk saturation (keep-alive, 32 connections)",
-                format!("wrk -t 1 -c 32 -d {secs}s --latency {url}"),
-                &select,
-            ),
+            Scenario {
+                served: Some(nginx_status.clone()),
+                ..Scenario::new(
+                    "nginx, small file, wrk saturation (keep-alive, 32 connections)",
+                    format!("wrk -t 1 -c 32 -d {secs}s --latency {url}"),
+                    &select,
+                )
+            },
             &opts,
             &sink,
             || load::wrk(&url, 32, secs),
@@ -300,11 +313,14 @@ fn main() {
         };
         let port = nginx.port;
         outcomes.push(measure(
-            Scenario::new(
-                "nginx, small file, fixed rate at half the baseline maximum",
-                format!("open-loop client (bench/load.rs): {rate} req/s over {FIXED_RATE_CONNECTIONS} keep-alive connections for {secs}s"),
-                &select,
-            ),
+            Scenario {
+                served: Some(nginx_status.clone()),
+                ..Scenario::new(
+                    "nginx, small file, fixed rate at half the baseline maximum",
+                    format!("open-loop client (bench/load.rs): {rate} req/s over {FIXED_RATE_CONNECTIONS} keep-alive connections for {secs}s"),
+                    &select,
+                )
+            },
             &opts,
             &sink,
             || load::fixed_rate(port, "/index.html", rate, FIXED_RATE_CONNECTIONS, secs),
@@ -327,6 +343,7 @@ fn main() {
             &select,
         );
         scenario.sampled = sampled;
+        scenario.served = Some(served::Counter::Redis(port));
         outcomes.push(measure(scenario, &opts, &sink, || load::redis_benchmark(port, pipeline, n)));
     }
 
@@ -378,6 +395,7 @@ fn main() {
             &select,
         );
         scenario.tls = true;
+        scenario.served = Some(served::Counter::NginxStatus(format!("https://127.0.0.1:{}/stub_status", nginx.port)));
         outcomes.push(measure(scenario, &opts, &sink, || load::wrk(&url, 32, secs)));
     }
     drop(nginx);

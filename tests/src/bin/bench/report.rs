@@ -34,7 +34,24 @@ pub struct Summary {
     /// Spans measured by the metrics (sampled or not).
     pub created: u64,
     pub requests: u64,
+    /// Requests the server counted, where every run could read its count.
+    pub served: Option<u64>,
     pub dropped: u64,
+}
+
+impl Summary {
+    /// Requests to expect spans for: the server's count where known, else the client's.
+    fn served_or_requests(&self) -> u64 {
+        self.served.unwrap_or(self.requests)
+    }
+
+    /// "N requests", with the server's count beside the client's where known.
+    fn requests_text(&self) -> String {
+        match self.served {
+            Some(n) => format!("{n} requests served ({} counted by the client)", self.requests),
+            None => format!("{} requests", self.requests),
+        }
+    }
 }
 
 pub fn summarize(o: &Outcome) -> Summary {
@@ -56,6 +73,7 @@ pub fn summarize(o: &Outcome) -> Summary {
         spans: o.on.iter().map(|r| r.spans_exported).sum(),
         created: o.on.iter().map(|r| r.spans_created).sum(),
         requests: o.on.iter().map(|r| r.load.requests).sum(),
+        served: o.on.iter().map(|r| r.served).sum(),
         dropped: o.on.iter().map(|r| r.spans_dropped).sum(),
     }
 }
@@ -133,7 +151,7 @@ fn verdict(ok: bool) -> &'static str {
 
 pub fn summary_table(outcomes: &[Outcome]) -> String {
     let mut t = String::from(
-        "| scenario | req/s without | req/s with | ratio (median of pairs) | p50 ms without / with | p99 ms without / with | sonde CPU s per 10k req | sonde peak RSS MiB | in-kernel ns per req | eBPF program runs per req | events lost | spans exported / requests |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| scenario | req/s without | req/s with | ratio (median of pairs) | p50 ms without / with | p99 ms without / with | sonde CPU s per 10k req | sonde peak RSS MiB | in-kernel ns per req | eBPF program runs per req | events lost | spans exported / requests served |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for o in outcomes {
         let s = summarize(o);
@@ -154,7 +172,7 @@ pub fn summary_table(outcomes: &[Outcome]) -> String {
             s.kernel_runs,
             s.lost,
             s.spans,
-            s.requests,
+            s.served_or_requests(),
             if s.dropped > 0 { format!(" ({} dropped)", s.dropped) } else { String::new() }
         );
     }
@@ -222,16 +240,16 @@ fn targets(outcomes: &[Outcome]) -> String {
             verdict(s.kernel_ns <= limit)
         );
         let _ = writeln!(t, "| {}: RSS <= 40 MB | {:.1} MiB | {} |", o.name, s.rss_mib, verdict(s.rss_mib <= 38.1));
-        let expected = s.requests * o.spans_per_request;
+        let expected = s.served_or_requests() * o.spans_per_request;
         match o.sampled {
             None => {
                 let _ = writeln!(
                     t,
-                    "| {}: spans exported == {} per request, 0 lost | {} / {} requests, {} lost | {} |",
+                    "| {}: spans exported == {} per request, 0 lost | {} / {}, {} lost | {} |",
                     o.name,
                     o.spans_per_request,
                     s.spans,
-                    s.requests,
+                    s.requests_text(),
                     s.lost,
                     verdict(s.spans == expected && s.lost == 0)
                 );
@@ -240,13 +258,13 @@ fn targets(outcomes: &[Outcome]) -> String {
                 // Metrics count every span; the sampler only decides which are exported.
                 let _ = writeln!(
                     t,
-                    "| {}: every request measured, about {:.0}% exported, 0 lost | {} measured, {} exported ({:.2}%) / {} requests, {} lost | {} |",
+                    "| {}: every request measured, about {:.0}% exported, 0 lost | {} measured, {} exported ({:.2}%) / {}, {} lost | {} |",
                     o.name,
                     ratio * 100.0,
                     s.created,
                     s.spans,
-                    s.spans as f64 / s.requests.max(1) as f64 * 100.0,
-                    s.requests,
+                    s.spans as f64 / s.served_or_requests().max(1) as f64 * 100.0,
+                    s.requests_text(),
                     s.lost,
                     verdict(s.created == expected && s.lost == 0)
                 );
@@ -301,7 +319,7 @@ pub fn markdown(outcomes: &[Outcome], micro: &[(String, f64)], opts: &Options) -
     );
     md.push_str("\n## Results\n\n");
     md.push_str(&summary_table(outcomes));
-    md.push_str("\n- sonde CPU s per 10k requests is also cores per 10k requests/s.\n- in-kernel ns per request: run_time_ns of all of sonde's eBPF programs (kernel.bpf_stats_enabled) over the run, divided by requests served; runs per request counts every run of those programs, including the\n  ones for the load generator's own syscalls that the PID filter rejects.\n");
+    md.push_str("\n- sonde CPU s per 10k requests is also cores per 10k requests/s.\n- requests served: the server's own count while sonde ran (nginx `stub_status`, Redis `total_commands_processed`), read before sonde starts and after it stops; the client's count where the server keeps none (pgbench, the Python service). wrk stops with a request in flight on each connection (served, not counted by wrk) and redis-benchmark sends two CONFIG GET per run, so the clients' counts are lower.\n- in-kernel ns per request: run_time_ns of all of sonde's eBPF programs (kernel.bpf_stats_enabled) over the run, divided by requests served; runs per request counts every run of those programs, including the\n  ones for the load generator's own syscalls that the PID filter rejects.\n");
     md.push_str("\n## The floor: what the hooks cost before sonde does anything\n\n");
     md.push_str(&floor_table(outcomes));
     md.push_str(FLOOR_NOTES);
@@ -327,12 +345,12 @@ pub fn markdown(outcomes: &[Outcome], micro: &[(String, f64)], opts: &Options) -
     for o in outcomes {
         let _ = writeln!(md, "- {}: `{}`", o.name, o.command);
     }
-    md.push_str("\n## Every run\n\n| scenario | round | req/s without | req/s floor | req/s with | p99 ms without / with | sonde CPU s | in-kernel ns/req | spans / requests |\n|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("\n## Every run\n\n| scenario | round | req/s without | req/s floor | req/s with | p99 ms without / with | sonde CPU s | in-kernel ns/req | spans / requests (served) |\n|---|---|---|---|---|---|---|---|---|\n");
     for o in outcomes {
         for (i, ((off, on), floor)) in o.off.iter().zip(&o.on).zip(&o.floor).enumerate() {
             let _ = writeln!(
                 md,
-                "| {} | {i} | {:.0} | {:.0} | {:.0} | {:.3} / {:.3} | {:.2} | {} | {} / {} |",
+                "| {} | {i} | {:.0} | {:.0} | {:.0} | {:.3} / {:.3} | {:.2} | {} | {} / {}{} |",
                 o.name,
                 off.per_second,
                 floor.load.per_second,
@@ -342,7 +360,8 @@ pub fn markdown(outcomes: &[Outcome], micro: &[(String, f64)], opts: &Options) -
                 on.sonde_cpu_seconds,
                 on.bpf_ns / on.load.requests.max(1),
                 on.spans_exported,
-                on.load.requests
+                on.load.requests,
+                on.served.map_or(String::new(), |n| format!(" ({n})"))
             );
         }
     }
