@@ -307,6 +307,27 @@ pub fn postgres(port: u16) -> Server {
 
 /// PostgreSQL as above; with `ssl` it also accepts TLS (self-signed certificate).
 pub fn postgres_with(port: u16, ssl: bool) -> Server {
+    postgres_configured(port, ssl, &[])
+}
+
+/// PostgreSQL as above, counting every statement it executes in `pg_stat_statements`
+/// (`SELECT sum(calls) FROM pg_stat_statements`): the benchmark compares spans with it.
+pub fn postgres_counting_statements(port: u16) -> Server {
+    let server = postgres_configured(port, false, &["shared_preload_libraries=pg_stat_statements"]);
+    let status = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-q", "-c"])
+        .arg("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .arg("postgres")
+        .env("PGPASSWORD", PG_PASSWORD)
+        .stdout(Stdio::null())
+        .status()
+        .expect("psql");
+    assert!(status.success(), "CREATE EXTENSION pg_stat_statements failed");
+    server
+}
+
+/// PostgreSQL with each of `settings` (`name=value`) passed as `-c`.
+fn postgres_configured(port: u16, ssl: bool, settings: &[&str]) -> Server {
     let dir = TempDir::new("pg");
     let run_as = |args: &[&str]| {
         let status = Command::new("runuser")
@@ -353,6 +374,7 @@ pub fn postgres_with(port: u16, ssl: bool) -> Server {
         .arg(&data)
         .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
         .args(&ssl_args)
+        .args(settings.iter().flat_map(|setting| ["-c", setting]))
         .arg("-k")
         .arg(dir.path())
         .process_group(0)

@@ -49,7 +49,7 @@ pub struct OnRun {
     pub spans_created: u64,
     pub spans_dropped: u64,
     /// Requests the server counted while sonde ran, where it can tell (see `served`).
-    pub served: Option<u64>,
+    pub served: Option<served::Count>,
 }
 
 pub struct Outcome {
@@ -229,7 +229,7 @@ fn measure(scenario: Scenario, opts: &Options, sink: &sink::Sink, mut load: impl
         let rss = probe::peak_rss_mib(pid);
         let finished = sonde.stop();
         assert!(finished.status.success(), "sonde failed:\n{}", finished.stderr);
-        let served = scenario.served.as_ref().zip(served_before).map(|(c, before)| served::between(before, c.read()));
+        let served = scenario.served.as_ref().zip(served_before).map(|(c, before)| c.between(before, c.read()));
         let c = |k: &str| finished.counter(k).unwrap_or(0);
         let run = OnRun {
             load: on,
@@ -246,7 +246,7 @@ fn measure(scenario: Scenario, opts: &Options, sink: &sink::Sink, mut load: impl
             served,
         };
         println!(
-            "    pair {pair}: on    {:>9.0}/s p50 {:.3} ms p99 {:.3} ms; sonde {:.2} CPU s, {:.1} MiB, {} ns/req in kernel, {} spans / {} requests ({} served), {} lost",
+            "    pair {pair}: on    {:>9.0}/s p50 {:.3} ms p99 {:.3} ms; sonde {:.2} CPU s, {:.1} MiB, {} ns/req in kernel, {} spans / {} requests (server: {}), {} lost",
             run.load.per_second,
             run.load.p50_ms,
             run.load.p99_ms,
@@ -255,12 +255,20 @@ fn measure(scenario: Scenario, opts: &Options, sink: &sink::Sink, mut load: impl
             run.bpf_ns / run.load.requests.max(1),
             run.spans_exported,
             run.load.requests,
-            run.served.map_or("?".to_owned(), |n| n.to_string()),
+            run.served.map_or("?".to_owned(), served_text),
             run.events_lost
         );
         out.on.push(run);
     }
     out
+}
+
+/// A server's count as the progress lines show it.
+fn served_text(n: served::Count) -> String {
+    match n.unanswered {
+        0 => n.answered.to_string(),
+        gone => format!("{} answered + {gone} unanswered", n.answered),
+    }
 }
 
 fn main() {
@@ -348,18 +356,23 @@ fn main() {
     }
 
     // 4. PostgreSQL, read-only pgbench over the extended protocol.
-    let pg = servers::postgres(free_port());
+    let pg = servers::postgres_counting_statements(free_port());
     let logs = TempDir::new("pgbench");
     let _ = std::process::Command::new("chmod").arg("777").arg(logs.path()).status();
     let port = pg.port;
     if opts.runs("pgbench") {
         let select = vec!["--open-ports".to_owned(), pg.port.to_string()];
         outcomes.push(measure(
-            Scenario::new(
-                "pgbench -S -M extended",
-                format!("pgbench -S -M extended -c 4 -j 2 -T {secs} -n -l -h 127.0.0.1 -p {port} -U postgres postgres"),
-                &select,
-            ),
+            Scenario {
+                served: Some(served::Counter::Postgres(port, servers::PG_PASSWORD)),
+                ..Scenario::new(
+                    "pgbench -S -M extended",
+                    format!(
+                        "pgbench -S -M extended -c 4 -j 2 -T {secs} -n -l -h 127.0.0.1 -p {port} -U postgres postgres"
+                    ),
+                    &select,
+                )
+            },
             &opts,
             &sink,
             || load::pgbench(port, secs, servers::PG_PASSWORD, logs.path()),
@@ -379,6 +392,7 @@ fn main() {
             &select,
         );
         scenario.spans_per_request = 4;
+        scenario.served = Some(served::Counter::App(format!("http://127.0.0.1:{app_port}")));
         outcomes.push(measure(scenario, &opts, &sink, || load::wrk(&url, 8, secs)));
         drop(app);
     }

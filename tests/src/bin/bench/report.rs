@@ -35,20 +35,29 @@ pub struct Summary {
     pub created: u64,
     pub requests: u64,
     /// Requests the server counted, where every run could read its count.
-    pub served: Option<u64>,
+    pub served: Option<crate::served::Count>,
     pub dropped: u64,
 }
 
 impl Summary {
-    /// Requests to expect spans for: the server's count where known, else the client's.
+    /// Requests answered: the server's count where known, else the client's.
     fn served_or_requests(&self) -> u64 {
-        self.served.unwrap_or(self.requests)
+        self.served.map_or(self.requests, |n| n.answered)
+    }
+
+    /// Spans to expect, `per_request` for each request answered.
+    fn expected_spans(&self, per_request: u64) -> u64 {
+        self.served.map_or(self.requests * per_request, |n| n.spans(per_request))
     }
 
     /// "N requests", with the server's count beside the client's where known.
     fn requests_text(&self) -> String {
         match self.served {
-            Some(n) => format!("{n} requests served ({} counted by the client)", self.requests),
+            Some(n) if n.unanswered > 0 => format!(
+                "{} requests served and {} handled but not answered (the client had gone; no server span) ({} counted by the client)",
+                n.answered, n.unanswered, self.requests
+            ),
+            Some(n) => format!("{} requests served ({} counted by the client)", n.answered, self.requests),
             None => format!("{} requests", self.requests),
         }
     }
@@ -240,7 +249,7 @@ fn targets(outcomes: &[Outcome]) -> String {
             verdict(s.kernel_ns <= limit)
         );
         let _ = writeln!(t, "| {}: RSS <= 40 MB | {:.1} MiB | {} |", o.name, s.rss_mib, verdict(s.rss_mib <= 38.1));
-        let expected = s.served_or_requests() * o.spans_per_request;
+        let expected = s.expected_spans(o.spans_per_request);
         match o.sampled {
             None => {
                 let _ = writeln!(
@@ -319,7 +328,7 @@ pub fn markdown(outcomes: &[Outcome], micro: &[(String, f64)], opts: &Options) -
     );
     md.push_str("\n## Results\n\n");
     md.push_str(&summary_table(outcomes));
-    md.push_str("\n- sonde CPU s per 10k requests is also cores per 10k requests/s.\n- requests served: the server's own count while sonde ran (nginx `stub_status`, Redis `total_commands_processed`), read before sonde starts and after it stops; the client's count where the server keeps none (pgbench, the Python service). wrk stops with a request in flight on each connection (served, not counted by wrk) and redis-benchmark sends two CONFIG GET per run, so the clients' counts are lower.\n- in-kernel ns per request: run_time_ns of all of sonde's eBPF programs (kernel.bpf_stats_enabled) over the run, divided by requests served; runs per request counts every run of those programs, including the\n  ones for the load generator's own syscalls that the PID filter rejects.\n");
+    md.push_str("\n- sonde CPU s per 10k requests is also cores per 10k requests/s.\n- requests served: the server's own count while sonde ran (nginx `stub_status`, Redis `total_commands_processed`, PostgreSQL `pg_stat_statements`, the Python service's own count of orders answered), read before sonde starts and after it stops. The clients count fewer: wrk stops with a request in flight on each connection (served, not counted by wrk), redis-benchmark sends two CONFIG GET and pgbench two setup queries per run.\n- in-kernel ns per request: run_time_ns of all of sonde's eBPF programs (kernel.bpf_stats_enabled) over the run, divided by requests served; runs per request counts every run of those programs, including the\n  ones for the load generator's own syscalls that the PID filter rejects.\n");
     md.push_str("\n## The floor: what the hooks cost before sonde does anything\n\n");
     md.push_str(&floor_table(outcomes));
     md.push_str(FLOOR_NOTES);
@@ -361,7 +370,7 @@ pub fn markdown(outcomes: &[Outcome], micro: &[(String, f64)], opts: &Options) -
                 on.bpf_ns / on.load.requests.max(1),
                 on.spans_exported,
                 on.load.requests,
-                on.served.map_or(String::new(), |n| format!(" ({n})"))
+                on.served.map_or(String::new(), |n| format!(" ({})", crate::served_text(n)))
             );
         }
     }
