@@ -17,19 +17,28 @@ pub fn fixture(name: &str) -> PathBuf {
 pub struct Server {
     pub child: Child,
     pub port: u16,
-    _dir: Option<TempDir>,
+    dir: Option<TempDir>,
 }
 
 impl Server {
     /// A server started by the caller (listening on `port`), stopped like the others on drop.
     pub fn from_child(child: Child, port: u16) -> Self {
-        Self { child, port, _dir: None }
+        Self { child, port, dir: None }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// A file in the server's own directory, where it has one.
+    pub fn file(&self, name: &str) -> Option<std::path::PathBuf> {
+        self.dir.as_ref().map(|d| d.path().join(name))
+    }
 }
+
+/// The file where nginx servers started without an access log record the requests they could not
+/// complete (`$request_completion` empty: the client went away mid-response).
+pub const NGINX_INCOMPLETE_LOG: &str = "incomplete.log";
 
 impl Drop for Server {
     /// Stops the whole process group (nginx workers, PostgreSQL under runuser): SIGTERM, then
@@ -59,7 +68,7 @@ pub fn python_http(port: u16, backend: Option<u16>) -> Server {
     let child =
         cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::null()).spawn().expect("start python3 http server");
     wait_listening(port);
-    Server { child, port, _dir: None }
+    Server { child, port, dir: None }
 }
 
 /// tests/fixtures/app.py on `port`: an HTTP service that queries PostgreSQL and Redis per
@@ -73,7 +82,7 @@ pub fn python_app_with(port: u16, pg_port: u16, redis_port: u16, lazy: bool) -> 
     }
     let child = cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::null()).spawn().expect("start app.py");
     wait_listening(port);
-    Server { child, port, _dir: None }
+    Server { child, port, dir: None }
 }
 
 pub fn python_app(port: u16, pg_port: u16, redis_port: u16) -> Server {
@@ -91,7 +100,7 @@ pub fn header_recorder(port: u16, log: &std::path::Path) -> Server {
         .spawn()
         .expect("start header_recorder.py");
     wait_listening(port);
-    Server { child, port, _dir: None }
+    Server { child, port, dir: None }
 }
 
 /// tests/fixtures/http_server.py serving HTTPS (Python's ssl module, libssl.so.3).
@@ -110,7 +119,7 @@ pub fn python_https(port: u16) -> Server {
         .spawn()
         .expect("start python3 https server");
     wait_listening(port);
-    Server { child, port, _dir: Some(dir) }
+    Server { child, port, dir: Some(dir) }
 }
 
 /// A Node.js HTTPS server (OpenSSL linked statically into node).
@@ -138,7 +147,7 @@ fn node_tls_server(script: &str, port: u16) -> Server {
         .spawn()
         .expect("start node");
     wait_listening(port);
-    Server { child, port, _dir: Some(dir) }
+    Server { child, port, dir: Some(dir) }
 }
 
 /// The grpcio server of tests/fixtures/grpc_app.py (service demo.Greeter) on `port`.
@@ -179,7 +188,7 @@ fn python_fixture(script: &str, args: &[&str], port: u16, what: &str) -> Server 
         .spawn()
         .expect(what);
     wait_listening(port);
-    Server { child, port, _dir: None }
+    Server { child, port, dir: None }
 }
 
 /// nginx with HTTP/2 on a cleartext listener (`plain`, prior knowledge) and on a TLS listener
@@ -192,7 +201,7 @@ pub fn nginx_h2(plain: u16, tls: u16) -> Server {
     let (cert, key) = tls_cert(dir.path());
     let d = dir.path().display();
     let conf = format!(
-        "daemon off;\nmaster_process on;\nworker_processes 1;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    listen 127.0.0.1:{plain} http2;\n    listen 127.0.0.1:{tls} ssl http2;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    root {root};\n    location /teapot {{ return 418 \"short and stout\"; }}\n    location = /stub_status {{ stub_status; }}\n  }}\n}}\n",
+        "daemon off;\nmaster_process on;\nworker_processes 1;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    listen 127.0.0.1:{plain} http2;\n    listen 127.0.0.1:{tls} ssl http2;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    root {root};\n    location /teapot {{ return 418 \"short and stout\"; }}\n  }}\n}}\n",
         root = root.display(),
         cert = cert.display(),
         key = key.display(),
@@ -248,8 +257,14 @@ pub fn nginx_logging(port: u16, tls: Option<()>, access_log: Option<&std::path::
         }
         None => format!("listen 127.0.0.1:{port};"),
     };
+    // Without an access log, only the requests nginx could not complete are logged (the
+    // benchmark counts them: they have no response, so no span).
+    let incomplete = match access_log {
+        Some(_) => String::new(),
+        None => format!("    access_log {d}/{NGINX_INCOMPLETE_LOG} combined if=$incomplete;\n"),
+    };
     let conf = format!(
-        "daemon off;\nmaster_process on;\nworker_processes 2;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log {access};\n  sendfile on;\n  keepalive_requests 100000;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    {listen}\n    root {root};\n    location /teapot {{ return 418 \"short and stout\"; }}\n    location = /stub_status {{ stub_status; }}\n  }}\n}}\n",
+        "daemon off;\nmaster_process on;\nworker_processes 2;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log {access};\n  map $request_completion $incomplete {{ \"\" 1; default 0; }}\n  sendfile on;\n  keepalive_requests 100000;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    {listen}\n    root {root};\n    location /teapot {{ return 418 \"short and stout\"; }}\n    location = /stub_status {{ stub_status; }}\n{incomplete}  }}\n}}\n",
         root = root.display(),
         access = access_log.map_or("off".to_string(), |p| p.display().to_string()),
     );
@@ -283,7 +298,7 @@ fn start_nginx(dir: TempDir, conf: &str, port: u16) -> Server {
         .spawn()
         .expect("start nginx (apt-get install nginx-light, or run cargo xtask setup)");
     wait_listening(port);
-    Server { child, port, _dir: Some(dir) }
+    Server { child, port, dir: Some(dir) }
 }
 
 /// A child process (and its process group) stopped when this is dropped.
@@ -392,7 +407,7 @@ fn postgres_configured(port: u16, ssl: bool, settings: &[&str]) -> Server {
         .status()
         .expect("pgbench -i");
     assert!(status.success(), "pgbench -i failed");
-    Server { child, port, _dir: Some(dir) }
+    Server { child, port, dir: Some(dir) }
 }
 
 /// redis-server 7 on `port`, no persistence.
@@ -405,7 +420,7 @@ pub fn redis(port: u16) -> Server {
         .spawn()
         .expect("start redis-server (apt-get install redis-server, or cargo xtask setup)");
     wait_listening(port);
-    Server { child, port, _dir: None }
+    Server { child, port, dir: None }
 }
 
 /// Debian's Prometheus on `port`, scraping `targets` every second, with `rule_files` loaded.
@@ -440,5 +455,5 @@ pub fn prometheus(port: u16, targets: &[String], rule_files: &[PathBuf]) -> Serv
         out.status.success().then_some(())
     });
     assert!(ready.is_some(), "Prometheus on port {port} never became ready");
-    Server { child, port, _dir: Some(dir) }
+    Server { child, port, dir: Some(dir) }
 }

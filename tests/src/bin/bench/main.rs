@@ -292,7 +292,10 @@ fn main() {
     // 1. nginx, small static file, wrk at saturation.
     let nginx = servers::nginx(free_port());
     let url = format!("http://127.0.0.1:{}/index.html", nginx.port);
-    let nginx_status = served::Counter::NginxStatus(format!("http://127.0.0.1:{}/stub_status", nginx.port));
+    let nginx_status = served::Counter::NginxStatus(
+        format!("http://127.0.0.1:{}/stub_status", nginx.port),
+        nginx.file(servers::NGINX_INCOMPLETE_LOG).expect("nginx has its directory"),
+    );
     let select = vec!["--open-ports".to_owned(), nginx.port.to_string()];
     let mut baseline = None;
     if opts.runs("nginx") {
@@ -409,7 +412,10 @@ fn main() {
             &select,
         );
         scenario.tls = true;
-        scenario.served = Some(served::Counter::NginxStatus(format!("https://127.0.0.1:{}/stub_status", nginx.port)));
+        scenario.served = Some(served::Counter::NginxStatus(
+            format!("https://127.0.0.1:{}/stub_status", nginx.port),
+            nginx.file(servers::NGINX_INCOMPLETE_LOG).expect("nginx has its directory"),
+        ));
         outcomes.push(measure(scenario, &opts, &sink, || load::wrk(&url, 32, secs)));
     }
     drop(nginx);

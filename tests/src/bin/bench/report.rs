@@ -54,7 +54,7 @@ impl Summary {
     fn requests_text(&self) -> String {
         match self.served {
             Some(n) if n.unanswered > 0 => format!(
-                "{} requests served and {} handled but not answered (the client had gone; no server span) ({} counted by the client)",
+                "{} requests served and {} not answered completely (the client had gone; no server span) ({} counted by the client)",
                 n.answered, n.unanswered, self.requests
             ),
             Some(n) => format!("{} requests served ({} counted by the client)", n.answered, self.requests),
@@ -328,7 +328,7 @@ pub fn markdown(outcomes: &[Outcome], micro: &[(String, f64)], opts: &Options) -
     );
     md.push_str("\n## Results\n\n");
     md.push_str(&summary_table(outcomes));
-    md.push_str("\n- sonde CPU s per 10k requests is also cores per 10k requests/s.\n- requests served: the server's own count while sonde ran (nginx `stub_status`, Redis `total_commands_processed`, PostgreSQL `pg_stat_statements`, the Python service's own count of orders answered), read before sonde starts and after it stops. The clients count fewer: wrk stops with a request in flight on each connection (served, not counted by wrk), redis-benchmark sends two CONFIG GET and pgbench two setup queries per run.\n- in-kernel ns per request: run_time_ns of all of sonde's eBPF programs (kernel.bpf_stats_enabled) over the run, divided by requests served; runs per request counts every run of those programs, including the\n  ones for the load generator's own syscalls that the PID filter rejects.\n");
+    md.push_str("\n- sonde CPU s per 10k requests is also cores per 10k requests/s.\n- requests served: the server's own count while sonde ran (nginx `stub_status`, Redis `total_commands_processed`, PostgreSQL `pg_stat_statements`, the Python service's own count of orders answered), read before sonde starts and after it stops. Requests the server began but could not answer completely because the client had gone (nginx: `$request_completion` empty, logged; the Python service counts them) make no server span and are expected without one. The clients count fewer: wrk stops with a request in flight on each connection (served, not counted by wrk), redis-benchmark sends two CONFIG GET and pgbench two setup queries per run.\n- in-kernel ns per request: run_time_ns of all of sonde's eBPF programs (kernel.bpf_stats_enabled) over the run, divided by requests served; runs per request counts every run of those programs, including the\n  ones for the load generator's own syscalls that the PID filter rejects.\n");
     md.push_str("\n## The floor: what the hooks cost before sonde does anything\n\n");
     md.push_str(&floor_table(outcomes));
     md.push_str(FLOOR_NOTES);

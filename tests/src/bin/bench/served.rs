@@ -12,8 +12,8 @@ use std::process::Command;
 pub struct Count {
     /// Answered.
     pub answered: u64,
-    /// Handled (their own calls made) but not answered: the client had gone. Each makes every
-    /// span of a request except the server span.
+    /// Handled (their own calls made) but not answered, or not completely: the client had gone.
+    /// Each makes every span of a request except the server span.
     pub unanswered: u64,
 }
 
@@ -37,8 +37,9 @@ impl std::iter::Sum for Count {
 /// How to ask a server for its count.
 #[derive(Clone, Debug)]
 pub enum Counter {
-    /// nginx `stub_status` at this URL: the `requests` total, which counts the status request.
-    NginxStatus(String),
+    /// nginx `stub_status` at this URL: the `requests` total, which counts the status request;
+    /// and the log of requests nginx could not complete (`servers::NGINX_INCOMPLETE_LOG`).
+    NginxStatus(String, std::path::PathBuf),
     /// Redis `INFO stats` on this port: `total_commands_processed`, which does not count the
     /// INFO being answered.
     Redis(u16),
@@ -58,12 +59,17 @@ impl Counter {
             text.trim().parse::<u64>().unwrap_or_else(|_| panic!("{what}: unexpected reply {text:?}"))
         };
         match self {
-            Counter::NginxStatus(url) => {
+            Counter::NginxStatus(url, incomplete_log) => {
                 let out = run("curl", &["-sk", "--max-time", "5", url]);
                 // "Active connections: N\nserver accepts handled requests\n A H R\n..."
                 let totals = out.lines().nth(2).unwrap_or_default();
                 let requests = totals.split_whitespace().nth(2).and_then(|r| r.parse::<u64>().ok());
-                answered(requests.unwrap_or_else(|| panic!("nginx stub_status at {url}: unexpected reply {out:?}")) - 1)
+                let requests =
+                    requests.unwrap_or_else(|| panic!("nginx stub_status at {url}: unexpected reply {out:?}"));
+                // Requests begun but not completed (the client left mid-response) have no span.
+                let log = std::fs::read_to_string(incomplete_log).unwrap_or_default();
+                let incomplete = log.lines().count() as u64;
+                Count { answered: requests - 1 - incomplete, unanswered: incomplete }
             }
             Counter::Redis(port) => {
                 let out = run("redis-cli", &["-p", &port.to_string(), "INFO", "stats"]);
@@ -93,7 +99,7 @@ impl Counter {
     /// the second one counts it.
     pub fn between(&self, before: Count, after: Count) -> Count {
         let readings_counted = match self {
-            Counter::NginxStatus(_) | Counter::Redis(_) | Counter::Postgres(..) => 1,
+            Counter::NginxStatus(..) | Counter::Redis(_) | Counter::Postgres(..) => 1,
             Counter::App(_) => 0,
         };
         Count {
