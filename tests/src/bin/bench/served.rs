@@ -77,15 +77,12 @@ impl Counter {
                 answered(number("redis INFO stats", total.unwrap_or_default()))
             }
             Counter::Postgres(port, password) => {
-                let out = Command::new("psql")
-                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-tA", "-c"])
-                    .arg("SELECT sum(calls) FROM pg_stat_statements")
-                    .arg("postgres")
-                    .env("PGPASSWORD", password)
-                    .output()
-                    .expect("psql");
-                assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
-                answered(number("pg_stat_statements", &String::from_utf8_lossy(&out.stdout)))
+                let port = port.to_string();
+                let args = ["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-tA", "-c"];
+                let query = "SELECT sum(calls) FROM pg_stat_statements";
+                let out =
+                    run_with_env("psql", &[&args[..], &[query, "postgres"]].concat(), &[("PGPASSWORD", password)]);
+                answered(number("pg_stat_statements", &out))
             }
             Counter::App(base) => {
                 let out = run("curl", &["-s", "--max-time", "5", &format!("{base}/served")]);
@@ -110,7 +107,15 @@ impl Counter {
 }
 
 fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    run_with_env(program, args, &[])
+}
+
+fn run_with_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
     assert!(out.status.success(), "{program} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
