@@ -169,12 +169,15 @@ pub fn grpc_relay(port: u16, backend: u16) -> Server {
 /// The HTTP/1.1 server of tests/fixtures/h2c_upgrade.py on `port`, which switches to HTTP/2
 /// when a request asks (`Upgrade: h2c`): every path 200, `/missing` 404.
 pub fn h2c_upgrade(port: u16) -> Server {
-    python_fixture(
-        "h2c_upgrade.py",
-        &[&port.to_string()],
-        port,
-        "start the h2c server (pip install h2, or cargo xtask setup)",
-    )
+    h2c_upgrade_with(port, &[])
+}
+
+/// [`h2c_upgrade`] with the script's extra arguments (`block-in-accept`).
+pub fn h2c_upgrade_with(port: u16, args: &[&str]) -> Server {
+    let mut all = vec![port.to_string()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    python_fixture("h2c_upgrade.py", &all, port, "start the h2c server (pip install h2, or cargo xtask setup)")
 }
 
 /// A Python server from tests/fixtures, in its own process group, once it listens on `port`.

@@ -251,6 +251,29 @@ fn privileged_existing_connections_and_late_servers_are_traced() {
     drop((early, late));
 }
 
+/// A thread-per-connection server whose main thread is already blocked in accept() when sonde
+/// attaches: accept is read from the registers at its exit, so the first connection it returns
+/// is traced like the next.
+#[test]
+fn privileged_a_connection_from_an_accept_blocked_before_sonde_is_traced() {
+    let Some(_guard) = privileged_test("accept blocked before sonde") else {
+        return;
+    };
+    let port = free_port();
+    let server = servers::h2c_upgrade_with(port, &["block-in-accept"]);
+    let receiver = HttpReceiver::start();
+    let sonde = Sonde::start(&["--pid", &server.pid().to_string()], &test_config(""), &otlp_http_env(&receiver));
+    for path in ["/first", "/second"] {
+        curl(&["-o", "/dev/null"], &[format!("http://127.0.0.1:{port}{path}")]);
+    }
+    let spans = receiver.collected.wait_for(2, WAIT);
+    let finished = sonde.stop();
+    let paths = count_by(&spans, |s| s.s("url.path").unwrap_or("?").to_owned());
+    let expected: BTreeMap<String, usize> = [("/first".to_owned(), 1), ("/second".to_owned(), 1)].into_iter().collect();
+    assert_eq!(paths, expected, "{}", finished.stderr);
+    drop(server);
+}
+
 #[test]
 fn privileged_grpc_export_and_json_printing() {
     let Some(_guard) = privileged_test("OTLP gRPC") else {

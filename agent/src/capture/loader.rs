@@ -8,7 +8,7 @@ use std::num::NonZeroU32;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         RawTracePoint, TracePoint, UProbe,
         uprobe::{UProbeLinkId, UProbeScope},
@@ -97,6 +97,10 @@ const FLOOR_PROGRAMS: &[&str] = &[FLOOR_TRACEPOINT, FLOOR_UPROBE, FLOOR_URETPROB
 const RAW_SYS_EXIT: &str = "raw_sys_exit";
 /// The same, reading fewer iovecs per call: loaded where the verifier refuses the full one.
 const RAW_SYS_EXIT_COMPACT: &str = "raw_sys_exit_compact";
+/// The exit of accept, accept4 and connect, tail-called by the exit program from slot 0 of
+/// [`CONN_EXIT_TABLE`] (a program of its own so the verifier checks it apart from the iovec walk).
+const RAW_SYS_EXIT_CONN: &str = "raw_sys_exit_conn";
+const CONN_EXIT_TABLE: &str = "CONN_EXIT";
 /// The oldest kernel whose verifier is tried with the full iovec walk: 5.10's and 6.1's give up
 /// after a million instructions (minutes under emulation), 6.12's and 6.18's accept it.
 const FULL_IOVECS_KERNEL: (u32, u32) = (6, 12);
@@ -113,6 +117,9 @@ const PAIRED_ONLY: &[&str] = &[
     "sys_enter_sendmsg",
     "sys_enter_sendfile64",
     "sys_enter_splice",
+    // The exit program reads accept's arguments from the registers; connect keeps its enter.
+    "sys_enter_accept",
+    "sys_enter_accept4",
     "sys_exit_read",
     "sys_exit_write",
     "sys_exit_recvfrom",
@@ -230,6 +237,9 @@ pub struct Capture {
     floor: bool,
     /// Kept open for the programs' lifetime.
     _settings: Array<MapData, Settings>,
+    /// Kept open while the exit program runs: the kernel empties a program array when the last
+    /// file descriptor user space holds on it closes.
+    _conn_exit: Option<ProgramArray<MapData>>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> CaptureError {
@@ -318,6 +328,7 @@ impl Capture {
         let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(map_err("EVENTS"))?;
 
         let mut attached = 0;
+        let mut conn_exit = None;
         let mut iovecs_per_call = sonde_common::MAX_IOVECS;
         let names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_owned()).collect();
         for name in &names {
@@ -325,6 +336,7 @@ impl Capture {
             if INJECT_PROGRAMS.contains(&name)
                 || FLOOR_PROGRAMS.contains(&name)
                 || name == RAW_SYS_EXIT_COMPACT
+                || name == RAW_SYS_EXIT_CONN
                 || !opts.syscall_hooks.uses(name)
             {
                 continue;
@@ -342,6 +354,9 @@ impl Capture {
                     }
                     (false, false) => name,
                 };
+                if !opts.floor {
+                    conn_exit = Some(load_conn_exit(&mut ebpf)?);
+                }
                 if let Err(e) = attach_sys_exit(&mut ebpf, loaded) {
                     if loaded != RAW_SYS_EXIT {
                         return Err(e);
@@ -417,6 +432,7 @@ impl Capture {
             injection,
             floor: opts.floor,
             _settings: settings,
+            _conn_exit: conn_exit,
         })
     }
 
@@ -609,6 +625,22 @@ fn attach_sys_exit(ebpf: &mut Ebpf, program: &str) -> Result<(), CaptureError> {
     tp.load().map_err(|e| load_err(program, &e))?;
     tp.attach("sys_exit").map_err(|e| attach_err(e.to_string()))?;
     Ok(())
+}
+
+/// Loads [`RAW_SYS_EXIT_CONN`] and puts it where the exit program tail-calls it.
+fn load_conn_exit(ebpf: &mut Ebpf) -> Result<ProgramArray<MapData>, CaptureError> {
+    let map = ebpf
+        .take_map(CONN_EXIT_TABLE)
+        .ok_or(CaptureError::Map { name: CONN_EXIT_TABLE, detail: "not in the object file".into() })?;
+    let mut table = ProgramArray::try_from(map).map_err(map_err(CONN_EXIT_TABLE))?;
+    let program: &mut RawTracePoint =
+        program_mut(ebpf, RAW_SYS_EXIT_CONN)?.try_into().map_err(|e: aya::programs::ProgramError| {
+            CaptureError::ProgramLoad { program: RAW_SYS_EXIT_CONN.to_owned(), detail: e.to_string() }
+        })?;
+    program.load().map_err(|e| load_err(RAW_SYS_EXIT_CONN, &e))?;
+    let fd = program.fd().map_err(|e| load_err(RAW_SYS_EXIT_CONN, &e))?;
+    table.set(0, fd, 0).map_err(|e| CaptureError::Update { name: CONN_EXIT_TABLE, detail: e.to_string() })?;
+    Ok(table)
 }
 
 fn load_err(program: &str, error: &aya::programs::ProgramError) -> CaptureError {

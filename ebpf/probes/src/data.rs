@@ -156,11 +156,20 @@ fn exit_call(ctx: &TracePointContext) -> u32 {
 /// connected, or emit the data it moved.
 #[inline(always)]
 pub(crate) fn finish_call<const IOVECS: u32>(pid_tgid: u64, rec: &Inflight, ret: i64) {
+    match rec.call {
+        Call::Accept | Call::Connect => finish_conn_call(pid_tgid, rec, ret),
+        _ if ret > 0 => emit_data::<IOVECS>((pid_tgid >> 32) as u32, pid_tgid as u32, rec, ret as u64, 0),
+        _ => {}
+    }
+}
+
+/// A finished accept or connect: track the socket it made.
+#[inline(always)]
+pub(crate) fn finish_conn_call(pid_tgid: u64, rec: &Inflight, ret: i64) {
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     match rec.call {
         Call::Accept => on_accepted(tgid, tid, rec, ret),
         Call::Connect => on_connected(tgid, tid, rec, ret),
-        _ if ret > 0 => emit_data::<IOVECS>(tgid, tid, rec, ret as u64, 0),
         _ => {}
     }
 }

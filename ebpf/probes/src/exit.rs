@@ -7,16 +7,29 @@
 //! The hook runs for every syscall on the host: the PID filter (one inlined array read) comes
 //! first, the registers are read only for traced processes.
 //!
-//! accept and connect keep their enter tracepoints (connect's socket must be known inside the
-//! call, at SYN_SENT); their exit comes here and takes the slot the enter filled.
+//! accept, accept4 and connect end in a program of their own, [`raw_sys_exit_conn`], reached by
+//! a tail call: the verifier checks it apart from the iovec walk (inlined into the exit program,
+//! it pushed 6.12's verifier past a million instructions). accept is read from the registers
+//! there, so the first connection of an accept already blocked when sonde attached is tracked;
+//! connect keeps its enter tracepoint (its socket must be known inside the call, at SYN_SENT)
+//! and its exit takes the slot the enter filled.
 
-use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::raw_tracepoint, programs::RawTracePointContext};
+use aya_ebpf::{
+    helpers::bpf_probe_read_kernel,
+    macros::{map, raw_tracepoint},
+    maps::ProgramArray,
+    programs::RawTracePointContext,
+};
 use sonde_common::{COMPACT_IOVECS, MAX_IOVECS, TRACED_FLAG_TLS};
 
 use crate::{
-    data::{data_call, finish_call, splice_call},
-    maps::{Call, take_inflight, traced_current_flags},
+    data::{data_call, finish_call, finish_conn_call, splice_call},
+    maps::{Call, Inflight, take_inflight, traced_current_flags},
 };
+
+/// Slot 0: [`raw_sys_exit_conn`], set by the agent when it attaches the exit program.
+#[map]
+static CONN_EXIT: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// Where the syscall number and the first three arguments sit in `struct pt_regs`.
 #[cfg(not(bpf_target_arch = "aarch64"))]
@@ -147,9 +160,8 @@ fn sys_exit<const IOVECS: u32>(ctx: RawTracePointContext) -> u32 {
             return 0;
         }
         arch::ACCEPT | arch::ACCEPT4 | arch::CONNECT => {
-            if let Some(rec) = take_inflight(pid_tgid) {
-                finish_call::<IOVECS>(pid_tgid, &rec, ret);
-            }
+            // SAFETY: the context is this program's own; on success control does not return.
+            unsafe { CONN_EXIT.tail_call(&ctx, 0) };
             return 0;
         }
         // openat(dirfd, path, flags, mode), open(path, flags, mode), creat(path, mode): a
@@ -175,6 +187,28 @@ fn sys_exit<const IOVECS: u32>(ctx: RawTracePointContext) -> u32 {
     }
     if let Some(rec) = data_call(tgid, pid_tgid, traced_flags, call, a0 as u32, a1, a2) {
         finish_call::<IOVECS>(pid_tgid, &rec, ret);
+    }
+    0
+}
+
+/// The exit of accept, accept4 and connect (tail-called from the exit program, so the same
+/// context). accept(fd, addr, addrlen) is all in the registers; connect's socket was saved by
+/// its enter.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn raw_sys_exit_conn(ctx: RawTracePointContext) -> u32 {
+    let Some((_, _, pid_tgid, _)) = traced_current_flags() else { return 0 };
+    let regs: u64 = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    let Some((nr, [a0, a1, _])) = arch::syscall(regs) else { return 0 };
+    let rec = match nr {
+        arch::CONNECT => take_inflight(pid_tgid),
+        arch::ACCEPT | arch::ACCEPT4 => {
+            Some(Inflight { call: Call::Accept, fd: a0 as u32, ptr: a1, len: 0, role: 0, _pad: 0 })
+        }
+        _ => None,
+    };
+    if let Some(rec) = rec {
+        finish_conn_call(pid_tgid, &rec, ret);
     }
     0
 }
