@@ -6,6 +6,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
 
+use crate::poll_pace::PollPace;
 use crate::{
     capture::{
         Capture, Event,
@@ -193,8 +194,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until it is dropped.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with the event loop: {}", e.into_parts().1))?;
-    let mut poll = tokio::time::interval(Duration::from_millis(cfg.capture.poll_interval_ms));
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pace = PollPace::new(Duration::from_millis(cfg.capture.poll_interval_ms), !cfg.inject_http);
+    let poll = tokio::time::sleep(Duration::from_millis(cfg.capture.poll_interval_ms));
+    tokio::pin!(poll);
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
     rescan.tick().await;
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
@@ -207,10 +209,15 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             _ = &mut shutdown => break,
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                agent.drain(guard.get_inner_mut());
+                let events = agent.drain(guard.get_inner_mut());
                 guard.clear_ready();
+                // Woken with events: the trickle that follows is polled at the base interval.
+                poll.as_mut().reset(tokio::time::Instant::now() + pace.after_drain(events));
             }
-            _ = poll.tick() => agent.drain(ring.get_mut()),
+            _ = &mut poll => {
+                let events = agent.drain(ring.get_mut());
+                poll.as_mut().reset(tokio::time::Instant::now() + pace.after_drain(events));
+            }
             _ = rescan.tick() => {
                 let actions = agent.discovery.scan_all();
                 agent.apply(actions);
@@ -276,9 +283,12 @@ async fn pods_changed(cache: Option<&crate::k8s::PodCache>) {
 }
 
 impl Agent {
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+    /// Handles every record the ring holds; returns how many there were.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> usize {
         let mut since_tls_check = 0;
+        let mut events = 0;
         while let Some(item) = ring.next() {
+            events += 1;
             Stats::add(&self.stats.events_read, 1);
             self.pipeline.note_kernel_losses(last_loss(&item));
             match decode(&item) {
@@ -296,6 +306,7 @@ impl Agent {
         }
         self.check_pending_tls();
         self.pipeline.flush_exports_if_due();
+        events
     }
 
     fn check_pending_tls(&mut self) {

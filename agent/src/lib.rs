@@ -16,6 +16,7 @@ pub mod k8s;
 pub mod logs;
 pub mod metrics;
 pub mod pipeline;
+pub mod poll_pace;
 pub mod protocol;
 pub mod stats;
 pub mod trace;

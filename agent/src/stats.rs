@@ -37,6 +37,9 @@ pub struct Stats {
     pub context_unlinked_before_start: AtomicU64,
     pub context_unlinked_desync: AtomicU64,
     pub context_unlinked_tls: AtomicU64,
+    /// Server requests on a connection whose peer address sonde could not learn (an accept
+    /// without an address buffer, the socket gone before /proc was read).
+    pub context_unlinked_address_unknown: AtomicU64,
     /// Server requests waiting for their same-host client now, and the spans held meanwhile.
     pub joins_waiting: AtomicU64,
     pub spans_held: AtomicU64,
@@ -99,7 +102,7 @@ impl Stats {
     }
 
     /// Spans left without the parent they may have had, by reason label.
-    pub fn unlinked(&self) -> [(&'static str, u64); 8] {
+    pub fn unlinked(&self) -> [(&'static str, u64); 9] {
         let g = |c: &AtomicU64| c.load(Relaxed);
         [
             ("ambiguous", g(&self.context_unlinked_ambiguous)),
@@ -109,6 +112,7 @@ impl Stats {
             ("connection_before_start", g(&self.context_unlinked_before_start)),
             ("stream_desync", g(&self.context_unlinked_desync)),
             ("tls", g(&self.context_unlinked_tls)),
+            ("address_unknown", g(&self.context_unlinked_address_unknown)),
             ("no_current_context", g(&self.kernel_inject[sonde_common::inject_reason::NO_CURRENT_CONTEXT as usize])),
         ]
     }

@@ -300,6 +300,10 @@ impl Tracer {
         }
         let Some(mirror) = mirror else {
             log::trace!("server request {} on conn {}: no traced client end", rs.seq, conn.id);
+            // Without both addresses no client end can be found, traced or not: counted.
+            if conn.addrs.local.is_none() || conn.addrs.peer.is_none() {
+                Stats::add(&self.stats.context_unlinked_address_unknown, 1);
+            }
             return self.new_trace(None);
         };
         if !(joinable && mirror.joinable) {

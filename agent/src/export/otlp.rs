@@ -92,7 +92,8 @@ impl SpanQueue {
     }
 
     /// Queues a partial batch once its first span has waited the batch timeout. Called after
-    /// every drain of the ring buffer (at least every `capture.poll_interval_ms`).
+    /// every drain of the ring buffer (at least every `capture.poll_interval_ms`, or every
+    /// `poll_pace::IDLE_POLL_MAX` while no events come).
     pub fn flush_if_due(&mut self) {
         if self.batch_started.is_some_and(|t| t.elapsed() >= self.batch_timeout) {
             self.flush();

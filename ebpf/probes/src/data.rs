@@ -21,7 +21,7 @@ use sonde_common::{
 
 use crate::maps::{
     Call, DataScratch, EVENTS, HAS_CHILDREN, HISTORY_DEPTH, INFLIGHT, Inflight, LAST_READ_FD, PARENTS, SCRATCH,
-    SOCKET_HISTORY, SOCKETS, SocketHistory, count, header, save_inflight, settings, submit, take_inflight,
+    SOCKET_HISTORY, SOCKETS, SocketHistory, count, header, save_inflight, settings, submit, submit_now, take_inflight,
     traced_current, traced_current_flags, wakeup_flags,
 };
 
@@ -344,7 +344,14 @@ fn track_socket(tgid: u32, tid: u32, fd: u32, role: u32, listen_fd: u32, peer: R
         remember_previous(&key, previous);
     }
     let _ = SOCKETS.insert(&key, &SocketInfo { role, flags: 0, opened_ns: now, closed_ns: 0 }, 0);
-    submit(&ConnEvent { header: header(EventKind::ConnOpen, tgid, tid), fd, role, listen_fd, _pad: 0, peer, local });
+    let event = ConnEvent { header: header(EventKind::ConnOpen, tgid, tid), fd, role, listen_fd, _pad: 0, peer, local };
+    if peer.family == 0 {
+        // accept without an address buffer (libuv does this): user space reads the addresses
+        // from /proc, which it can do only while the socket lives, so it is woken at once.
+        submit_now(&event);
+    } else {
+        submit(&event);
+    }
 }
 
 #[inline(always)]

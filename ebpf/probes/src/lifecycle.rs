@@ -5,7 +5,7 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use sonde_common::{EventKind, ParentInfo, ProcEvent};
 
 use crate::maps::{
-    HAS_CHILDREN, INFLIGHT, LAST_READ_FD, PARENTS, TRACED_PIDS, header, settings, submit, traced_current,
+    HAS_CHILDREN, INFLIGHT, LAST_READ_FD, PARENTS, TRACED_PIDS, header, settings, submit, submit_now, traced_current,
     traced_current_flags,
 };
 
@@ -48,7 +48,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     let _ = PARENTS.insert(&child, &ParentInfo { parent: tgid, _pad: 0, fork_ns }, 0);
     let _ = HAS_CHILDREN.insert(&tgid, &1, 0);
     let new_netns = if clone_flags & CLONE_NEWNET != 0 { sonde_common::PROC_FLAG_NEW_NETNS } else { 0 };
-    submit(&ProcEvent { header: header(EventKind::ProcFork, tgid, tid), other_pid: child, flags: new_netns });
+    submit_now(&ProcEvent { header: header(EventKind::ProcFork, tgid, tid), other_pid: child, flags: new_netns });
     0
 }
 
@@ -56,7 +56,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current_ids();
-    submit(&ProcEvent { header: header(EventKind::ProcExec, tgid, tid), other_pid: 0, flags: 0 });
+    submit_now(&ProcEvent { header: header(EventKind::ProcExec, tgid, tid), other_pid: 0, flags: 0 });
     0
 }
 
@@ -90,7 +90,7 @@ pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
     let ok = unsafe { ctx.read_at::<i64>(16) }.map(|r| r == 0).unwrap_or(false);
     if ok {
         let (tgid, tid) = current_ids();
-        submit(&ProcEvent { header: header(EventKind::Listen, tgid, tid), other_pid: 0, flags: 0 });
+        submit_now(&ProcEvent { header: header(EventKind::Listen, tgid, tid), other_pid: 0, flags: 0 });
     }
     0
 }
@@ -106,7 +106,7 @@ pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
     let prot = unsafe { ctx.read_at::<u64>(16 + 8 * 2) }.unwrap_or(0);
     let fd = unsafe { ctx.read_at::<i64>(16 + 8 * 4) }.unwrap_or(-1);
     if prot & PROT_EXEC != 0 && fd >= 0 {
-        submit(&ProcEvent { header: header(EventKind::ExecMapping, tgid, tid), other_pid: fd as u32, flags: 0 });
+        submit_now(&ProcEvent { header: header(EventKind::ExecMapping, tgid, tid), other_pid: fd as u32, flags: 0 });
     }
     0
 }

@@ -294,3 +294,13 @@ pub fn submit<T>(record: &T) {
         count_loss();
     }
 }
+
+/// [`submit`] for a record user space must act on at once (a process to start tracing, a
+/// library to probe): it wakes the reader whatever is pending, so the agent's poll of an idle
+/// ring can be slow without a new process running untraced meanwhile. These are rare.
+#[inline(always)]
+pub fn submit_now<T>(record: &T) {
+    if EVENTS.output::<T>(record, BPF_RB_FORCE_WAKEUP as u64).is_err() {
+        count_loss();
+    }
+}
