@@ -363,11 +363,27 @@ impl Pipeline {
                 found
             }
         };
-        let (client_key, client_id) = found?;
+        let Some((client_key, client_id)) = found else {
+            return self.unknown_peer_with_traced_clients(key).then_some(Mirror {
+                conn_id: 0,
+                joinable: false,
+                unjoinable: Unjoinable::AddressUnknown,
+            });
+        };
         let client = self.conns.get(&client_key).filter(|c| c.id == client_id)?;
         let joinable = joinable(client, self.loss_epoch);
         let unjoinable = if joinable { Unjoinable::None } else { unjoinable_reason(client) };
         Some(Mirror { conn_id: client_id, joinable, unjoinable })
+    }
+
+    /// Server connection `key` has no peer address, and a traced client is connected to its
+    /// address: its client end may be traced here, and cannot be found.
+    fn unknown_peer_with_traced_clients(&self, key: ConnKey) -> bool {
+        let Some(conn) = self.conns.get(&key) else { return false };
+        match (conn.addrs.local, conn.addrs.peer) {
+            (Some(local), None) => self.clients_by_peer.get(&canonical(local)).is_some_and(|c| !c.is_empty()),
+            _ => false,
+        }
     }
 
     fn find_mirror(&mut self, key: ConnKey) -> Option<(ConnKey, u64)> {

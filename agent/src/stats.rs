@@ -38,7 +38,8 @@ pub struct Stats {
     pub context_unlinked_desync: AtomicU64,
     pub context_unlinked_tls: AtomicU64,
     /// Server requests on a connection whose peer address sonde could not learn (an accept
-    /// without an address buffer, the socket gone before /proc was read).
+    /// without an address buffer, the socket gone before /proc was read) while a traced client
+    /// was connected to its address.
     pub context_unlinked_address_unknown: AtomicU64,
     /// Server requests waiting for their same-host client now, and the spans held meanwhile.
     pub joins_waiting: AtomicU64,

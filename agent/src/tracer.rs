@@ -71,6 +71,10 @@ pub enum Unjoinable {
     Desync,
     /// TLS: the first plaintext may predate the TLS probes.
     Tls,
+    /// The server connection's peer address is unknown (an accept without an address buffer,
+    /// the socket gone before /proc was read) while a traced client is connected to its
+    /// address: the client end may be traced, but which connection is its own cannot be told.
+    AddressUnknown,
 }
 
 pub struct Tracer {
@@ -300,10 +304,6 @@ impl Tracer {
         }
         let Some(mirror) = mirror else {
             log::trace!("server request {} on conn {}: no traced client end", rs.seq, conn.id);
-            // Without both addresses no client end can be found, traced or not: counted.
-            if conn.addrs.local.is_none() || conn.addrs.peer.is_none() {
-                Stats::add(&self.stats.context_unlinked_address_unknown, 1);
-            }
             return self.new_trace(None);
         };
         if !(joinable && mirror.joinable) {
@@ -456,6 +456,7 @@ impl Tracer {
             Unjoinable::BeforeStart | Unjoinable::None => &self.stats.context_unlinked_before_start,
             Unjoinable::Desync => &self.stats.context_unlinked_desync,
             Unjoinable::Tls => &self.stats.context_unlinked_tls,
+            Unjoinable::AddressUnknown => &self.stats.context_unlinked_address_unknown,
         };
         Stats::add(counter, 1);
     }

@@ -113,8 +113,10 @@ pub enum SessionEvent {
     UnmatchedResponse,
     /// A request dropped without a response (connection closed, or too many outstanding).
     UnmatchedRequest,
-    /// A request the server skipped by protocol rule (PostgreSQL: Executes after an error, up to
-    /// Sync): it never ran, so it has no span and is not a loss.
+    /// A request that will have no span, whose in-flight record goes now: one the server skipped
+    /// by protocol rule (PostgreSQL: Executes after an error, up to Sync; it never ran, so it is
+    /// not a loss), or one given up at a bound (HTTP/2's open streams; counted by the
+    /// `UnmatchedRequest` that follows).
     Abandoned {
         seq: u64,
     },

@@ -21,8 +21,8 @@ use sonde_common::{
 
 use crate::maps::{
     Call, DataScratch, EVENTS, HAS_CHILDREN, HISTORY_DEPTH, INFLIGHT, Inflight, LAST_READ_FD, PARENTS, SCRATCH,
-    SOCKET_HISTORY, SOCKETS, SocketHistory, count, header, save_inflight, settings, submit, submit_now, take_inflight,
-    traced_current, traced_current_flags, wakeup_flags,
+    SOCKET_HISTORY, SOCKETS, SocketHistory, count, header, output_scratch, save_inflight, settings, submit, submit_now, take_inflight,
+    traced_current, traced_current_flags,
 };
 
 const EINPROGRESS: i64 = 115;
@@ -187,6 +187,16 @@ pub(crate) fn emit_data<const IOVECS: u32>(tgid: u32, tid: u32, rec: &Inflight, 
         None => return,
     };
     let want = byte_count.min((cap as u64).min(MAX_CAPTURE as u64));
+    let header_size = size_of::<sonde_common::DataEvent>() as u64;
+    if log
+        && EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64) + header_size + want
+            > settings().map_or(0, |s| s.log_ring_limit) as u64
+    {
+        // Log lines may fill only part of the ring: the rest is kept for socket payloads. Checked
+        // before the copy, with the most it may copy.
+        count(counter::LOG_DROPS, 1);
+        return;
+    }
 
     let (direction, mut flags) = match rec.call {
         Call::ReadBuf | Call::ReadVec | Call::ReadMsg | Call::ReadUncopied => (DIR_INGRESS, 0),
@@ -222,21 +232,7 @@ pub(crate) fn emit_data<const IOVECS: u32>(tgid: u32, tid: u32, rec: &Inflight, 
     scratch.event.flags = flags | extra_flags;
     scratch.event.role = rec.role & 0xff;
 
-    let size = (size_of::<sonde_common::DataEvent>() as u64) + (captured & (2 * MAX_CAPTURE as u64 - 1));
-    if log && EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64) + size > settings().map_or(0, |s| s.log_ring_limit) as u64 {
-        // Log lines may fill only part of the ring: the rest is kept for socket payloads.
-        count(counter::LOG_DROPS, 1);
-        return;
-    }
-    // SAFETY: `size` is bounded below the scratch value's size, which the verifier checks.
-    let rc = unsafe {
-        aya_ebpf::helpers::generated::bpf_ringbuf_output(
-            core::ptr::addr_of!(EVENTS).cast_mut().cast(),
-            core::ptr::from_mut(scratch).cast(),
-            size,
-            wakeup_flags(size),
-        )
-    };
+    let rc = output_scratch(scratch, header_size + (captured & (2 * MAX_CAPTURE as u64 - 1)));
     if log {
         count(if rc < 0 { counter::LOG_DROPS } else { counter::LOG_EVENTS }, 1);
     } else if rc < 0 {

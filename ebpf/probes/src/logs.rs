@@ -12,7 +12,7 @@ use sonde_common::{
     ConnEvent, EventKind, LOG_STREAM_PENDING, LogFd, MAX_LOG_FDS, MAX_LOG_PATH, RawSockaddr, SocketKey, counter,
 };
 
-use crate::maps::{Call, DataScratch, EVENTS, Inflight, PARENTS, SCRATCH, count, header, settings, submit, wakeup_flags};
+use crate::maps::{Call, DataScratch, Inflight, PARENTS, SCRATCH, count, header, output_scratch, settings, submit};
 
 /// (tgid, fd) -> what the fd is, for the log fds of traced processes.
 #[map]
@@ -84,15 +84,7 @@ pub fn on_open(tgid: u32, tid: u32, ret: i64, path: u64, flags: u64) {
     scratch.event.flags = flags as u32;
     scratch.event.role = 0;
     let size = (size_of::<sonde_common::DataEvent>() as u64) + (len & (2 * MAX_LOG_PATH as u64 - 1));
-    // SAFETY: `size` is bounded below the scratch value's size, which the verifier checks.
-    let rc = unsafe {
-        aya_ebpf::helpers::generated::bpf_ringbuf_output(
-            core::ptr::addr_of!(EVENTS).cast_mut().cast(),
-            core::ptr::from_mut(scratch).cast(),
-            size,
-            wakeup_flags(size),
-        )
-    };
+    let rc = output_scratch(scratch, size);
     if rc < 0 {
         // Its writes then arrive with no classification and are dropped as unknown.
         count(counter::LOG_DROPS, 1);

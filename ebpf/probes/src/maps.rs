@@ -295,6 +295,22 @@ pub fn submit<T>(record: &T) {
     }
 }
 
+/// Sends the first `size` bytes of this CPU's scratch record (a data, log or file-open event with
+/// its payload); the helper's return code (negative when the ring is full). The caller bounds
+/// `size` with a mask the verifier can follow.
+#[inline(always)]
+pub fn output_scratch(scratch: &mut DataScratch, size: u64) -> i64 {
+    // SAFETY: `size` is bounded below the scratch value's size, which the verifier checks.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_ringbuf_output(
+            core::ptr::addr_of!(EVENTS).cast_mut().cast(),
+            core::ptr::from_mut(scratch).cast(),
+            size,
+            wakeup_flags(size),
+        )
+    }
+}
+
 /// [`submit`] for a record user space must act on at once (a process to start tracing, a
 /// library to probe): it wakes the reader whatever is pending, so the agent's poll of an idle
 /// ring can be slow without a new process running untraced meanwhile. These are rare.

@@ -408,8 +408,10 @@ fn on_request_headers(
     }
     if streams.len() >= MAX_OPEN_STREAMS {
         let oldest = streams.iter().min_by_key(|(_, s)| s.start_ns).map(|(id, _)| *id);
-        if let Some(id) = oldest {
-            streams.remove(&id);
+        if let Some(given_up) = oldest.and_then(|id| streams.remove(&id)) {
+            // Its in-flight record goes too: left until the connection closes, it could still
+            // parent a later client call by its target.
+            out.push(SessionEvent::Abandoned { seq: given_up.seq });
             out.push(SessionEvent::UnmatchedRequest);
         }
     }

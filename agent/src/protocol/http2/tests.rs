@@ -425,3 +425,40 @@ fn a_refused_or_other_upgrade_stays_http1() {
     assert_eq!(protocol, Protocol::Http);
     assert_eq!(upgrade_summary(&events), [(0, "GET".into(), "/ws".into(), 101, "1.1")]);
 }
+
+/// Past `MAX_OPEN_STREAMS` open streams the oldest is given up: counted unmatched, and abandoned
+/// by its sequence number so that the tracer drops its in-flight record.
+#[test]
+fn the_oldest_open_stream_given_up_is_abandoned_by_its_seq() {
+    let mut parts = vec![(Side::Request, frame::PREFACE.to_vec())];
+    for i in 0..=MAX_OPEN_STREAMS as u32 {
+        let path = format!("/s/{i}");
+        // :method GET and :scheme http from the static table, :path a literal with its name
+        // indexed (RFC 7541 6.2.2), never inserted.
+        let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+        block.extend_from_slice(path.as_bytes());
+        let mut frame = (block.len() as u32).to_be_bytes()[1..].to_vec();
+        frame.extend_from_slice(&[0x1, 0x5]); // HEADERS with END_STREAM and END_HEADERS
+        frame.extend_from_slice(&(2 * i + 1).to_be_bytes());
+        frame.extend_from_slice(&block);
+        parts.push((Side::Request, frame)); // one write each, so each stream starts later
+    }
+    let out = replay(&mut session_for(&parts), &parts);
+    let started: BTreeMap<String, u64> = out
+        .iter()
+        .filter_map(|e| match e {
+            SessionEvent::RequestStarted(r) => Some((r.target.as_deref()?.to_string(), r.seq)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(started.len(), MAX_OPEN_STREAMS + 1);
+    let abandoned: Vec<u64> = out
+        .iter()
+        .filter_map(|e| match e {
+            SessionEvent::Abandoned { seq } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(abandoned, [started["/s/0"]], "the first stream is the one given up");
+    assert_eq!(out.iter().filter(|e| matches!(e, SessionEvent::UnmatchedRequest)).count(), 1);
+}
