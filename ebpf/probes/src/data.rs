@@ -21,8 +21,8 @@ use sonde_common::{
 
 use crate::maps::{
     Call, DataScratch, EVENTS, HAS_CHILDREN, HISTORY_DEPTH, INFLIGHT, Inflight, LAST_READ_FD, PARENTS, SCRATCH,
-    SOCKET_HISTORY, SOCKETS, SocketHistory, count, header, output_scratch, save_inflight, settings, submit, submit_now, take_inflight,
-    traced_current, traced_current_flags,
+    SOCKET_HISTORY, SOCKETS, SocketHistory, count, header, output_scratch, save_inflight, settings, submit, submit_now,
+    take_inflight, traced_current, traced_current_flags,
 };
 
 const EINPROGRESS: i64 = 115;
