@@ -174,9 +174,8 @@ pub fn h2c_upgrade(port: u16) -> Server {
 
 /// [`h2c_upgrade`] with the script's extra arguments (`block-in-accept`).
 pub fn h2c_upgrade_with(port: u16, args: &[&str]) -> Server {
-    let mut all = vec![port.to_string()];
-    all.extend(args.iter().map(|a| a.to_string()));
-    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let port_text = port.to_string();
+    let all: Vec<&str> = std::iter::once(port_text.as_str()).chain(args.iter().copied()).collect();
     python_fixture("h2c_upgrade.py", &all, port, "start the h2c server (pip install h2, or cargo xtask setup)")
 }
 
