@@ -7,9 +7,11 @@
 //! after a quiet spell wait at most that long; spans, metrics and log links do not depend on when
 //! they are drained, only on their order.
 //!
-//! What user space must act on before the process runs on (an exec or a listen that may match a
-//! selector, a fork, a library mapped that needs TLS probes) is not left to the timer: the kernel
-//! wakes the agent for those records whatever is pending (`submit_now` in the eBPF programs).
+//! What user space must act on before the process runs on (a traced process's fork or exec, a
+//! listen that may match a selector, a library mapped that needs TLS probes, an accept whose
+//! addresses must be read from /proc) is not left to the timer: the kernel wakes the agent for
+//! those records whatever is pending (`submit_now` in the eBPF programs). The exec of an
+//! untraced process is not among them (it would wake the agent for every exec on the host).
 //!
 //! Traceparent injection is the exception: the kernel reads the context of the request a thread
 //! serves from a map user space writes when it drains that request, so it keeps the configured
